@@ -1,0 +1,29 @@
+"""User-facing errors: one clear line, non-zero exit, no traceback.
+
+Anything a user can cause (bad config, missing file, unknown persona, missing
+model) raises `UserError`; the command-line entry points catch it in `cli_main`.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+
+class UserError(Exception):
+    """An error the user can fix; its message names the key or file at fault."""
+
+    exit_code = 2
+
+
+def cli_main(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
+    """Run `main(argv)` and turn a UserError into one line on stderr and exit code 2."""
+    try:
+        rc = main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(rc or 0)
