@@ -41,8 +41,11 @@ STAGES = ("generate", "data", "train", "merge", "eval", "report")
 class ConfigError(UserError):
     def __init__(self, source: str, problems: list[str]):
         self.source, self.problems = source, problems
-        lines = "\n  ".join(problems)
-        super().__init__(f"{source}: {len(problems)} problem(s) in the config:\n  {lines}")
+        if len(problems) == 1:
+            super().__init__(f"{source}: {problems[0]}")
+        else:
+            lines = "\n  ".join(problems)
+            super().__init__(f"{source}: {len(problems)} problems in the config:\n  {lines}")
 
 
 def _f(default, help: str = "", choices=None, lo=None, hi=None, lo_open=False, items=None):
