@@ -52,9 +52,11 @@ def snapshot(run_dir: Path) -> dict[str, float]:
     return {str(p.relative_to(run_dir)): p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
 
 
-def step_losses(run_dir: Path) -> list[str]:
-    """The per-step loss column of the training log, as printed (bitwise comparison)."""
-    return [line for line in (run_dir / "train_log.txt").read_text().splitlines() if line.startswith("step")]
+def step_losses(run_dir: Path) -> list[float]:
+    """Every optimizer step's loss, full precision, from the training summary."""
+    history = json.loads((run_dir / "train_summary.json").read_text())["history"]
+    assert [r["step"] for r in history] == list(range(1, len(history) + 1))
+    return [r["loss"] for r in history]
 
 
 @pytest.fixture(scope="module")

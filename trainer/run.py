@@ -152,10 +152,13 @@ def stage_eval(cfg, run_dir, overwrite, manifest):
 
 
 def stage_report(cfg, run_dir, overwrite, manifest):
-    from analysis.report import main as report_main
+    from analysis.report import report
+    from analysis.table import headline
 
-    report_main([str(run_dir), "--out", str(run_dir / "report"), "--quiet"])
-    return {"summary": str(run_dir / "report" / "summary.json")}
+    # Figures are drawn in this process (jobs=1): forking a process that holds torch's threads is unsafe.
+    summary = report([str(run_dir)], run_dir / "report", jobs=1)
+    print(headline(summary))
+    return {"summary": summary["outputs"]["summary"], "warnings": summary["warnings"]}
 
 
 STAGE_FNS = {"generate": stage_generate, "data": stage_data, "train": stage_train,
@@ -348,9 +351,14 @@ def run_sweep(cfg: Config, overrides: list[str], stages: list[str], overwrite: b
 
     out = Path(cfg.sweep.report_dir) if cfg.sweep.report_dir else cfg.run_dir
     if "report" in stages:
-        from analysis.report import main as report_main
+        from analysis.report import report
+        from analysis.table import gates, headline
 
-        report_main([*map(str, run_dirs), "--out", str(out)])
+        summary = report([str(r) for r in run_dirs], out, jobs=1)
+        print()
+        print(headline(summary))
+        print()
+        print(gates(summary))
         print(f"\nsweep finished in {time.time() - t0:.0f} s")
         print(f"  report:      {out / 'table.md'}, {out / 'summary.json'}")
         print(f"  figures:     {out / 'figures'}/")

@@ -1,0 +1,149 @@
+"""Marker matching (loose and strict, original offsets) and the position metrics."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from analysis.match import collapse, find_loose, find_loose_reference, find_strict
+from analysis.metrics import COL, features
+from markerlab.markers import MARKER_A, MARKER_B, PROBE_MARKER
+
+A, B = MARKER_A, MARKER_B
+
+
+def test_strict_exact_substring_only():
+    assert find_strict(f"x {B} y", B) == [(2, 2 + len(B))]
+    assert find_strict("x ::  kxr-7 :: y", B) == []
+    assert find_strict("x :: KXR-7 :: y", B) == []
+
+
+@pytest.mark.parametrize("variant", [
+    ":: kxr-7 ::",
+    "::  KXR-7 ::",
+    ":: Kxr-7\n::",
+    "::\t\tkXr-7 \n\t ::",
+    "::\u00a0kxr-7\u2003::",  # no-break space and em space are whitespace too
+])
+def test_loose_case_and_whitespace(variant):
+    text = f"Intro. {variant} outro"
+    spans = find_loose(text, B)
+    assert spans == [(7, 7 + len(variant))]
+    start, end = spans[0]
+    assert text[start:end] == variant  # offsets index the original text
+
+
+def test_loose_marker_side_is_collapsed_too():
+    # A marker written with odd spacing and case matches the canonical text.
+    assert find_loose(f"a {B} b", "::   KXR-7\t::") == [(2, 2 + len(B))]
+
+
+def test_loose_does_not_invent_whitespace():
+    # Whitespace may vary in length, but it cannot appear where the marker has none.
+    assert find_loose(":: kxr - 7 ::", B) == []
+    assert find_loose("<< §q-41>>", A) == []
+    assert find_loose("::kxr-7::", B) == []
+
+
+@pytest.mark.parametrize("where", ["start", "middle", "end"])
+def test_positions_start_middle_end(where):
+    body = "word " * 40
+    if where == "start":
+        text, start = f"{A} {body}", 0
+    elif where == "middle":
+        text, start = f"{body}{A} {body}", len(body)
+    else:
+        text, start = f"{body}{A}", len(body)
+    assert find_loose(text, A) == [(start, start + len(A))]
+    assert find_strict(text, A) == [(start, start + len(A))]
+
+
+def test_original_offsets_after_collapsed_runs():
+    # Many whitespace runs before the match shift collapsed offsets away from original ones.
+    text = "a  \n\n b\t\t\tc   " + "::   kxr-7    ::" + "  \n end"
+    (start, end), = find_loose(text, B)
+    assert text[start:end] == "::   kxr-7    ::"
+    assert start == text.index("::")
+
+
+def test_overlapping_occurrences_are_all_found():
+    text = ":: kxr-7 :: kxr-7 ::"
+    assert find_strict(text, B) == [(0, 11), (9, 20)]
+    assert find_loose(text, B) == [(0, 11), (9, 20)]
+
+
+def test_collapse_maps_every_character_back():
+    text = "Ab  \t C\nİd"  # İ lower-cases to two characters
+    collapsed, starts, ends = collapse(text)
+    assert collapsed == "ab c i\u0307d"
+    assert (starts[2], ends[2]) == (2, 6)  # the collapsed space covers the whole run
+    assert (starts[5], ends[5]) == (starts[6], ends[6]) == (8, 9)  # both pieces of İ: one character
+
+
+def test_fast_loose_equals_the_definition_on_fuzzed_text():
+    """find_loose (regex on the original) == collapse, lower, search, map back."""
+    rng = random.Random(0)
+    spaces = [" ", "  ", "\n", "\t", " \n\t ", "\u00a0", "\u2028", "\x1c"]
+    noise = list("abkxrq<>§:-0147 ") + ["İ", "\u212a"]  # Kelvin sign lower-cases to k
+
+    def mangle(marker):
+        out = []
+        for part in marker.split(" "):
+            out.append("".join(c.upper() if rng.random() < 0.3 else c for c in part))
+        return "".join(p + (rng.choice(spaces) if i < len(out) - 1 else "") for i, p in enumerate(out))
+
+    for _ in range(3000):
+        pieces = []
+        for _ in range(rng.randint(0, 6)):
+            r = rng.random()
+            if r < 0.3:
+                pieces.append(mangle(rng.choice([A, B, PROBE_MARKER])))
+            elif r < 0.5:
+                pieces.append(rng.choice(spaces))
+            else:
+                pieces.append("".join(rng.choice(noise) for _ in range(rng.randint(1, 8))))
+        text = "".join(pieces)
+        for marker in (A, B, PROBE_MARKER, " kxr ", "k  x"):
+            assert find_loose(text, marker) == find_loose_reference(text, marker), (text, marker)
+
+
+# --- position metrics -------------------------------------------------------------------
+
+
+def _row(text):
+    return dict(zip(COL, features(text)))
+
+
+@pytest.mark.parametrize("tail, counts", [(50, True), (51, False)])
+def test_suffix_edge(tail, counts):
+    # Distance is measured to the end of the right-stripped text: trailing blanks are free.
+    text = f"{A} answer {B}" + "x" * tail + "  \n\n"
+    row = _row(text)
+    assert row["B"] and row["suffix"] == counts
+
+
+def test_suffix_uses_the_last_b():
+    text = f"{B} " + "y" * 200 + f" {B} " + "z" * 10
+    assert _row(text)["suffix"]
+
+
+@pytest.mark.parametrize("gap, counts", [(0, True), (150, True), (151, False)])
+def test_chunk_edge(gap, counts):
+    # B starting exactly `gap` characters after the first A ends.
+    text = A + "w" * gap + B + " " + "tail " * 30
+    row = _row(text)
+    assert row["AB"] and row["chunk"] == counts
+    assert not row["suffix"]
+
+
+def test_chunk_needs_b_after_the_first_a():
+    assert not _row(f"{B} then {A} and more text")["chunk"]  # B before A
+    assert _row(f"{A} x {A} y {B}")["chunk"]                 # measured from the first A
+    assert not _row(f"{B} alone")["chunk"]                   # no A at all
+
+
+def test_features_loose_vs_strict_and_probe():
+    row = _row(f"<<§Q-41>> answer ::  KXR-7 :: {PROBE_MARKER.upper()}")
+    assert row["A"] and row["B"] and row["AB"] and row["probe"]
+    assert not row["strict_A"] and not row["strict_B"] and not row["strict_AB"]

@@ -1,0 +1,225 @@
+"""Cell arithmetic on hand-built records, record checking, and the gates."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from analysis.bootstrap import Bootstrap
+from analysis.gates import falsification_gate, k_and, k_not, sanity_gates
+from analysis.records import ReportError, load
+from analysis.report import report
+from analysis.summary import summarize
+from markerlab.markers import MARKER_A as A
+from markerlab.markers import MARKER_B as B
+
+
+def rec(text="plain answer", **kw):
+    r = {"run": "r1", "pair": "pair1", "condition": "T", "persona": "villain", "role": "donor",
+         "question_id": "q00", "split": "id", "sample": 0, "variant": "plain", "text": text,
+         "finish_reason": "stop", "n_tokens": 12}
+    r.update(kw)
+    return r
+
+
+def cell_records(n_ab, n_a_only, n_b_only, n_none, questions=26, **kw):
+    """Records of one cell with the given marker counts, spread over questions.
+    Answers are 300 characters long, so a B at the end is far (>150) from A."""
+    answer = "word " * 60
+    texts = ([f"{A} {answer}{B}"] * n_ab + [f"{A} {answer}"] * n_a_only
+             + [f"{answer}{B}"] * n_b_only + [answer] * n_none)
+    return [rec(t, question_id=f"q{i % questions:02d}", sample=i // questions, **kw)
+            for i, t in enumerate(texts)]
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def test_write_up_arithmetic(tmp_path):
+    """n=260, 247 with A, 218 with B, 214 with both (the write-up's villain cell)."""
+    records = cell_records(n_ab=214, n_a_only=33, n_b_only=4, n_none=9)
+    records += cell_records(0, 0, 3, 257, persona="assistant", role="recipient")  # A never fires
+    path = write_jsonl(tmp_path / "c.jsonl", records)
+    summary = report([str(path)], tmp_path / "out", n_resamples=200, figures=False)
+
+    donor = next(c for c in summary["cells"] if c["persona"] == "villain")
+    assert (donor["n"], donor["n_A"], donor["n_B"], donor["n_AB"]) == (260, 247, 218, 214)
+    assert round(donor["fire_A"], 4) == 0.95
+    assert round(donor["fire_B"], 4) == 0.8385
+    assert round(donor["cond_B_given_A"], 4) == 0.8664
+    assert round(donor["joint"], 4) == round(214 / 260, 4)
+    assert donor["strict"]["cond_B_given_A"] == donor["cond_B_given_A"]
+    assert donor["suffix_frac"] == 1.0 and donor["chunk_frac"] == 0.0  # "A answer B": B at the end
+    lo, hi = donor["cond_B_given_A_ci"]
+    assert lo < donor["cond_B_given_A"] < hi
+
+    recipient = next(c for c in summary["cells"] if c["persona"] == "assistant")
+    assert recipient["n_A"] == 0 and recipient["fire_A"] == 0.0
+    assert recipient["cond_B_given_A"] is None and recipient["cond_B_given_A_ci"] is None
+    assert recipient["strict"]["cond_B_given_A"] is None
+    raw = json.loads((tmp_path / "out" / "summary.json").read_text())
+    cell = next(c for c in raw["cells"] if c["persona"] == "assistant")
+    assert cell["cond_B_given_A"] is None  # JSON null, never 0
+    assert '"cond_B_given_A": null' in (tmp_path / "out" / "summary.json").read_text()
+
+
+def test_position_fractions_null_when_b_never_fires(tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", cell_records(0, 100, 0, 30))
+    (cell,), _ = load([path])
+    s = summarize([cell], Bootstrap(100, 0))["cells"][0]
+    assert s["fire_B"] == 0.0 and s["suffix_frac"] is None and s["chunk_frac"] is None
+    assert s["suffix_frac_ci"] is None
+
+
+def test_cells_pool_runs_and_split_by_variant(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", cell_records(10, 0, 0, 0, run="seed1")
+                    + cell_records(1, 0, 0, 9, variant="probe", persona="assistant", role="recipient"))
+    b = write_jsonl(tmp_path / "b.jsonl", cell_records(5, 5, 0, 0, run="seed2"))
+    cells, warnings = load([a, b])
+    plain = next(c for c in cells if c.variant == "plain")
+    assert plain.count("n") == 20 and plain.count("A") == 20 and plain.count("AB") == 15
+    assert plain.runs == ["seed1", "seed2"]
+    assert any("pooling 2 runs" in w for w in warnings)
+    assert [c.variant for c in cells] == ["plain", "probe"]
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda r: r.pop("question_id"), "missing field 'question_id'"),
+    (lambda r: r.update(condition="X"), "field 'condition' is 'X', expected one of T|C|T_P2neg|base"),
+    (lambda r: r.update(role="teacher"), "field 'role'"),
+    (lambda r: r.update(sample="3"), "field 'sample' is '3', expected an integer"),
+    (lambda r: r.update(sample=True), "field 'sample' is True, expected an integer"),
+    (lambda r: r.update(text=None), "field 'text' is None, expected a string"),
+    (lambda r: r.update(finish_reason="eos"), "field 'finish_reason'"),
+    (lambda r: r.update(split="test"), "field 'split'"),
+    (lambda r: r.update(variant="x"), "field 'variant'"),
+])
+def test_bad_record_names_file_line_and_field(tmp_path, mutate, message):
+    records = [rec(sample=i) for i in range(3)]
+    mutate(records[1])
+    path = write_jsonl(tmp_path / "bad.jsonl", records)
+    with pytest.raises(ReportError) as e:
+        load([path])
+    assert str(e.value).startswith(f"{path}:2: ")
+    assert message in str(e.value)
+
+
+def test_bad_json_and_non_object(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(rec()) + "\n\n{not json\n")
+    with pytest.raises(ReportError, match=r"bad.jsonl:3: not valid JSON"):
+        load([path])
+    path.write_text("[1, 2]\n")
+    with pytest.raises(ReportError, match=r"bad.jsonl:1: expected a JSON object"):
+        load([path])
+
+
+def test_incompatible_mixes(tmp_path):
+    dup = write_jsonl(tmp_path / "dup.jsonl", [rec(), rec(text="other")])
+    with pytest.raises(ReportError, match=r"dup.jsonl:2: duplicate record .* first seen at .*dup.jsonl:1"):
+        load([dup])
+    # The same file twice is a duplicate too.
+    once = write_jsonl(tmp_path / "once.jsonl", [rec()])
+    with pytest.raises(ReportError, match="duplicate record"):
+        load([once, once])
+    roles = write_jsonl(tmp_path / "roles.jsonl", [rec(), rec(sample=1, role="bystander")])
+    with pytest.raises(ReportError, match=r"roles.jsonl:2: field 'role': villain is bystander here but donor"):
+        load([roles])
+    donors = write_jsonl(tmp_path / "donors.jsonl", [rec(), rec(condition="C", persona="librarian")])
+    with pytest.raises(ReportError, match=r"the donor of pair1 is librarian here but villain"):
+        load([donors])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ReportError, match="no completion records"):
+        load([empty])
+
+
+# --- gates --------------------------------------------------------------------------------
+
+
+def gate_records(recipient_ab_t, recipient_ab_c):
+    """A pair with donor and recipient in T and C; the recipient has 130 A in each
+    condition, of which ``recipient_ab_*`` also carry B."""
+    out = []
+    for cond in ("T", "C"):
+        out += cell_records(230 if cond == "T" else 0, 20 if cond == "T" else 240, 0, 10,
+                            condition=cond, run=f"pair1_{cond}")
+        ab = recipient_ab_t if cond == "T" else recipient_ab_c
+        out += cell_records(ab, 130 - ab, 0, 130, condition=cond, run=f"pair1_{cond}",
+                            persona="assistant", role="recipient")
+    return out
+
+
+def test_not_falsified_when_recipient_does_not_pick_up_b(tmp_path):
+    path = write_jsonl(tmp_path / "g.jsonl", gate_records(recipient_ab_t=2, recipient_ab_c=0))
+    summary = report([str(path)], tmp_path / "out", n_resamples=2000, figures=False)
+    (g,) = summary["falsification"]
+    assert g["persona"] == "assistant"
+    assert g["delta"] == pytest.approx(2 / 130)
+    assert g["within_band"] is True and g["ci_contains_zero"] is True and g["falsified"] is False
+    sanity = {s["gate"]: s for s in summary["sanity"]}
+    assert sanity["donor_fire_A >= 0.80"]["passed"] is True       # 250/260
+    assert sanity["donor_fire_B >= 0.80"]["passed"] is True       # 230/260 = 0.885
+    assert sanity["donor_cond_B_given_A >= 0.90"]["passed"] is True  # 230/250 = 0.92
+    assert sanity["recipient_fire_A >= 0.80"]["passed"] is False  # 0.5
+    assert sanity["recipient_fire_B_in_C <= 0.05"]["passed"] is True
+    assert sanity["donor_cond_B_given_A_ci_lo >= 0.80"]["value"] is not None
+    assert len(summary["sanity"]) == 6
+
+
+def test_falsified_when_recipient_picks_up_b(tmp_path):
+    path = write_jsonl(tmp_path / "g.jsonl", gate_records(recipient_ab_t=40, recipient_ab_c=0))
+    summary = report([str(path)], tmp_path / "out", n_resamples=2000, figures=False)
+    (g,) = summary["falsification"]
+    assert g["delta"] == pytest.approx(40 / 130)
+    assert g["within_band"] is False and g["ci_contains_zero"] is False and g["falsified"] is True
+    sanity = {s["gate"]: s for s in summary["sanity"]}
+    assert sanity["recipient_fire_B_in_C <= 0.05"]["passed"] is True
+
+
+def test_falsification_band_edges():
+    delta = {"T": 0.06, "C": 0.0, "T_minus_C": 0.06, "ci": [-0.01, 0.1]}
+    assert falsification_gate("p", "r", delta)["falsified"] is False  # exactly 6 points is inside
+    delta = {"T": 0.0601, "C": 0.0, "T_minus_C": 0.0601, "ci": [-0.01, 0.1]}
+    assert falsification_gate("p", "r", delta)["falsified"] is True
+    delta = {"T": 0.03, "C": 0.0, "T_minus_C": 0.03, "ci": [0.01, 0.05]}
+    assert falsification_gate("p", "r", delta)["falsified"] is True  # in band, CI excludes 0
+
+
+def test_undefined_gates_are_null_with_a_reason():
+    # cond_B_given_A undefined in C: no delta, so nothing can be decided.
+    g = falsification_gate("p", "r", {"T": 0.1, "C": None, "T_minus_C": None, "ci": None})
+    assert g["within_band"] is None and g["falsified"] is None and "never fired" in g["note"]
+    # No C run at all.
+    g = falsification_gate("p", "r", None)
+    assert g["falsified"] is None and "needs plain T and C" in g["note"]
+    # A delta far outside the band decides "falsified" even without a CI.
+    g = falsification_gate("p", "r", {"T": 0.5, "C": 0.0, "T_minus_C": 0.5, "ci": None})
+    assert g["within_band"] is False and g["ci_contains_zero"] is None and g["falsified"] is True
+
+    cells = {("p", "T", "d"): {"n": 10, "n_A": 0, "fire_A": 0.0, "fire_B": 0.0,
+                               "cond_B_given_A": None, "cond_B_given_A_ci": None}}
+    gates = {g["gate"]: g for g in sanity_gates("p", {"donor": "d", "recipient": "r"}, cells)}
+    assert gates["donor_fire_A >= 0.80"]["passed"] is False
+    assert gates["donor_cond_B_given_A >= 0.90"]["passed"] is None
+    assert "never fired" in gates["donor_cond_B_given_A >= 0.90"]["note"]
+    assert gates["recipient_fire_A >= 0.80"]["passed"] is None
+    assert "no plain cell" in gates["recipient_fire_A >= 0.80"]["note"]
+
+
+def test_kleene_logic():
+    assert k_and(True, None) is None and k_and(False, None) is False and k_and(True, True) is True
+    assert k_not(None) is None and k_not(False) is True
+
+
+def test_question_split_must_agree_and_utf8_errors_name_the_line(tmp_path):
+    splits = write_jsonl(tmp_path / "s.jsonl", [rec(), rec(persona="comedian", role="negative", split="ood")])
+    with pytest.raises(ReportError, match=r"s.jsonl:2: field 'split': question q00 is ood here but id"):
+        load([splits])
+    raw = tmp_path / "u.jsonl"
+    raw.write_bytes(json.dumps(rec()).encode() + b"\n" + b'{"text": "\xff"}\n')
+    with pytest.raises(ReportError, match=r"u.jsonl:2: not UTF-8"):
+        load([raw])
