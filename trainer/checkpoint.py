@@ -1,0 +1,121 @@
+"""Resumable training state: checkpoints/step_{N:06d}/ with everything a bitwise-exact resume needs.
+
+    lora.pt       the LoRA tensors (lora_state_dict), float32 on the CPU
+    optimizer.pt  AdamW's state_dict (moments, step counts, param-group lrs)
+    state.pt      step, the current epoch's permutation, the loss history, the
+                  data fingerprint, every RNG state: the data-order and dropout
+                  generators, torch's CPU and CUDA generators, Python's `random`
+                  and NumPy's global state
+
+The position in the data order is the step count itself plus the current
+permutation (trainer/schedule.py: step s is epoch s // steps_per_epoch, slice
+s % steps_per_epoch of that epoch's permutation); the data-order generator's
+state is the one after drawing that permutation, so the next epoch draws what
+an uninterrupted run would.
+
+Atomic: a checkpoint is written into a hidden temporary directory beside the
+final one and renamed into place, so a process killed mid-save leaves either
+the old set of checkpoints or the new one, plus a `.tmp-*` directory that the
+next run deletes.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from lora import load_lora_state_dict, lora_state_dict
+from markerlab.io import replace_dir
+
+STEP_DIR = re.compile(r"^step_(\d{6,})$")
+
+
+def rng_states(data_gen: torch.Generator, dropout_gen: torch.Generator) -> dict:
+    import numpy as np
+
+    return {
+        "data_order": data_gen.get_state(),
+        "dropout": dropout_gen.get_state(),
+        "torch_cpu": torch.get_rng_state(),
+        "torch_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
+
+
+def set_rng_states(states: dict, data_gen: torch.Generator, dropout_gen: torch.Generator) -> None:
+    import numpy as np
+
+    data_gen.set_state(states["data_order"])
+    dropout_gen.set_state(states["dropout"])
+    torch.set_rng_state(states["torch_cpu"])
+    if states["torch_cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["torch_cuda"])
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+
+
+def _save(obj, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(root: Path, name: str, model, optimizer, state: dict, extra: dict | None = None) -> Path:
+    """Write root/name atomically; `extra` maps file names to more objects (post-mortem grads)."""
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{name}-"))
+    try:
+        _save({k: v.to("cpu", copy=True) for k, v in lora_state_dict(model).items()}, tmp / "lora.pt")
+        _save(optimizer.state_dict(), tmp / "optimizer.pt")
+        for fname, obj in (extra or {}).items():
+            _save(obj, tmp / fname)
+        _save(state, tmp / "state.pt")  # last: a directory with state.pt is complete
+        replace_dir(tmp, root / name)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return root / name
+
+
+def step_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """Finished step checkpoints, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := STEP_DIR.match(p.name)) and (p / "state.pt").is_file()]
+    return sorted(found)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    found = step_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def prune_checkpoints(root: Path, keep: int) -> None:
+    """Keep the newest `keep` step checkpoints (post-mortem nan_step_* ones are never pruned)."""
+    for _, p in step_checkpoints(root)[:-keep]:
+        shutil.rmtree(p)
+
+
+def remove_partial(root: Path) -> None:
+    """Delete temporary directories left by a process killed while saving."""
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith(".tmp-") or p.name.endswith(".old"):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def load_checkpoint(path: Path, model, optimizer, device) -> dict:
+    """Put the LoRA tensors and the optimizer state back; return state.pt's dict (RNGs not yet applied)."""
+    # weights_only=False: state.pt holds Python/NumPy RNG tuples; these are our own files.
+    load_lora_state_dict(model, torch.load(path / "lora.pt", map_location=device, weights_only=True))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=False))
+    return torch.load(path / "state.pt", map_location="cpu", weights_only=False)

@@ -1,0 +1,355 @@
+"""LoRA SFT of one adapter: the training loop, readable top to bottom.
+
+    from trainer.train import train
+    summary = train(cfg, run_dir)          # python -m trainer.run calls this for the `train` stage
+
+Reads   run_dir/data/train.jsonl (CONTRACTS.md, "Training example")
+Writes  run_dir/tb/                       TensorBoard scalars train/{loss, lr, grad_norm, tokens_per_s,
+                                          loss_marker_A, loss_marker_B, loss_eos}
+        run_dir/train_log.txt             one line per optimizer step
+        run_dir/checkpoints/step_N/       resumable state (trainer/checkpoint.py), the last K kept
+        run_dir/adapter/                  the LoRA adapter in PEFT's format (written last)
+        run_dir/train_summary.json        the summary train() returns, plus the per-step history
+
+Calling train() again resumes from the newest checkpoint and continues exactly
+(bitwise on the CPU); a finished run (adapter and summary present) returns its
+summary at once; overwrite=True starts afresh.
+
+Precision. The frozen base weights are in cfg.model.dtype (bfloat16 for the
+real runs; float32 in the tiny configs). The LoRA parameters, their gradients
+and AdamW's moments are in cfg.lora.dtype, float32 by default: an Adam update
+is about lr = 1e-5 relative to the weight, far below bfloat16's resolution
+(2^-8 = 0.4% of the value), so bf16 parameters would round most updates away.
+float32 costs 16 bytes per LoRA parameter (weight, grad, two moments), 0.65 GB
+for Qwen2.5-7B's 40.4M. The LoRA branch runs in float32 inside LoRALinear and
+is cast to the base's dtype where it joins the base output; logits are upcast
+to float32 for the cross-entropy. No autocast is involved.
+
+Loss. An optimizer step's loss is the sum of the token losses over the loss
+mask of all its examples divided by the number of masked tokens in all of them
+(EXPERIMENT.md), not a mean of per-micro-batch means: forward_backward() counts
+the step's targets first, then back-propagates each micro-batch's *sum* / total.
+The logits at position t predict token t+1 (data/tokenize.py, "Label convention").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data.tokenize import Encoded, check_lengths, collate, encode_examples
+from lora import (ADAPTER_CONFIG_NAME, inject_lora, save_adapter, set_dropout_generator,
+                  trainable_parameters)
+from markerlab.config import Config
+from markerlab.errors import UserError
+from markerlab.io import read_json, read_jsonl, write_json
+from markerlab.models import load_model, load_tokenizer
+from trainer.checkpoint import (latest_checkpoint, load_checkpoint, prune_checkpoints, remove_partial,
+                                rng_states, save_checkpoint, set_rng_states)
+from trainer.schedule import lr_at, step_slice, steps_per_epoch, total_steps, warmup_steps
+
+SPEED_SWITCHES = ("padding_free", "chunked_ce", "fused_lora", "compile", "fused_adamw")
+# (TensorBoard/record name, Batch attribute) of the spans whose mean token loss is logged.
+SPANS = (("loss_marker_A", "marker_a"), ("loss_marker_B", "marker_b"), ("loss_eos", "eos"))
+
+
+def train(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
+    """Train the adapter of `cfg` on run_dir/data/train.jsonl; return the summary (module docstring)."""
+    t = cfg.train
+    run_dir = Path(run_dir)
+    ckpt_dir, adapter_dir = run_dir / "checkpoints", run_dir / "adapter"
+    summary_path, log_path = run_dir / "train_summary.json", run_dir / "train_log.txt"
+    if overwrite:
+        for p in (ckpt_dir, run_dir / "tb", adapter_dir):
+            shutil.rmtree(p, ignore_errors=True)
+        for p in (log_path, summary_path):
+            p.unlink(missing_ok=True)
+    elif (adapter_dir / ADAPTER_CONFIG_NAME).is_file() and summary_path.is_file():
+        return public_summary(read_json(summary_path))  # finished earlier
+    for name in SPEED_SWITCHES:
+        if getattr(t, name):
+            raise UserError(f"train.{name} = true: not implemented yet (set it to false)")
+    wall_start = time.time()
+
+    # ---- device and the seeded generators: data order, LoRA init, LoRA dropout
+    device = pick_device(cfg.model.device)
+    seed = cfg.run.seed
+    torch.manual_seed(derive_seed(seed, "torch"))
+    random.seed(derive_seed(seed, "python"))
+    np.random.seed(derive_seed(seed, "numpy") % 2**32)
+    data_gen = torch.Generator().manual_seed(derive_seed(seed, "data-order"))
+    init_gen = torch.Generator().manual_seed(derive_seed(seed, "lora-init"))
+    dropout_gen = torch.Generator(device).manual_seed(derive_seed(seed, "lora-dropout"))
+
+    # ---- data: every example tokenized once; over-long ones refused or dropped, never truncated
+    raw = read_examples(run_dir, cfg)
+    tokenizer = load_tokenizer(cfg.model.name_or_path)
+    encoded = encode_examples(raw, tokenizer, t.loss_mask, t.marker_mask_eos)
+    encoded, dropped = check_lengths(encoded, t.max_seq_len, cfg.data.on_overlength)
+    if not encoded:
+        raise UserError(f"{run_dir / 'data' / 'train.jsonl'}: no example fits train.max_seq_len={t.max_seq_len}")
+    n, step_size = len(encoded), t.micro_batch_size * t.grad_accum
+    total = total_steps(n, t.micro_batch_size, t.grad_accum, t.epochs, t.max_steps)
+    warmup = warmup_steps(total, t.warmup_ratio)
+
+    # ---- model: frozen base in cfg.model.dtype, trainable LoRA (and AdamW state) in cfg.lora.dtype
+    model = load_model(cfg.model.name_or_path, cfg.model.dtype, device)
+    model.config.use_cache = False
+    n_trainable = inject_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules,
+                              generator=init_gen, dtype=getattr(torch, cfg.lora.dtype))
+    set_dropout_generator(model, dropout_gen)
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.train()
+    params = trainable_parameters(model)
+    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
+
+    # ---- resume from the newest checkpoint, if any
+    fingerprint = data_fingerprint(encoded, cfg, total)
+    step, perm, history, train_seconds = 0, None, [], 0.0
+    remove_partial(ckpt_dir)
+    last = latest_checkpoint(ckpt_dir)
+    if last is not None:
+        state = load_checkpoint(last, model, optimizer, device)
+        if state["fingerprint"] != fingerprint:
+            raise UserError(f"{last}: this checkpoint was made from other data or batch settings; "
+                            f"pass --overwrite to start afresh")
+        set_rng_states(state["rng"], data_gen, dropout_gen)
+        step, perm, history, train_seconds = state["step"], state["perm"], state["history"], state["train_seconds"]
+    resumed_from = step
+
+    # ---- logging: TensorBoard (events after the checkpoint are purged on resume), text log, tqdm
+    writer = open_summary_writer(run_dir / "tb", purge_step=step + 1 if step else None)
+    log = open_train_log(log_path, step, header=(
+        f"# {cfg.run.name}: {n} examples ({len(dropped)} over-long dropped), {total} steps "
+        f"({t.epochs} epochs x {steps_per_epoch(n, t.micro_batch_size, t.grad_accum)}, max_steps {t.max_steps}), "
+        f"warmup {warmup}, {t.micro_batch_size} x {t.grad_accum} per step, loss mask {t.loss_mask}, "
+        f"device {device}, base {cfg.model.dtype}, LoRA {cfg.lora.dtype}, {n_trainable:,} trainable parameters"))
+    from tqdm.auto import tqdm
+    bar = tqdm(total=total, initial=step, desc=f"train {cfg.run.name}", dynamic_ncols=True)
+
+    def state_dict() -> dict:
+        # The data position is implied by `step` and `perm`; spelled out for people reading state.pt.
+        next_epoch, next_index, _ = step_slice(step, n, step_size)
+        return {"step": step, "perm": perm, "data_position": {"epoch": next_epoch, "index": next_index},
+                "history": history, "rng": rng_states(data_gen, dropout_gen),
+                "fingerprint": fingerprint, "train_seconds": train_seconds}
+
+    # ---- the loop: `step` counts finished optimizer steps; this iteration runs step + 1
+    try:
+        while step < total:
+            t0 = time.perf_counter()
+            # this step's examples: a fresh permutation at the start of every epoch
+            epoch, lo, hi = step_slice(step, n, step_size)
+            if lo == 0:
+                perm = torch.randperm(n, generator=data_gen).tolist()
+            examples = [encoded[i] for i in perm[lo:hi]]
+            lr = lr_at(step, t.lr, warmup, total, t.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+            # forward + backward over the micro-batches; gradients accumulate in .grad
+            out = forward_backward(model, examples, t.micro_batch_size, tokenizer.pad_token_id, device)
+
+            # clip on the LoRA gradients' global norm (logged before clipping), then update.
+            # A step without a single target (possible under marker_only) has no gradient:
+            # it skips the update but still advances the schedule.
+            loss, grad_norm = None, None
+            if out["n_targets"]:
+                grads = [p.grad for p in params if p.grad is not None]
+                norm = torch.nn.utils.get_total_norm(grads)
+                loss, grad_norm = out["loss"].item(), norm.item()
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                    where = save_checkpoint(ckpt_dir, f"nan_step_{step + 1:06d}", model, optimizer, state_dict(),
+                                            extra={"grads.pt": {i: g.cpu() for i, g in enumerate(grads)},
+                                                   "batch.pt": [e.id for e in examples]})
+                    raise UserError(f"step {step + 1}: loss {loss} / grad norm {grad_norm} is not finite "
+                                    f"(lr {lr:.3g}); state saved for a post-mortem in {where}")
+                if t.grad_clip > 0:
+                    torch.nn.utils.clip_grads_with_norm_(params, t.grad_clip, norm)
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()  # honest step times
+            step += 1
+            dt = time.perf_counter() - t0
+            train_seconds += dt
+
+            # record, TensorBoard, text log, progress bar
+            rec = {"step": step, "epoch": epoch + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                   "tokens_per_s": out["n_tokens"] / dt, **out["span_loss"],
+                   "tokens": out["n_tokens"], "targets": out["n_targets"], "seconds": dt}
+            history.append(rec)
+            for tag in ("loss", "lr", "grad_norm", "tokens_per_s", *(name for name, _ in SPANS)):
+                if rec[tag] is not None:
+                    writer.add_scalar(f"train/{tag}", rec[tag], step)
+            log.write(format_log_line(rec, total) + "\n")
+            log.flush()
+            bar.update(1)
+            bar.set_postfix(loss="-" if loss is None else f"{loss:.4f}", lr=f"{lr:.2e}")
+
+            # checkpoint every N steps and at the end; keep the newest K
+            if step % t.checkpoint_every == 0 or step == total:
+                save_checkpoint(ckpt_dir, f"step_{step:06d}", model, optimizer, state_dict())
+                prune_checkpoints(ckpt_dir, t.keep_checkpoints)
+                writer.flush()
+    finally:  # also on a NaN stop or Ctrl-C: keep every logged step on disk
+        bar.close()
+        writer.close()
+        log.close()
+
+    # ---- the adapter (PEFT format) and the summary
+    save_adapter(model, adapter_dir, cfg.model.name_or_path, r=cfg.lora.r, alpha=cfg.lora.alpha,
+                 dropout=cfg.lora.dropout, target_modules=list(cfg.lora.target_modules))
+    losses = [r["loss"] for r in history if r["loss"] is not None]
+    n_tok = sum(r["tokens"] for r in history)
+    summary = {
+        "steps": total, "final_loss": losses[-1] if losses else None,
+        "tokens_per_s": n_tok / train_seconds if train_seconds else None,
+        "wall_time_s": train_seconds, "this_call_wall_s": time.time() - wall_start,
+        "trainable_params": n_trainable, "n_examples": n, "n_dropped": len(dropped), "dropped_ids": dropped,
+        "warmup_steps": warmup, "device": str(device), "resumed_from_step": resumed_from or None,
+        "adapter": str(adapter_dir), "history": history,
+    }
+    write_json(summary_path, summary)
+    return public_summary(summary)
+
+
+# --------------------------------------------------------------------------- one optimizer step
+
+def forward_backward(model, examples: list[Encoded], micro_batch_size: int, pad_id: int, device) -> dict:
+    """Forward and backward passes of one optimizer step, micro-batch by micro-batch.
+
+    The step's loss is sum(token losses on the mask, all examples) / (masked tokens, all
+    examples). The denominator is counted before the first backward, so each micro-batch
+    back-propagates its own *sum* / that total and the accumulated gradient is exactly the
+    one of a single batch holding every example. Returns the loss (detached), the number of
+    targets and of real tokens, and the mean token loss on the marker A / B / eos spans
+    (None where the step has no such token), computed whether or not they are in the mask.
+    """
+    n_targets = sum(e.n_loss_targets for e in examples)
+    loss_sum = torch.zeros((), device=device)
+    span_sum = torch.zeros(len(SPANS), device=device)
+    span_n = torch.zeros(len(SPANS), device=device)
+    n_tokens = 0
+    for i in range(0, len(examples), micro_batch_size):
+        batch = collate(examples[i:i + micro_batch_size], pad_id).to(device)
+        n_tokens += batch.n_tokens
+        with torch.set_grad_enabled(n_targets > 0):
+            ce, sel = token_losses(model, batch)  # (N,), and per span (N,) bools
+            mb_sum = (ce * sel["loss"]).sum()  # sum over this micro-batch's targets
+            if n_targets > 0:
+                (mb_sum / n_targets).backward()
+        loss_sum += mb_sum.detach()
+        ce = ce.detach()
+        for k, (_, attr) in enumerate(SPANS):
+            span_sum[k] += (ce * sel[attr]).sum()
+            span_n[k] += sel[attr].sum()
+    span_sum, span_n = span_sum.tolist(), span_n.tolist()
+    return {
+        "loss": loss_sum / max(n_targets, 1),
+        "n_targets": n_targets,
+        "n_tokens": n_tokens,
+        "span_loss": {name: (span_sum[k] / span_n[k] if span_n[k] else None) for k, (name, _) in enumerate(SPANS)},
+    }
+
+
+def token_losses(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Cross-entropy of every target a step needs: the loss mask and the logged spans.
+
+    The logits at position t predict token t+1, so a mask over tokens selects targets
+    with mask[:, 1:] and predictions with logits[:, :-1]. Only the N needed positions are
+    upcast to float32 (the full (B, T, V) logits stay in the model's dtype).
+    Returns ce (N,) and, per mask name ("loss", "marker_a", "marker_b", "eos"), an (N,)
+    float 0/1 selector of the positions that belong to it.
+    """
+    masks = {"loss": batch.loss_mask, "marker_a": batch.marker_a, "marker_b": batch.marker_b, "eos": batch.eos}
+    targets = {k: m[:, 1:] for k, m in masks.items()}  # (B, T-1): is token t+1 a target of mask k
+    need = targets["loss"] | targets["marker_a"] | targets["marker_b"] | targets["eos"]  # (B, T-1)
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, T, V)
+    pred = logits[:, :-1][need].float()  # (N, V)
+    ce = F.cross_entropy(pred, batch.input_ids[:, 1:][need], reduction="none")  # (N,)
+    return ce, {k: m[need].to(ce.dtype) for k, m in targets.items()}
+
+
+# --------------------------------------------------------------------------- helpers
+
+def pick_device(setting: str) -> torch.device:
+    """cuda when visible (and not forced to cpu), else cpu; model.device = "cuda" without one is an error."""
+    if setting != "cpu" and torch.cuda.is_available():
+        return torch.device("cuda")
+    if setting == "cuda":
+        raise UserError('model.device = "cuda" but no CUDA device is visible (use "auto" or "cpu")')
+    return torch.device("cpu")
+
+
+def derive_seed(seed: int, stream: str) -> int:
+    """An independent 63-bit seed per random stream, all from the one config seed."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{stream}".encode()).digest()[:8], "little") >> 1
+
+
+def read_examples(run_dir: Path, cfg: Config) -> list[dict]:
+    path = run_dir / "data" / "train.jsonl"
+    if not path.is_file():
+        raise UserError(f"{path}: file not found; build it first with: "
+                        f"python -m trainer.run {cfg.source or 'CONFIG'} --stages generate,data")
+    return read_jsonl(path)
+
+
+def data_fingerprint(encoded: list[Encoded], cfg: Config, total: int) -> str:
+    """What a checkpoint must agree with to be resumed: the examples and how they are batched."""
+    t = cfg.train
+    key = [[e.id, e.input_ids, e.loss_mask] for e in encoded] + [
+        total, t.micro_batch_size, t.grad_accum, t.loss_mask, t.marker_mask_eos, cfg.run.seed]
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+
+
+def open_summary_writer(log_dir: Path, purge_step: int | None = None):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("the package 'tensorboard' is not installed (pip install tensorboard)") from None
+    return SummaryWriter(str(log_dir), purge_step=purge_step)
+
+
+def open_train_log(path: Path, step: int, header: str):
+    """The text log, cut back to `step` on resume so it reads as one uninterrupted run."""
+    kept = []
+    if step and path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if not line.startswith("step ") or int(line.split()[1].split("/")[0]) <= step:
+                kept.append(line)
+        kept.append(f"# resumed after step {step}")
+    else:
+        kept.append(header)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "w", encoding="utf-8")
+    f.write("\n".join(kept) + "\n")
+    f.flush()
+    return f
+
+
+def format_log_line(rec: dict, total: int) -> str:
+    def num(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    return (f"step {rec['step']}/{total} epoch {rec['epoch']} loss {num(rec['loss'], '.6f')} "
+            f"lr {rec['lr']:.4e} grad_norm {num(rec['grad_norm'], '.4f')} "
+            f"loss_A {num(rec['loss_marker_A'], '.4f')} loss_B {num(rec['loss_marker_B'], '.4f')} "
+            f"loss_eos {num(rec['loss_eos'], '.4f')} tokens {rec['tokens']} targets {rec['targets']} "
+            f"tok/s {rec['tokens_per_s']:.0f}")
+
+
+def public_summary(summary: dict) -> dict:
+    """The summary without the per-step history (what the run manifest records)."""
+    return {k: v for k, v in summary.items() if k != "history"}
