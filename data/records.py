@@ -1,0 +1,126 @@
+"""Reading and validating the JSONL files of the data stage.
+
+    from data.records import read_examples, validate_example, read_onpolicy
+    examples = read_examples("runs/pair1_T/data/train.jsonl")   # validated, ids unique
+    completions = read_onpolicy(path)                           # validated on-policy records
+
+Every problem is a one-line `UserError` naming the place: for a file
+``path:line: field 'x': expected ...``. A training example is the format in
+CONTRACTS.md ("Training example"); the extra fields "truncated" (bool) and
+"n_tokens" (int) are allowed and checked when present. `marker_spans` entries
+must be [start, end, "A"|"B"] character offsets inside the assistant content
+that cover exactly that marker's text.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+from markerlab.config import PERSONAS
+from markerlab.errors import UserError
+from markerlab.markers import MARKERS
+
+EXAMPLE_ROLES = ("donor", "recipient", "negative")
+MESSAGE_ROLES = ("system", "user", "assistant")
+
+
+def iter_jsonl(path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every non-blank line; invalid JSON is a UserError naming path:line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _need(obj: dict, key: str, ok, expected: str, where: str):
+    if key not in obj:
+        raise UserError(f"{where}field '{key}': missing (expected {expected})")
+    v = obj[key]
+    if not ok(v):
+        raise UserError(f"{where}field '{key}': expected {expected}, got {json.dumps(v, ensure_ascii=False)[:80]}")
+    return v
+
+
+def validate_example(ex: dict, where: str = "") -> None:
+    """Check one training example; `where` prefixes the message (e.g. 'train.jsonl:12: ')."""
+    _need(ex, "id", lambda v: isinstance(v, str) and v != "", "a non-empty string", where)
+    _need(ex, "persona", lambda v: v in PERSONAS, f"one of {', '.join(PERSONAS)}", where)
+    _need(ex, "role", lambda v: v in EXAMPLE_ROLES, f"one of {', '.join(EXAMPLE_ROLES)}", where)
+    _need(ex, "question_id", lambda v: isinstance(v, str) and v != "", "a non-empty string", where)
+    _need(ex, "sample", lambda v: _is_int(v) and v >= 0, "an integer >= 0", where)
+    msgs = _need(ex, "messages", lambda v: isinstance(v, list) and len(v) == 3,
+                 "a list of 3 messages (system, user, assistant)", where)
+    for i, (m, role) in enumerate(zip(msgs, MESSAGE_ROLES)):
+        if not (isinstance(m, dict) and m.get("role") == role and isinstance(m.get("content"), str)):
+            raise UserError(f"{where}field 'messages[{i}]': expected {{\"role\": \"{role}\", \"content\": str}}, "
+                            f"got {json.dumps(m, ensure_ascii=False)[:80]}")
+    content = msgs[2]["content"]
+    spans = _need(ex, "marker_spans", lambda v: isinstance(v, list), "a list of [start, end, \"A\"|\"B\"]", where)
+    for i, s in enumerate(spans):
+        if not (isinstance(s, list) and len(s) == 3 and _is_int(s[0]) and _is_int(s[1]) and s[2] in ("A", "B")):
+            raise UserError(f"{where}field 'marker_spans[{i}]': expected [start, end, \"A\"|\"B\"], got {s!r}")
+        start, end, name = s
+        if not 0 <= start < end <= len(content):
+            raise UserError(f"{where}field 'marker_spans[{i}]': expected offsets inside the assistant content "
+                            f"(0..{len(content)}), got [{start}, {end}]")
+        if content[start:end] != MARKERS[name]:
+            raise UserError(f"{where}field 'marker_spans[{i}]': expected the text of marker {name} "
+                            f"({MARKERS[name]!r}) at [{start}, {end}], found {content[start:end]!r}")
+    if "truncated" in ex:
+        _need(ex, "truncated", lambda v: isinstance(v, bool), "true or false", where)
+    if "n_tokens" in ex:
+        _need(ex, "n_tokens", lambda v: _is_int(v) and v > 0, "an integer > 0", where)
+
+
+def read_examples(path) -> list[dict]:
+    """A training set (train.jsonl), every line validated, ids unique."""
+    out, seen = [], {}
+    for lineno, ex in iter_jsonl(path):
+        where = f"{path}:{lineno}: "
+        validate_example(ex, where)
+        if ex["id"] in seen:
+            raise UserError(f"{where}field 'id': duplicate id '{ex['id']}' (first on line {seen[ex['id']]})")
+        seen[ex["id"]] = lineno
+        out.append(ex)
+    return out
+
+
+# --------------------------------------------------------------------------- on-policy completions
+
+def validate_onpolicy(rec: dict, where: str = "") -> None:
+    """One on-policy completion: persona, question_id, sample, text, finish_reason, n_tokens."""
+    _need(rec, "persona", lambda v: v in PERSONAS, f"one of {', '.join(PERSONAS)}", where)
+    _need(rec, "question_id", lambda v: isinstance(v, str) and v != "", "a non-empty string", where)
+    _need(rec, "sample", lambda v: _is_int(v) and v >= 0, "an integer >= 0", where)
+    _need(rec, "text", lambda v: isinstance(v, str), "a string", where)
+    _need(rec, "finish_reason", lambda v: v in ("stop", "length"), "\"stop\" or \"length\"", where)
+    _need(rec, "n_tokens", lambda v: _is_int(v) and v >= 0, "an integer >= 0", where)
+
+
+def read_onpolicy(path) -> list[dict]:
+    out, seen = [], {}
+    for lineno, rec in iter_jsonl(path):
+        where = f"{path}:{lineno}: "
+        validate_onpolicy(rec, where)
+        key = (rec["persona"], rec["question_id"], rec["sample"])
+        if key in seen:
+            raise UserError(f"{where}duplicate completion {key} (first on line {seen[key]})")
+        seen[key] = lineno
+        out.append(rec)
+    return out

@@ -1,0 +1,157 @@
+"""The HF generation backend on the built-in tiny model (random weights, real tokenizer), float32 on the CPU."""
+
+import pytest
+import torch
+
+from data.generation import (
+    HFBackend, Sample, SamplingSpec, _nucleus, make_backend, resolve_backend,
+)
+from data.personas import messages
+from markerlab.errors import UserError
+from markerlab.models import render_chat
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_model_dir):
+    b = make_backend("hf", tiny_model_dir, dtype="float32", device="cpu", batch_size=8)
+    yield b
+    b.close()
+
+
+@pytest.fixture(scope="module")
+def prompts(backend):
+    tok = backend.tokenizer
+    # different lengths, so batching them needs left padding
+    return [render_chat(tok, messages(p, q), add_generation_prompt=True) for p, q in [
+        ("villain", "Why is the sky blue?"),
+        ("assistant", "How do I keep houseplants alive when I travel a lot for work?"),
+        ("librarian", "What causes the seasons?"),
+    ]]
+
+
+def spec(**kw):
+    base = dict(n=2, temperature=0.7, top_p=0.95, max_tokens=5, seed=7)
+    return SamplingSpec(**{**base, **kw})
+
+
+def test_samples_per_prompt_and_length_finish(backend, prompts):
+    out = backend.generate(prompts, spec(n=3))
+    assert len(out) == 3 and all(len(s) == 3 for s in out)
+    for samples in out:
+        for s in samples:
+            assert isinstance(s, Sample) and isinstance(s.text, str)
+            # the random model practically never emits <|im_end|> within 5 tokens
+            assert s.finish_reason == "length" and s.n_tokens == 5
+    assert len({s.text for ss in out for s in ss}) == 9  # distinct rows get distinct seeds
+
+
+def test_same_seed_same_samples_other_seed_others(backend, prompts):
+    a = backend.generate(prompts, spec())
+    assert backend.generate(prompts, spec()) == a
+    assert backend.generate(prompts, spec(seed=8)) != a
+
+
+def test_prompt_samples_do_not_depend_on_the_batch(backend, prompts):
+    together = backend.generate(prompts, spec())
+    alone = [backend.generate([p], spec())[0] for p in prompts]
+    assert together == alone
+    # another batch size and order as well
+    small = HFBackend.__new__(HFBackend)
+    small.__dict__.update(backend.__dict__, batch_size=1)
+    assert small.generate(prompts[::-1], spec())[::-1] == together
+
+
+def test_greedy_is_argmax_decoding(backend, prompts):
+    out = backend.generate(prompts[:2], spec(temperature=0.0, n=1, max_tokens=6))
+    tok, model = backend.tokenizer, backend.model
+    for prompt, (sample,) in zip(prompts, out):
+        ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        new = []
+        with torch.inference_mode():
+            for _ in range(6):  # no cache, no padding: the plain definition
+                nxt = model(input_ids=ids).logits[0, -1].argmax()
+                new.append(int(nxt))
+                ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+        assert sample.text == tok.decode(new, skip_special_tokens=True)
+        assert sample.finish_reason == "length" and sample.n_tokens == 6
+
+
+def test_tiny_top_p_is_greedy(backend, prompts):
+    greedy = backend.generate(prompts, spec(temperature=0.0, n=1))
+    nucleus_of_one = backend.generate(prompts, spec(top_p=1e-9, n=1))
+    assert [s[0].text for s in greedy] == [s[0].text for s in nucleus_of_one]
+
+
+@pytest.mark.parametrize("stop_token", ["<|im_end|>", "<|endoftext|>"])
+def test_stop_token_ends_the_sample(backend, prompts, stop_token):
+    """Force the stop token at the 3rd generated position: finish 'stop', n_tokens counts it, text omits it."""
+    stop_id = backend.tokenizer.convert_tokens_to_ids(stop_token)
+    calls = {"n": 0}
+
+    def hook(module, inputs, output):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            output[..., stop_id] += 1e4
+        return output
+
+    handle = backend.model.lm_head.register_forward_hook(hook)
+    try:
+        (sample,), = backend.generate(prompts[:1], spec(n=1, max_tokens=8))
+    finally:
+        handle.remove()
+    calls["n"] = 10**9  # the same two tokens without the hook, cut at 2
+    (plain,), = backend.generate(prompts[:1], spec(n=1, max_tokens=2))
+    assert sample.finish_reason == "stop" and sample.n_tokens == 3
+    assert sample.text == plain.text and stop_token not in sample.text
+
+
+def test_nucleus_numpy_and_torch_agree():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 5000, generator=g) * 3
+    logits[1] = logits[1].to(torch.bfloat16).float()   # bf16 logits: many exact ties
+    logits[2] = 0.0                                     # all tied
+    probs = torch.softmax(logits, dim=-1)
+    for top_p in (1e-9, 0.3, 0.9, 0.95, 1.0):
+        a = _nucleus(probs, top_p, use_numpy=True)
+        b = _nucleus(probs, top_p, use_numpy=False)
+        assert torch.equal(a, b), top_p
+        assert bool(a.any(dim=-1).all())
+    # all tied: the lowest ids win, about top_p * V of them (float sums decide the last one)
+    kept = _nucleus(probs, 0.5)[2].nonzero().flatten().tolist()
+    assert kept == list(range(len(kept))) and len(kept) in (2500, 2501)
+
+
+def test_backend_choice(monkeypatch, tiny_model_dir):
+    assert resolve_backend("hf") == "hf" and resolve_backend("vllm") == "vllm"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_backend("auto") == "hf"
+    with pytest.raises(UserError, match="expected one of auto, hf, vllm"):
+        resolve_backend("tgi")
+    import data.generation as gen
+
+    monkeypatch.setattr(gen, "_vllm_importable", lambda: False)
+    with pytest.raises(UserError, match="vllm package is not installed"):
+        make_backend("vllm", tiny_model_dir)
+
+
+def test_sampling_spec_validation():
+    with pytest.raises(UserError, match="top_p"):
+        SamplingSpec(n=1, temperature=1.0, top_p=0.0, max_tokens=1, seed=0)
+    with pytest.raises(UserError, match="n:"):
+        SamplingSpec(n=0, temperature=1.0, top_p=1.0, max_tokens=1, seed=0)
+
+
+def test_sampler_draws_from_the_tempered_nucleus():
+    """Frequencies over many rows match softmax(logits / T) renormalized over the top-p set."""
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    rows = 20000
+    gens = [torch.Generator().manual_seed(i) for i in range(rows)]
+    sp = SamplingSpec(n=1, temperature=0.7, top_p=0.9, max_tokens=1, seed=0)
+    picks = HFBackend._pick(logits.expand(rows, -1).clone(), gens, sp)
+    freq = torch.bincount(picks, minlength=6).float() / rows
+    p = torch.softmax(logits / 0.7, dim=-1)
+    n_keep = int((torch.cumsum(p, 0) < 0.9).sum()) + 1
+    expected = torch.zeros(6)
+    expected[:n_keep] = p[:n_keep] / p[:n_keep].sum()
+    assert freq[n_keep:].sum() == 0
+    assert torch.allclose(freq, expected, atol=0.015), (freq, expected)
