@@ -230,9 +230,10 @@ def prepare_run_dir(cfg: Config, overwrite: bool) -> Path:
                 f"{saved}: this run was started with a different config ({', '.join(diff)}); "
                 f"pass --overwrite to start afresh, or set run.name to a new name")
     run_dir.mkdir(parents=True, exist_ok=True)
-    from markerlab.io import atomic_write_text
+    if not saved.is_file() or saved.read_text(encoding="utf-8") != text:
+        from markerlab.io import atomic_write_text
 
-    atomic_write_text(saved, text)
+        atomic_write_text(saved, text)
     return run_dir
 
 
