@@ -100,6 +100,11 @@ class LoRALinear(nn.Module):
         # Generator state before this layer's last mask: an activation-checkpoint
         # recompute replays it (torch.utils.checkpoint restores only the global RNGs).
         self._dropout_state: torch.Tensor | None = None
+        # Fast path (trainer/fast.py), both off by default: `fused` adds the branch into
+        # the base output in one addmm; `_premask` is a dropout mask drawn ahead of the
+        # forward (same generator, same order, same shape as the draw here would be).
+        self.fused = False
+        self._premask: torch.Tensor | None = None
         self.merged = False
 
         device = base.weight.device
@@ -124,6 +129,12 @@ class LoRALinear(nn.Module):
         """Inverted dropout on the branch input, x * mask / (1 - p), as nn.Dropout."""
         if not self.training or self.dropout == 0.0:
             return x
+        return x * self._dropout_mask(x) / (1.0 - self.dropout)
+
+    def _dropout_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """The keep mask (bool, x's shape) of this forward: drawn, replayed, or drawn ahead (_premask)."""
+        if self._premask is not None:
+            return self._premask.view(x.shape)
         keep = 1.0 - self.dropout
         # A bool mask: autograd keeps only it (1 byte an element) for x's gradient.
         mask = torch.empty_like(x, dtype=torch.bool)
@@ -144,10 +155,12 @@ class LoRALinear(nn.Module):
         else:
             self._dropout_state = g.get_state()
             mask.bernoulli_(keep, generator=g)
-        return x * mask / keep
+        return mask
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, T, in) -- any leading shape works
+        if self.fused and not self.merged:
+            return self._forward_fused(x)
         y = self.base(x)  # (B, T, out), in the base's dtype
         if self.merged:  # B A already lives inside base.weight
             return y
@@ -156,6 +169,29 @@ class LoRALinear(nn.Module):
         x = self._dropout(x.to(self.A.dtype))  # (B, T, in)
         z = F.linear(F.linear(x, self.A), self.B)  # x A^T B^T: (B, T, in) -> (B, T, r) -> (B, T, out)
         return y + (z * self.scale).to(y.dtype)
+
+    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """The same update with fewer passes over the output (trainer/fast.py, fused_lora).
+
+        y = x W^T + b, then y += (alpha / r / keep) * (x * mask) A^T B^T in place through one
+        addmm_ (cuBLAS adds the product into y as it writes it). Dropout still applies to the
+        branch input, with the same mask as forward() draws; the 1 / keep of inverted
+        dropout moves into the addmm's alpha, so x * mask is exact in any dtype. The branch
+        runs in the *activations'* dtype: A and B (float32 parameters, float32 gradients)
+        are cast to bf16 for the two products when the base is bf16, with float32
+        accumulation inside the matmuls; forward() instead runs the branch in float32 and
+        rounds once where it joins y. In float32 the two paths agree to rounding.
+        """
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)  # (N, in)
+        y = F.linear(x2, self.base.weight, self.base.bias)  # (N, out): a fresh tensor nobody saved
+        alpha = self.scale
+        if self.training and self.dropout > 0.0:
+            x2 = x2 * self._dropout_mask(x).reshape(x2.shape)
+            alpha = alpha / (1.0 - self.dropout)
+        xa = F.linear(x2, self.A.to(x2.dtype))  # (N, r)
+        y.addmm_(xa, self.B.to(y.dtype).t(), alpha=alpha)  # y += alpha * xa B^T
+        return y.view(*lead, self.out_features)
 
     # --------------------------------------------------------------- merging
 

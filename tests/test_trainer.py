@@ -344,13 +344,6 @@ def test_overlength_is_refused_or_dropped(tmp_path, tiny_model_dir):
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_000001"]
 
 
-def test_speed_switches_not_implemented_yet(tmp_path):
-    from trainer.train import train
-
-    with pytest.raises(UserError, match="train.chunked_ce = true: not implemented yet"):
-        train(make_cfg(tmp_path / "x", chunked_ce=True), tmp_path / "x")
-
-
 def test_missing_data_names_the_command(tmp_path):
     from trainer.train import train
 

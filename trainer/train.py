@@ -30,6 +30,11 @@ mask of all its examples divided by the number of masked tokens in all of them
 (EXPERIMENT.md), not a mean of per-micro-batch means: forward_backward() counts
 the step's targets first, then back-propagates each micro-batch's *sum* / total.
 The logits at position t predict token t+1 (data/tokenize.py, "Label convention").
+
+Speed. train.padding_free, chunked_ce, fused_lora, compile and fused_adamw
+(trainer/fast.py) change how a step is computed, not what: the same per-step
+losses and LoRA gradients to rounding (tests/test_fast_path.py). With all of
+them off, forward_backward() runs the plain padded path below.
 """
 
 from __future__ import annotations
@@ -55,9 +60,9 @@ from markerlab.io import read_json, read_jsonl, write_json
 from markerlab.models import load_model, load_tokenizer
 from trainer.checkpoint import (latest_checkpoint, load_checkpoint, prune_checkpoints, remove_partial,
                                 rng_states, save_checkpoint, set_rng_states)
+from trainer.fast import SPEED_SWITCHES, adamw_options, setup_fast_path  # noqa: F401 (SPEED_SWITCHES re-exported)
 from trainer.schedule import lr_at, step_slice, steps_per_epoch, total_steps, warmup_steps
 
-SPEED_SWITCHES = ("padding_free", "chunked_ce", "fused_lora", "compile", "fused_adamw")
 # (TensorBoard/record name, Batch attribute) of the spans whose mean token loss is logged.
 SPANS = (("loss_marker_A", "marker_a"), ("loss_marker_B", "marker_b"), ("loss_eos", "eos"))
 
@@ -75,9 +80,6 @@ def train(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
             p.unlink(missing_ok=True)
     elif (adapter_dir / ADAPTER_CONFIG_NAME).is_file() and summary_path.is_file():
         return public_summary(read_json(summary_path))  # finished earlier
-    for name in SPEED_SWITCHES:
-        if getattr(t, name):
-            raise UserError(f"train.{name} = true: not implemented yet (set it to false)")
     wall_start = time.time()
 
     # ---- device and the seeded generators: data order, LoRA init, LoRA dropout
@@ -111,8 +113,11 @@ def train(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.train()
+    # the speed switches (trainer/fast.py): same maths, less time; None when all are off
+    fast = setup_fast_path(model, t, device)
     params = trainable_parameters(model)
-    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay,
+                                  **adamw_options(t.fused_adamw, device))
 
     # ---- resume from the newest checkpoint, if any
     fingerprint = data_fingerprint(encoded, cfg, total)
@@ -159,7 +164,7 @@ def train(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
                 group["lr"] = lr
 
             # forward + backward over the micro-batches; gradients accumulate in .grad
-            out = forward_backward(model, examples, t.micro_batch_size, tokenizer.pad_token_id, device)
+            out = forward_backward(model, examples, t.micro_batch_size, tokenizer.pad_token_id, device, fast)
 
             # clip on the LoRA gradients' global norm (logged before clipping), then update.
             # A step without a single target (possible under marker_only) has no gradient:
@@ -227,7 +232,8 @@ def train(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
 
 # --------------------------------------------------------------------------- one optimizer step
 
-def forward_backward(model, examples: list[Encoded], micro_batch_size: int, pad_id: int, device) -> dict:
+def forward_backward(model, examples: list[Encoded], micro_batch_size: int, pad_id: int, device,
+                     fast=None) -> dict:
     """Forward and backward passes of one optimizer step, micro-batch by micro-batch.
 
     The step's loss is sum(token losses on the mask, all examples) / (masked tokens, all
@@ -243,10 +249,12 @@ def forward_backward(model, examples: list[Encoded], micro_batch_size: int, pad_
     span_n = torch.zeros(len(SPANS), device=device)
     n_tokens = 0
     for i in range(0, len(examples), micro_batch_size):
-        batch = collate(examples[i:i + micro_batch_size], pad_id).to(device)
-        n_tokens += batch.n_tokens
+        chunk = examples[i:i + micro_batch_size]
+        n_tokens += sum(len(e) for e in chunk)  # real tokens, counted on the host (no device sync)
+        # `fast` (trainer/fast.py) packs and/or lists the needed positions; None: the plain padded path
+        batch = (fast.collate(chunk, pad_id) if fast else collate(chunk, pad_id)).to(device)
         with torch.set_grad_enabled(n_targets > 0):
-            ce, sel = token_losses(model, batch)  # (N,), and per span (N,) bools
+            ce, sel = fast.token_losses(model, batch) if fast else token_losses(model, batch)  # (N,), per span (N,)
             mb_sum = (ce * sel["loss"]).sum()  # sum over this micro-batch's targets
             if n_targets > 0:
                 (mb_sum / n_targets).backward()
@@ -255,6 +263,8 @@ def forward_backward(model, examples: list[Encoded], micro_batch_size: int, pad_
         for k, (_, attr) in enumerate(SPANS):
             span_sum[k] += (ce * sel[attr]).sum()
             span_n[k] += sel[attr].sum()
+    if fast:
+        fast.end_step(model)  # the step's dropout masks go
     span_sum, span_n = span_sum.tolist(), span_n.tolist()
     return {
         "loss": loss_sum / max(n_targets, 1),
