@@ -634,6 +634,9 @@ def main() -> None:
     # ---- settings, most important first
     durations, compile_durations = [], []
     for name in [s.strip() for s in ARGS.settings.split(",") if s.strip()]:
+        if name.startswith("ml:"):  # an ad-hoc combination, e.g. ml:padding_free+fused_lora (+ckpt)
+            parts = name[3:].split("+")
+            SETTINGS[name] = ("ml", tuple(p for p in parts if p in SWITCHES), "ckpt" in parts)
         if name not in SETTINGS:
             emit({"setting": name, "error": f"unknown setting (known: {', '.join(SETTINGS)})"})
             continue
