@@ -73,7 +73,8 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def tiny_cfg(out_dir: Path, **kw):
-    cfg = load_config(TINY_CONFIG).replace(run__out_dir=str(out_dir), model__device="cpu", eval__backend="hf")
+    cfg = load_config(TINY_CONFIG).replace(run__out_dir=str(out_dir), model__device="cpu", eval__backend="hf",
+                                           generate__cache_dir=str(out_dir / "_cache"))  # no state shared across tests
     return cfg.replace(**kw) if kw else cfg
 
 
@@ -148,7 +149,9 @@ def test_default_plan_counts_without_generating():
 
 def test_tiny_plan_counts_and_bad_probe_size(tmp_path):
     cfg = tiny_cfg(tmp_path)
-    assert expected_count(cfg) == 11 * (4 + 2) * 2 + 2 * 2 + 11 * 2 * 2
+    e = cfg.eval  # the tiny config: 3 id + 1 ood questions, 2 samples; probe 2 x 2; base 2 x 2
+    assert (e.n_id_questions, e.n_ood_questions, e.n_samples) == (3, 1, 2)
+    assert expected_count(cfg) == 11 * (3 + 1) * 2 + 2 * 2 + 11 * 2 * 2
     with pytest.raises(UserError, match="eval.probe_n_questions"):
         plan(cfg.replace(eval__probe_n_questions=7))
 
@@ -332,11 +335,11 @@ def test_hf_end_to_end_records(hf_run, tiny_model_dir, capsys):
     recs = read_jsonl(eval_dir / "completions.jsonl")
     for r in recs:
         check_record(r)
-    assert len(recs) == expected_count(cfg) == 11 * 6 * 2 + 2 * 2 + 11 * 2 * 2
+    assert len(recs) == expected_count(cfg) == 11 * 4 * 2 + 2 * 2 + 11 * 2 * 2
     keys = [(r["variant"], r["persona"], r["question_id"], r["sample"]) for r in recs]
     assert len(set(keys)) == len(keys)
     counts = {v: sum(r["variant"] == v for r in recs) for v in ("plain", "probe", "base")}
-    assert counts == {"plain": 132, "probe": 4, "base": 44} == result["counts"]
+    assert counts == {"plain": 88, "probe": 4, "base": 44} == result["counts"]
 
     roles = {r["persona"]: r["role"] for r in recs}
     assert roles["villain"] == "donor" and roles["assistant"] == "recipient"
@@ -365,7 +368,7 @@ def test_hf_end_to_end_records(hf_run, tiny_model_dir, capsys):
             n_prompts += 1
         if sampling.n == cfg.eval.probe_n_samples and all(PROBE_MARKER in p for p in prompts):
             assert all(f"<|im_start|>user\n{PROBE_MARKER} " in p for p in prompts)
-    assert n_prompts == 11 * 6 + 2 + 11 * 2
+    assert n_prompts == 11 * 4 + 2 + 11 * 2
     dirs = {d for d, _, _ in spy.calls}
     assert dirs == {str(cfg.run_dir / "merged"), str(tiny_model_dir)}
 
@@ -374,7 +377,7 @@ def test_hf_end_to_end_records(hf_run, tiny_model_dir, capsys):
     assert rr == result
     assert len(rr["cells"]) == 11 + 1 + 11
     cell = next(c for c in rr["cells"] if c["variant"] == "plain" and c["persona"] == "villain")
-    assert cell["n"] == 12 and cell["role"] == "donor"
+    assert cell["n"] == 4 * 2 and cell["role"] == "donor"
     for k in ("fire_A", "fire_B"):
         assert 0.0 <= cell[k] <= 1.0 and 0.0 <= cell["strict"][k] <= 1.0
     assert rr["backend"] == {"requested": "hf", "merged": "hf", "base": "hf"}
@@ -492,7 +495,7 @@ def test_vllm_path_for_real(merged_run, tmp_path):
         assert rr["engine_load_seconds"] > 0 and rr["tokens_per_s"] > 0
         n = expected_count(cfg.replace(eval__base_floor=base_floor))
         assert len(recs) == n == rr["n_records"]
-        assert n == 11 * 6 * 2 + 2 * 2 + (11 * 2 * 2 if base_floor else 0)
+        assert n == 11 * 4 * 2 + 2 * 2 + (11 * 2 * 2 if base_floor else 0)
         for r in recs:
             check_record(r)
             assert 1 <= r["n_tokens"] <= 4
