@@ -15,33 +15,14 @@ that cover exactly that marker's text.
 from __future__ import annotations
 
 import json
-from pathlib import Path
-from typing import Iterator
 
 from markerlab.config import PERSONAS
 from markerlab.errors import UserError
+from markerlab.io import iter_jsonl  # noqa: F401  (re-exported: data.records.iter_jsonl)
 from markerlab.markers import MARKERS
 
 EXAMPLE_ROLES = ("donor", "recipient", "negative")
 MESSAGE_ROLES = ("system", "user", "assistant")
-
-
-def iter_jsonl(path) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for every non-blank line; invalid JSON is a UserError naming path:line."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
 
 
 def _is_int(v) -> bool:

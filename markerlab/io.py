@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from .errors import UserError
 
@@ -66,12 +66,11 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:
     return len(lines)
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Read a JSONL file; a malformed line is a UserError naming file:line."""
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every non-blank line; bad JSON is a UserError naming file:line."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: file not found")
-    out = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -82,8 +81,12 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
                 raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(obj, dict):
                 raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            out.append(obj)
-    return out
+            yield lineno, obj
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Read a JSONL file; a malformed line is a UserError naming file:line."""
+    return [obj for _, obj in iter_jsonl(path)]
 
 
 def replace_dir(tmp_dir: str | os.PathLike, final_dir: str | os.PathLike) -> None:

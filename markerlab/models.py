@@ -16,7 +16,6 @@ code path for the tiny model and for Qwen2.5-7B-Instruct is the same
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import tempfile
