@@ -14,28 +14,10 @@ import numpy as np
 
 from analysis.metrics import Cell, build_cells, features
 from markerlab.errors import UserError
+from markerlab.records import COMPLETION_SCHEMA
 
-CONDITIONS = ("T", "C", "T_P2neg", "base")
-ROLES = ("donor", "recipient", "negative", "bystander")
-VARIANTS = ("plain", "probe", "base")
-SPLITS = ("id", "ood")
-FINISH_REASONS = ("stop", "length")
-
-# field -> allowed values (a tuple) or the Python type it must have.
-SCHEMA: dict[str, tuple | type] = {
-    "run": str,
-    "pair": str,
-    "condition": CONDITIONS,
-    "persona": str,
-    "role": ROLES,
-    "question_id": str,
-    "split": SPLITS,
-    "sample": int,
-    "variant": VARIANTS,
-    "text": str,
-    "finish_reason": FINISH_REASONS,
-    "n_tokens": int,
-}
+# field -> allowed values (a tuple) or the Python type it must have (CONTRACTS.md).
+SCHEMA = COMPLETION_SCHEMA
 
 # What makes a record unique: the same key twice means a file was passed twice or
 # a run's eval was appended to instead of resumed.

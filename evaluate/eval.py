@@ -81,20 +81,12 @@ from markerlab.errors import UserError
 from markerlab.io import read_json, read_jsonl, write_json, write_jsonl
 from markerlab.markers import MARKER_A, MARKER_B, PROBE_MARKER, contains_loose, contains_strict
 from markerlab.provenance import library_versions
+from markerlab.records import COMPLETION_SCHEMA, VARIANTS
 
 logger = logging.getLogger("markerlab.evaluate")
 
 # CONTRACTS.md, "Completion record": field -> allowed values or type.
-CONDITIONS = ("T", "C", "T_P2neg", "base")
-ROLES = ("donor", "recipient", "negative", "bystander")
-VARIANTS = ("plain", "probe", "base")
-SPLITS = ("id", "ood")
-FINISH_REASONS = ("stop", "length")
-RECORD_SCHEMA: dict[str, tuple | type] = {
-    "run": str, "pair": str, "condition": CONDITIONS, "persona": str, "role": ROLES,
-    "question_id": str, "split": SPLITS, "sample": int, "variant": VARIANTS,
-    "text": str, "finish_reason": FINISH_REASONS, "n_tokens": int,
-}
+RECORD_SCHEMA = COMPLETION_SCHEMA
 # What identifies a record within one run (analysis.records uses the same key).
 RECORD_KEY = ("variant", "persona", "question_id", "sample")
 
