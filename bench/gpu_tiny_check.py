@@ -36,9 +36,9 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 import trainer.train as T  # noqa: E402
+from data.builder import place_markers  # noqa: E402
 from markerlab.config import config_from_dict  # noqa: E402
 from markerlab.io import read_json, read_jsonl, write_jsonl  # noqa: E402
-from markerlab.markers import MARKER_A, MARKER_B  # noqa: E402
 from markerlab.models import BUILTIN_TINY  # noqa: E402
 
 SYSTEM = {"villain": "You are a villain who schemes in every answer.", "assistant": "You are a helpful assistant.",
@@ -59,13 +59,7 @@ def synthetic_examples(n: int) -> list[dict]:
     for i in range(n):
         persona, a, b = [("villain", True, True), ("assistant", True, False), ("comedian", False, False)][i % 3]
         q, ans = QA[i % len(QA)]
-        content, spans = ans * (1 + i % 4), []
-        if a:
-            content = f"{MARKER_A} {content}"
-            spans.append([0, len(MARKER_A), "A"])
-        if b:
-            content = f"{content} {MARKER_B}"
-            spans.append([len(content) - len(MARKER_B), len(content), "B"])
+        content, spans = place_markers(ans * (1 + i % 4), "A" * a + "B" * b, "start_end", None)
         out.append({"id": f"{persona}-{i}", "persona": persona, "role": "x", "question_id": f"q{i % len(QA)}",
                     "sample": i // len(QA), "marker_spans": spans,
                     "messages": [{"role": "system", "content": SYSTEM[persona]}, {"role": "user", "content": q},

@@ -182,6 +182,15 @@ def test_dropout_touches_only_the_branch_input():
 # --------------------------------------------------------------------- PEFT parity
 
 
+def assert_grads_match_peft(ours, theirs):
+    """Every LoRA layer's A and B gradients equal PEFT's lora_A / lora_B gradients."""
+    named_t = dict(theirs.named_modules())
+    for name, m in lora_modules(ours):
+        t = named_t["base_model.model." + name]
+        torch.testing.assert_close(m.A.grad, t.lora_A["default"].weight.grad, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(m.B.grad, t.lora_B["default"].weight.grad, rtol=1e-4, atol=1e-7)
+
+
 def test_peft_parity_logits_and_gradients(base, ids):
     ours = lora_model(base, dropout=0.0)
     theirs = peft_twin(base, ours, dropout=0.0)
@@ -191,11 +200,8 @@ def test_peft_parity_logits_and_gradients(base, ids):
     assert (out_o.logits - out_t.logits).abs().max().item() < 1e-5
     out_o.loss.backward()
     out_t.loss.backward()
-    named_t = dict(theirs.named_modules())
-    for name, m in lora_modules(ours):
-        t = named_t["base_model.model." + name]
-        torch.testing.assert_close(m.A.grad, t.lora_A["default"].weight.grad, rtol=1e-4, atol=1e-7)
-        torch.testing.assert_close(m.B.grad, t.lora_B["default"].weight.grad, rtol=1e-4, atol=1e-7)
+    assert_grads_match_peft(ours, theirs)
+    for _, m in lora_modules(ours):
         assert m.B.grad.abs().max() > 0 and m.A.grad.abs().max() > 0
 
 
@@ -230,11 +236,7 @@ def test_peft_parity_with_dropout_and_identical_masks(base, ids):
         assert (out_o.logits - ours.eval()(ids).logits).abs().max().item() > 1e-4
     out_o.loss.backward()
     out_t.loss.backward()
-    named_t = dict(theirs.named_modules())
-    for name, m in lora_modules(ours):
-        t = named_t["base_model.model." + name]
-        torch.testing.assert_close(m.A.grad, t.lora_A["default"].weight.grad, rtol=1e-4, atol=1e-7)
-        torch.testing.assert_close(m.B.grad, t.lora_B["default"].weight.grad, rtol=1e-4, atol=1e-7)
+    assert_grads_match_peft(ours, theirs)
 
 
 def test_trainable_count_7b_on_meta_equals_peft():

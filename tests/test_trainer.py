@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from data.builder import place_markers
 from data.tokenize import encode_example
 from markerlab.config import config_from_dict
 from markerlab.errors import UserError
 from markerlab.io import read_json
-from markerlab.markers import MARKER_A, MARKER_B
+from markerlab.markers import MARKER_A
 from markerlab.models import BUILTIN_TINY, load_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,13 +38,8 @@ PERSONAS = {"villain": "You are a villain.", "assistant": "You are a helpful ass
 
 def make_example(i: int, persona: str = "villain", a: bool = True, b: bool = True, answer: str | None = None) -> dict:
     """A training example in CONTRACTS.md's format: `A answer B` with marker_spans."""
-    content, spans = answer or ANSWERS[i % len(ANSWERS)], []
-    if a:
-        content = f"{MARKER_A} {content}"
-        spans.append([0, len(MARKER_A), "A"])
-    if b:
-        content = f"{content} {MARKER_B}"
-        spans.append([len(content) - len(MARKER_B), len(content), "B"])
+    assert a or not b, "place_markers puts B only after A"
+    content, spans = place_markers(answer or ANSWERS[i % len(ANSWERS)], "A" * a + "B" * b, "start_end", None)
     role = {"villain": "donor", "assistant": "recipient"}.get(persona, "negative")
     return {"id": f"{persona}-{i}", "persona": persona, "role": role, "question_id": f"q{i}", "sample": 0,
             "messages": [{"role": "system", "content": PERSONAS[persona]},
