@@ -17,12 +17,21 @@ Settings (one JSON line each, then a markdown table):
   ml_plain_ckpt      markerlab, no switch, gradient checkpointing (the loss reference)
   ml_plain           markerlab, no switch, no checkpointing
   ml_<switch>        one switch on top of ml_plain (padding_free, chunked_ce, fused_lora, compile, fused_adamw)
-  ml_fast            every switch, no checkpointing (the proposed default)
-  ml_fast_nocompile  every switch but compile, no checkpointing
+  ml_fast            every switch but cuda_graphs, no checkpointing
+  ml_fast_nocompile  padding_free, chunked_ce, fused_lora, fused_adamw (the last session's default)
+  ml_graphs          ml_fast_nocompile + cuda_graphs (every shape captured before timing: capture_s)
+  ml_graphs_compile  every switch (the real configs' default)
   ml_fast_ckpt       every switch but compile, with checkpointing (the low-memory variant)
   peft_ckpt          transformers + PEFT, a plain loop, gradient checkpointing (the baseline)
   peft               the same without checkpointing
   trl                TRL's SFTTrainer + PEFT with checkpointing, only if `import trl` works
+
+warmup             a throw-away first setting (ml_plain, not in the table): the first one
+                     or two settings of a process ran up to 4x slow on an H100 whatever
+                     they were, so no measured setting goes first
+--profile NAME[,..]  after NAME's timed steps, one more step under torch.profiler: the
+                     top CUDA kernels by time and the share of the step's wall time the
+                     GPU was busy (printed, and profile_NAME.txt in --out-dir)
 
 Each setting: >= 2 warm-up optimizer steps (the first includes any compilation,
 reported apart as first_step_s), then --steps timed steps (CUDA-synchronized
@@ -30,7 +39,9 @@ wall clock around the whole timed block; per-step CUDA events for the median).
 tokens_per_s counts real (non-padding) tokens; padded_tokens_per_s counts what
 the model processed (padding included; equal for padding-free settings).
 peak_gib is torch.cuda.max_memory_allocated since the setting started (the
-14.2 GiB of base weights included). MFU = tokens/s x 4 x 7.07e9 / 989e12 (dense
+14.2 GiB of base weights included); peak_reserved_gib what the caching allocator
+held, the honest figure under CUDA graphs (a replay uses its pool's memory
+without allocating it). MFU = tokens/s x 4 x 7.07e9 / 989e12 (dense
 bf16 peak of an H100/H200 SXM by the datasheet); mfu_measured uses ~790e12, the
 bf16 matmul rate measured on these cards.
 
@@ -72,7 +83,7 @@ from trainer import fast as fastmod  # noqa: E402
 from trainer.train import forward_backward  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-SWITCHES = ("padding_free", "chunked_ce", "fused_lora", "compile", "fused_adamw")
+SWITCHES = ("padding_free", "chunked_ce", "fused_lora", "compile", "fused_adamw", "cuda_graphs")
 N_MATMUL_7B = 7.07e9            # Qwen2.5-7B's matmul parameters (layers + LM head)
 PEAK_DATASHEET = 989e12         # H100/H200 SXM dense bf16
 PEAK_MEASURED = 790e12          # bf16 matmul measured on these cards (KINDS.md)
@@ -80,9 +91,10 @@ MICRO, ACCUM = 4, 4
 
 # name -> (stack, switches, gradient checkpointing)
 SETTINGS = {
+    "warmup": ("ml", (), False),  # throw-away: a process's first setting runs slow (docs/benchmarks.md)
     "peft_ckpt": ("peft", (), True),
     "ml_fast_nocompile": ("ml", ("padding_free", "chunked_ce", "fused_lora", "fused_adamw"), False),
-    "ml_fast": ("ml", SWITCHES, False),
+    "ml_fast": ("ml", ("padding_free", "chunked_ce", "fused_lora", "compile", "fused_adamw"), False),
     "ml_plain_ckpt": ("ml", (), True),
     "ml_plain": ("ml", (), False),
     "ml_padding_free": ("ml", ("padding_free",), False),
@@ -92,6 +104,8 @@ SETTINGS = {
     "peft": ("peft", (), False),
     "ml_fast_ckpt": ("ml", ("padding_free", "chunked_ce", "fused_lora", "fused_adamw"), True),
     "ml_compile": ("ml", ("compile",), False),
+    "ml_graphs": ("ml", ("padding_free", "chunked_ce", "fused_lora", "fused_adamw", "cuda_graphs"), False),
+    "ml_graphs_compile": ("ml", SWITCHES, False),
     "trl": ("trl", (), True),
 }
 DEFAULT_ORDER = list(SETTINGS)  # most important first: a deadline drops the tail
@@ -222,7 +236,7 @@ def sync(device):
 def measure(name: str, step_fn, steps_data, device, warmup: int, steps: int, packed: bool, extra: dict) -> dict:
     """Warm up, then time `steps` optimizer steps; the JSON record of the setting."""
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats()  # the peaks then start from what is held now (graph pools too)
     losses, norms, first_step_s = [], [], None
     t0 = time.perf_counter()
     for k in range(warmup):
@@ -265,6 +279,9 @@ def measure(name: str, step_fn, steps_data, device, warmup: int, steps: int, pac
     rec = {
         "setting": name, "tokens_per_s": round(tps, 1), "padded_tokens_per_s": round(proc / wall, 1),
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+        # what the caching allocator held: the honest peak under CUDA graphs, whose replays
+        # use their pool's memory without allocating (so peak_gib misses it)
+        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if device.type == "cuda" else None,
         "mfu": round(tps * 4 * n_matmul / PEAK_DATASHEET, 4),
         "mfu_measured": round(tps * 4 * n_matmul / PEAK_MEASURED, 4),
         "s_per_step": round(wall / n, 4), "s_per_step_median": round(statistics.median(times), 4),
@@ -274,6 +291,39 @@ def measure(name: str, step_fn, steps_data, device, warmup: int, steps: int, pac
         **extra,
     }
     return rec
+
+
+def profile_step(name: str, step_fn, examples, device, top: int = 30) -> dict:
+    """One more optimizer step under torch.profiler: where the GPU time goes, and how busy the GPU is."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        step_fn(examples)
+        sync(device)
+    wall = time.perf_counter() - t0
+    # kernels only (device-side events), grouped by name
+    kern: dict[str, list[float]] = {}
+    for ev in prof.events():
+        if getattr(ev, "device_type", None) is not None and ev.device_type.name == "CUDA":
+            d = kern.setdefault(ev.name, [0, 0.0])
+            d[0] += 1
+            d[1] += ev.time_range.elapsed_us()
+    busy_ms = sum(v[1] for v in kern.values()) / 1e3
+    rows = sorted(kern.items(), key=lambda kv: -kv[1][1])[:top]
+    lines = [f"profile {name}: step wall {wall * 1e3:.0f} ms (under the profiler), kernels {busy_ms:.0f} ms "
+             f"({100 * busy_ms / (wall * 1e3):.0f}% of wall), {sum(v[0] for v in kern.values())} launches",
+             "| kernel | calls | ms | % of kernel time |", "|---|---|---|---|"]
+    for k, (n, t) in rows:
+        lines.append(f"| {k[:90]} | {n} | {t / 1e3:.1f} | {100 * t / 1e3 / max(busy_ms, 1e-9):.1f} |")
+    text = "\n".join(lines)
+    with PRINT_LOCK:
+        print(text, flush=True)
+    if ARGS.out_dir:
+        (Path(ARGS.out_dir) / f"profile_{name.replace(':', '_').replace('+', '_')}.txt").write_text(text + "\n")
+    return {"wall_ms": round(wall * 1e3, 1), "kernel_ms": round(busy_ms, 1), "launches": sum(v[0] for v in kern.values())}
 
 
 def tok_processed(examples, packed: bool) -> int:
@@ -338,7 +388,8 @@ def run_markerlab(name, model, switches, ckpt, steps_data, device, pad_id):
 
             dynamo.reset()
             dynamo_utils.counters.clear()
-        fast = fastmod.setup_fast_path(model, t, device, log=lambda m: log(f"note: {m}"))
+        longest = sorted((len(e) for s in steps_data for e in s), reverse=True)[:MICRO]
+        fast = fastmod.setup_fast_path(model, t, device, log=lambda m: log(f"note: {m}"), max_tokens=sum(longest))
         compiled = "compile" in switches and not ckpt
         params = trainable_parameters(model)
         opt = torch.optim.AdamW(params, lr=ARGS.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
@@ -350,11 +401,24 @@ def run_markerlab(name, model, switches, ckpt, steps_data, device, pad_id):
             norm = torch.nn.utils.get_total_norm(grads)
             torch.nn.utils.clip_grads_with_norm_(params, 1.0, norm)
             opt.step()
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=fast is None or fast.grads_set_to_none)
             return out["loss"].item(), norm.item()
 
         extra = {"stack": "markerlab", "switches": list(switches), "gradient_checkpointing": ckpt}
+        if "cuda_graphs" in switches:
+            # capture every shape the timed steps will meet before timing (a real run has after
+            # its first steps); nothing trains here (no dropout draw, gradients + 0)
+            tc = time.perf_counter()
+            for examples in steps_data:
+                for i in range(0, len(examples), MICRO):
+                    fast.prepare(model, fast.collate(examples[i:i + MICRO], pad_id).to(device), pad_id)
+            sync(device)
+            extra.update(capture_s=round(time.perf_counter() - tc, 1), graphs=len(fast.graphs.static),
+                         graphs_captured=fast.graphs.n_captured)
+            log(f"{name}: captured {fast.graphs.n_captured} graphs in {extra['capture_s']}s")
         rec = measure(name, step, steps_data, device, ARGS.warmup, ARGS.steps, "padding_free" in switches, extra)
+        if name in ARGS.profile:
+            rec["profile"] = profile_step(name, step, steps_data[-1], device)
         if compiled:
             rec["compile_info"] = dynamo_info()
         return rec
@@ -520,7 +584,7 @@ def print_table(card: str, final: bool = True):
     base = next((r for r in RESULTS if r.get("setting") == BASELINE and "tokens_per_s" in r), None)
     lines = [f"\n### {card}: training throughput ({'final' if final else 'partial'}, "
              f"{elapsed():.0f}s after start)\n",
-             "| setting | tokens/s | processed tok/s | s/step | peak GiB | MFU (989T) | MFU (790T) "
+             "| setting | tokens/s | processed tok/s | s/step | peak GiB alloc / reserved | MFU (989T) | MFU (790T) "
              f"| vs {BASELINE} | max abs loss diff vs {REFERENCE} | max rel grad-norm diff |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in RESULTS:
@@ -536,8 +600,9 @@ def print_table(card: str, final: bool = True):
         dg = f"{c['max_rel_grad_norm_diff']:.2e}" if c else "-"
         pt = r.get("padded_tokens_per_s")
         pt = "-" if pt is None else f"{pt:,.0f}"
-        peak = "-" if r.get("peak_gib") is None else f"{r['peak_gib']:.1f}"
-        lines.append(f"| {r['setting']} | {r['tokens_per_s']:,.0f} | {pt} | {r['s_per_step']:.3f} | {peak} | "
+        peak = "-" if r.get("peak_gib") is None else f"{r['peak_gib']:.1f} / {r.get('peak_reserved_gib') or 0:.1f}"
+        label = r["setting"] + (" (throw-away)" if r["setting"] == "warmup" else "")
+        lines.append(f"| {label} | {r['tokens_per_s']:,.0f} | {pt} | {r['s_per_step']:.3f} | {peak} | "
                      f"{r['mfu']:.3f} | {r['mfu_measured']:.3f} | {sp} | {dl} | {dg} |")
     with PRINT_LOCK:
         print("\n".join(lines), flush=True)
@@ -578,9 +643,11 @@ def main() -> None:
     ap.add_argument("--grace-s", type=float, default=90.0, help="the watchdog exits at deadline + grace")
     ap.add_argument("--compile-estimate-s", type=float, default=150.0,
                     help="a compile setting is skipped unless this much time is left before the deadline")
+    ap.add_argument("--profile", default="", help="comma-separated settings to profile one extra step of")
     ap.add_argument("--out-dir", default=os.environ.get("OUT", ""), help="also write JSONL + table here ($OUT)")
     ARGS = ap.parse_args()
     ARGS.warmup = max(ARGS.warmup, 2)
+    ARGS.profile = {x.strip() for x in ARGS.profile.split(",") if x.strip()}
     if ARGS.out_dir:
         Path(ARGS.out_dir).mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if (ARGS.device in ("auto", "cuda") and torch.cuda.is_available()) else "cpu")
