@@ -136,6 +136,8 @@ class TrainConfig:
     fused_lora: bool = _f(False, "base output plus (x A) B in one addmm")
     compile: bool = _f(False, "torch.compile each decoder layer")
     fused_adamw: bool = _f(False, "fused AdamW kernel (CUDA)")
+    cuda_graphs: bool = _f(False, "replay each micro-batch's forward + backward as one CUDA graph "
+                                  "(needs padding_free and chunked_ce)")
 
 
 @dataclass(frozen=True)
@@ -291,6 +293,13 @@ def _cross_checks(cfg: Config, problems: list[str]):
     d, g, t = cfg.data, cfg.generate, cfg.train
     if len(t.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in t.betas):
         problems.append(f"train.betas: expected two numbers in [0, 1), got {t.betas!r}")
+    if t.cuda_graphs:
+        need = [k for k in ("padding_free", "chunked_ce") if not getattr(t, k)]
+        if need:
+            problems.append(f"train.cuda_graphs: needs {' and '.join('train.' + k for k in need)} = true")
+        if t.gradient_checkpointing:
+            problems.append("train.cuda_graphs: expected train.gradient_checkpointing = false (the graphs "
+                            "replay a forward and backward without recompute)")
     if d.n_per_persona > g.n_questions * g.n_samples:
         problems.append(
             f"data.n_per_persona: {d.n_per_persona} exceeds the on-policy completions per persona "

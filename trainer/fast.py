@@ -50,6 +50,14 @@ compile       torch.compile(dynamic=True) on each decoder layer (module.compile(
               together with gradient checkpointing (a note says so).
 fused_adamw   torch.optim.AdamW(fused=True) on CUDA; on the CPU the foreach
               implementation (a note says so).
+cuda_graphs   (needs padding_free and chunked_ce, no checkpointing) each packed
+              micro-batch's forward and backward is captured once per bucketed
+              length as a CUDA graph and replayed: one launch instead of ~8,000,
+              which is what a 7B step was waiting on (trainer/graphs.py says how
+              the padding keeps the maths). Attention inside a graph is one
+              varlen flash call over the documents' cumulative lengths
+              (`varlen_attention`). Without CUDA, or with a float32 model, the
+              same padded micro-batches run eagerly (a note says so).
 
 Dropout masks. With any switch on and LoRA dropout > 0, the masks of a micro-batch
 are drawn before its forward (`draw_dropout_masks`), layer by layer in the order
@@ -71,7 +79,7 @@ import torch.nn.functional as F
 
 from lora import lora_modules
 
-SPEED_SWITCHES = ("padding_free", "chunked_ce", "fused_lora", "compile", "fused_adamw")
+SPEED_SWITCHES = ("padding_free", "chunked_ce", "fused_lora", "compile", "fused_adamw", "cuda_graphs")
 PACKED_ATTENTION = "markerlab_packed"
 CE_CHUNK = 1024  # positions per LM-head + cross-entropy chunk: 1024 x 152064 x 6 bytes = 0.9 GB transient
 MASK_NAMES = ("loss", "marker_a", "marker_b", "eos")
@@ -163,6 +171,11 @@ class _Pack:
     """
 
     lens: list[int] | None = None
+    # CUDA-graph micro-batches (trainer/graphs.py): the documents as a device tensor of
+    # cumulative lengths (int32, (docs + 1,)) and a static upper bound of their lengths, so
+    # attention runs as one varlen flash call that a graph can replay for other lengths.
+    cu: torch.Tensor | None = None
+    max_len: int = 0
 
 
 def _disable_compile(fn):
@@ -193,6 +206,41 @@ def _sdpa_causal(q, k, v, scale):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
 
+class _FlashVarlen(torch.autograd.Function):
+    """Causal flash attention over packed documents given by cumulative lengths `cu` (a device tensor).
+
+    q (S, H, D), k/v (S, Hkv, D) -> (S, H, D). The flash kernels take fewer key/value heads
+    than query heads as they are (grouped-query attention) and sum their gradients back.
+    Calls the aten ops directly (forward and backward), whose signatures are the same from
+    torch 2.4 to 2.13, unlike torch.nn.attention.varlen's Python wrapper.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu, max_len, scale):
+        out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu, cu, max_len, max_len, 0.0, True, False, scale=scale)
+        ctx.save_for_backward(q, k, v, out, lse, cu, rng, unused)
+        ctx.max_len, ctx.scale = max_len, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k, v, out, lse, cu, rng, unused = ctx.saved_tensors
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            g.contiguous(), q, k, v, out, lse, cu, cu, ctx.max_len, ctx.max_len, 0.0, True, rng, unused,
+            scale=ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+def varlen_attention(q, k, v, cu: torch.Tensor, max_len: int, scale: float | None) -> torch.Tensor:
+    """(1, H, S, D) query, (1, Hkv, S, D) key/value -> (1, S, H, D): causal attention per document."""
+    S = q.shape[2]
+    q, k, v = (t[0].transpose(0, 1).contiguous() for t in (q, k, v))  # (S, H, D)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    return _FlashVarlen.apply(q, k, v, cu, max_len, scale).view(1, S, q.shape[1], q.shape[2])
+
+
 @_disable_compile
 def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """transformers attention function: causal attention within each packed document.
@@ -202,6 +250,10 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
     mask given) it is transformers' own SDPA attention with the mask transformers
     built for it (use_packed_attention registers the SDPA mask for this name too).
     """
+    if _Pack.cu is not None and attention_mask is None:
+        if dropout:
+            raise ValueError("packed_attention: attention dropout is not supported")
+        return varlen_attention(query, key, value, _Pack.cu, _Pack.max_len, scaling), None
     lens = _Pack.lens
     if lens is None or attention_mask is not None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -237,7 +289,7 @@ NO_MASK = {"full_attention": None, "sliding_attention": None}
 
 # --------------------------------------------------------------------------- dropout masks
 
-def draw_dropout_masks(model, batch: FastBatch) -> int:
+def draw_dropout_masks(model, batch: FastBatch, into: dict | None = None) -> int:
     """Draw every LoRA layer's dropout mask of this micro-batch before its forward.
 
     Same generator, same order (module order = the order the forward calls them
@@ -245,10 +297,15 @@ def draw_dropout_masks(model, batch: FastBatch) -> int:
     (B, T_max, in) shape as LoRALinear._dropout_mask would draw in the padded
     layout, so the masks and the generator's state afterwards are the plain
     path's. Packed batches keep the real tokens' rows. Returns the number drawn.
+
+    `into` (CUDA graphs, packed only): module -> a static (rows, in) bool buffer whose first
+    rows receive the real tokens' masks in place; the module's _premask (a view of that
+    buffer, set at capture) is left as it is.
     """
     layers = [m for _, m in lora_modules(model)]
-    for m in layers:  # free the previous micro-batch's masks first
-        m._premask = None
+    if into is None:
+        for m in layers:  # free the previous micro-batch's masks first
+            m._premask = None
     B, T = batch.padded_shape
     n = 0
     for m in layers:
@@ -259,9 +316,13 @@ def draw_dropout_masks(model, batch: FastBatch) -> int:
             mask.bernoulli_(1.0 - m.dropout)
         else:
             mask.bernoulli_(1.0 - m.dropout, generator=m.dropout_generator)
-        if batch.real_rows is not None:
-            mask = mask.view(B * T, m.in_features).index_select(0, batch.real_rows).unsqueeze(0)  # (1, S, in)
-        m._premask = mask
+        if into is not None:
+            buf = into[m]
+            torch.index_select(mask.view(B * T, m.in_features), 0, batch.real_rows, out=buf[:batch.n_tokens])
+        elif batch.real_rows is not None:
+            m._premask = mask.view(B * T, m.in_features).index_select(0, batch.real_rows).unsqueeze(0)  # (1, S, in)
+        else:
+            m._premask = mask
         n += 1
     return n
 
@@ -369,10 +430,32 @@ def uncompile_layers(model) -> None:
 class FastPath:
     """What the loop calls instead of collate/token_losses when a switch is on."""
 
-    def __init__(self, padding_free: bool = False, chunked_ce: bool = False, ce_chunk: int = CE_CHUNK):
+    def __init__(self, padding_free: bool = False, chunked_ce: bool = False, ce_chunk: int = CE_CHUNK,
+                 cuda_graphs: bool = False, device=None, max_tokens: int = 0):
         self.padding_free = padding_free
         self.chunked_ce = chunked_ce
         self.ce_chunk = ce_chunk
+        self.cuda_graphs = cuda_graphs
+        self.device = device
+        self.max_tokens = max_tokens  # a bound on a micro-batch's tokens: sizes the graphs' static buffers
+        self.graphs = None  # trainer.graphs.GraphedMicroBatches, made on first use (it needs pad_id)
+        # The graphs add into the LoRA .grad tensors they were captured with: keep them.
+        self.grads_set_to_none = not cuda_graphs
+
+    def forward_backward(self, model, batch: FastBatch, n_targets: int, pad_id: int):
+        """cuda_graphs: the micro-batch's forward and backward (scaled by 1 / n_targets) in one replay."""
+        return self._graphs(model, pad_id).forward_backward(model, batch, n_targets)
+
+    def prepare(self, model, batch: FastBatch, pad_id: int) -> None:
+        """cuda_graphs: capture the graph of this micro-batch's shape without training on it."""
+        self._graphs(model, pad_id).prepare(model, batch)
+
+    def _graphs(self, model, pad_id: int):
+        if self.graphs is None:
+            from trainer.graphs import GraphedMicroBatches
+
+            self.graphs = GraphedMicroBatches(model, pad_id, self.device, self.max_tokens, ce_chunk=self.ce_chunk)
+        return self.graphs
 
     def collate(self, examples, pad_id: int) -> FastBatch:
         return collate_fast(examples, pad_id, packed=self.padding_free)
@@ -405,10 +488,18 @@ class FastPath:
         _Pack.lens = None
 
 
-def setup_fast_path(model, t, device, log=note) -> FastPath | None:
-    """Apply the switches of TrainConfig `t` to `model` (LoRA already injected); None if all are off."""
+def setup_fast_path(model, t, device, log=note, max_tokens: int = 0) -> FastPath | None:
+    """Apply the switches of TrainConfig `t` to `model` (LoRA already injected); None if all are off.
+
+    max_tokens (cuda_graphs): the most real tokens a micro-batch can hold, to size static buffers.
+    """
     if not any(getattr(t, name) for name in SPEED_SWITCHES):
         return None
+    if t.cuda_graphs and not (t.padding_free and t.chunked_ce) or t.cuda_graphs and t.gradient_checkpointing:
+        raise ValueError("train.cuda_graphs needs train.padding_free and train.chunked_ce, "
+                         "and no train.gradient_checkpointing")
+    if t.cuda_graphs and torch.device(device).type != "cuda":
+        log("train.cuda_graphs: no CUDA device; the graphs' padded micro-batches run eagerly (same maths)")
     if t.fused_lora:
         for _, m in lora_modules(model):
             m.fused = True
@@ -421,7 +512,8 @@ def setup_fast_path(model, t, device, log=note) -> FastPath | None:
             compile_layers(model)
     if t.chunked_ce and getattr(model.get_output_embeddings(), "bias", None) is not None:
         log("train.chunked_ce: the LM head has a bias; using the unchunked head on the needed positions")
-    return FastPath(padding_free=t.padding_free, chunked_ce=t.chunked_ce)
+    return FastPath(padding_free=t.padding_free, chunked_ce=t.chunked_ce, cuda_graphs=t.cuda_graphs,
+                    device=device, max_tokens=max_tokens)
 
 
 def teardown_fast_path(model, attn_implementation: str = "sdpa") -> None:
@@ -429,6 +521,7 @@ def teardown_fast_path(model, attn_implementation: str = "sdpa") -> None:
     for _, m in lora_modules(model):
         m.fused = False
         m._premask = None
+    _Pack.cu = None
     if model.config._attn_implementation == PACKED_ATTENTION:
         model.config._attn_implementation = attn_implementation
     uncompile_layers(model)

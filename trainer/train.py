@@ -31,10 +31,12 @@ mask of all its examples divided by the number of masked tokens in all of them
 the step's targets first, then back-propagates each micro-batch's *sum* / total.
 The logits at position t predict token t+1 (data/tokenize.py, "Label convention").
 
-Speed. train.padding_free, chunked_ce, fused_lora, compile and fused_adamw
-(trainer/fast.py) change how a step is computed, not what: the same per-step
-losses and LoRA gradients to rounding (tests/test_fast_path.py). With all of
-them off, forward_backward() runs the plain padded path below.
+Speed. train.padding_free, chunked_ce, fused_lora, compile, fused_adamw and
+cuda_graphs (trainer/fast.py, trainer/graphs.py) change how a step is computed,
+not what: the same per-step losses and LoRA gradients to rounding
+(tests/test_fast_path.py). With all of them off, forward_backward() runs the
+plain padded path below. Under cuda_graphs the LoRA gradients are zeroed in
+place (zero_grad(set_to_none=False)): the graphs add into those tensors.
 """
 
 from __future__ import annotations
@@ -114,7 +116,8 @@ def train(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
         model.enable_input_require_grads()
     model.train()
     # the speed switches (trainer/fast.py): same maths, less time; None when all are off
-    fast = setup_fast_path(model, t, device)
+    longest = sorted((len(e) for e in encoded), reverse=True)[:t.micro_batch_size]
+    fast = setup_fast_path(model, t, device, max_tokens=sum(longest))
     params = trainable_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay,
                                   **adamw_options(t.fused_adamw, device))
@@ -183,7 +186,7 @@ def train(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
                 if t.grad_clip > 0:
                     torch.nn.utils.clip_grads_with_norm_(params, t.grad_clip, norm)
                 optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=fast is None or fast.grads_set_to_none)
             if device.type == "cuda":
                 torch.cuda.synchronize()  # honest step times
             step += 1
@@ -253,11 +256,15 @@ def forward_backward(model, examples: list[Encoded], micro_batch_size: int, pad_
         n_tokens += sum(len(e) for e in chunk)  # real tokens, counted on the host (no device sync)
         # `fast` (trainer/fast.py) packs and/or lists the needed positions; None: the plain padded path
         batch = (fast.collate(chunk, pad_id) if fast else collate(chunk, pad_id)).to(device)
-        with torch.set_grad_enabled(n_targets > 0):
-            ce, sel = fast.token_losses(model, batch) if fast else token_losses(model, batch)  # (N,), per span (N,)
-            mb_sum = (ce * sel["loss"]).sum()  # sum over this micro-batch's targets
-            if n_targets > 0:
-                (mb_sum / n_targets).backward()
+        if fast and fast.cuda_graphs:  # forward and backward (of sum / n_targets) in one graph replay
+            ce, sel = fast.forward_backward(model, batch, n_targets, pad_id)
+            mb_sum = (ce * sel["loss"]).sum()
+        else:
+            with torch.set_grad_enabled(n_targets > 0):
+                ce, sel = fast.token_losses(model, batch) if fast else token_losses(model, batch)  # (N,) each
+                mb_sum = (ce * sel["loss"]).sum()  # sum over this micro-batch's targets
+                if n_targets > 0:
+                    (mb_sum / n_targets).backward()
         loss_sum += mb_sum.detach()
         ce = ce.detach()
         for k, (_, attr) in enumerate(SPANS):
