@@ -318,6 +318,15 @@ def profile_step(name: str, step_fn, examples, device, top: int = 30) -> dict:
              "| kernel | calls | ms | % of kernel time |", "|---|---|---|---|"]
     for k, (n, t) in rows:
         lines.append(f"| {k[:90]} | {n} | {t / 1e3:.1f} | {100 * t / 1e3 / max(busy_ms, 1e-9):.1f} |")
+    # the host side: which operators and CUDA runtime calls the step's wall time went to
+    cpu = {}
+    for ev in prof.key_averages():
+        if ev.self_cpu_time_total > 0:
+            cpu[ev.key] = (ev.count, ev.self_cpu_time_total / 1e3)
+    lines += [f"host side: {sum(v[1] for v in cpu.values()):.0f} ms self CPU time in operators and runtime calls",
+              "| host op / runtime call | calls | self CPU ms |", "|---|---|---|"]
+    for k, (n, t) in sorted(cpu.items(), key=lambda kv: -kv[1][1])[:15]:
+        lines.append(f"| {k[:90]} | {n} | {t:.1f} |")
     text = "\n".join(lines)
     with PRINT_LOCK:
         print(text, flush=True)

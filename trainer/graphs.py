@@ -79,9 +79,8 @@ class GraphedMicroBatches:
         # Attention inside a graph must take the documents as a device tensor: the varlen flash
         # kernel, CUDA and 16-bit only. Elsewhere the same static path runs eagerly, attention
         # per document (the lengths as Python ints).
-        half = getattr(model, "dtype", torch.float32) in (torch.bfloat16, torch.float16)
-        self.varlen = device.type == "cuda" and half
-        if device.type == "cuda" and not half:
+        self.varlen = fastmod.flash_varlen_ok(model, device)
+        if device.type == "cuda" and not self.varlen:
             fastmod.note(f"train.cuda_graphs: flash attention needs a 16-bit model ({model.dtype} here); "
                          f"the graphs' padded micro-batches run eagerly")
         self.capture = self.varlen if capture is None else (capture and self.varlen)
@@ -171,11 +170,7 @@ class GraphedMicroBatches:
         st.input_ids[:, S:].fill_(self.pad_id)
         st.position_ids[:, :S].copy_(batch.position_ids)
         st.position_ids[0, S:].copy_(torch.arange(L - S, device=self.device))  # the pad document's positions
-        cu = [0]
-        for n in batch.doc_lens:
-            cu.append(cu[-1] + n)
-        cu.append(L)
-        st.cu.copy_(torch.tensor(cu, dtype=torch.int32), non_blocking=True)
+        st.cu.copy_(fastmod.cu_seqlens(list(batch.doc_lens) + [L - S], self.device))
         st.pred[:N].copy_(batch.pred)
         st.pred[N:].zero_()
         st.target[:N].copy_(batch.target)
