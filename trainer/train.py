@@ -229,6 +229,10 @@ def train(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
         "warmup_steps": warmup, "device": str(device), "resumed_from_step": resumed_from or None,
         "adapter": str(adapter_dir), "history": history,
     }
+    graphs = getattr(fast, "graphs", None)
+    if graphs is not None:  # how the cuda_graphs switch ran: replayed graphs, or its padded path eagerly
+        summary["cuda_graphs"] = {"captured": graphs.n_captured, "shapes": len(graphs.static),
+                                  "replayed": graphs.capture}
     write_json(summary_path, summary)
     return public_summary(summary)
 
