@@ -332,7 +332,8 @@ def profile_step(name: str, step_fn, examples, device, top: int = 30) -> dict:
         print(text, flush=True)
     if ARGS.out_dir:
         (Path(ARGS.out_dir) / f"profile_{name.replace(':', '_').replace('+', '_')}.txt").write_text(text + "\n")
-    return {"wall_ms": round(wall * 1e3, 1), "kernel_ms": round(busy_ms, 1), "launches": sum(v[0] for v in kern.values())}
+    return {"wall_ms": round(wall * 1e3, 1), "kernel_ms": round(busy_ms, 1),
+            "launches": sum(v[0] for v in kern.values())}
 
 
 def tok_processed(examples, packed: bool) -> int:

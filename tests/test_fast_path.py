@@ -187,6 +187,31 @@ def test_cuda_graphs_padded_micro_batches_equal_the_plain_path(encoded, pad_id, 
     fastmod.teardown_fast_path(model)
 
 
+def test_cuda_graphs_guards(encoded, pad_id, capsys):
+    """Static buffers grow (dropping captured shapes) for a longer micro-batch than announced;
+    replaced .grad tensors (zero_grad(set_to_none=True)) are refused before a replay."""
+    from trainer.graphs import GraphedMicroBatches
+
+    model = lora_model()
+    model.train()
+    fastmod.setup_fast_path(model, dataclasses.replace(TrainConfig(), **ALL_BUT_COMPILE, cuda_graphs=True), "cpu")
+    fp = fastmod.FastPath(padding_free=True, chunked_ce=True)
+    small, big = fp.collate(encoded[:1], pad_id), fp.collate(encoded[:4], pad_id)
+    g = GraphedMicroBatches(model, pad_id, "cpu", max_tokens=small.n_tokens, bucket=16)
+    assert g.rows == g.bucket_len(small.n_tokens)
+    g.forward_backward(model, small, n_targets=5)
+    assert len(g.static) == 1
+    g.forward_backward(model, big, n_targets=5)
+    assert g.rows == g.bucket_len(big.n_tokens) and list(g.static) == [(g.bucket_len(big.n_tokens), 4)]
+    assert "recapturing the graphs" in capsys.readouterr().err
+    g._check_grads()  # the first call adopts (here: the existing) .grad tensors
+    g._check_grads()
+    g.params[0].grad = torch.zeros_like(g.params[0])
+    with pytest.raises(RuntimeError, match=r"set_to_none=False"):
+        g._check_grads()
+    fastmod.teardown_fast_path(model)
+
+
 def test_cuda_graphs_config_needs_packing_and_no_checkpointing():
     from markerlab.config import ConfigError
 

@@ -25,8 +25,9 @@ padding_free  A micro-batch's examples are concatenated into one row (1, sum of
               an H100/H200 picks cuDNN, which builds a plan for every new
               document length: ~3 s of host time a step when each step brings
               new lengths, measured; the varlen call has no per-length setup.)
-              No mask tensor is built and no token attends across documents. Predictions are taken at positions 0..len-2 of each
-              document only, so a document's last token never predicts the next
+              No mask tensor is built and no token attends across documents.
+              Predictions are taken at positions 0..len-2 of each document
+              only, so a document's last token never predicts the next
               document's first. No FLOP is spent on padding (24% of the padded
               tokens at micro-batch 4 with lengths 195-645).
 chunked_ce    The decoder body runs to its final hidden states; only the positions
@@ -175,9 +176,9 @@ class _Pack:
     """
 
     lens: list[int] | None = None
-    # CUDA-graph micro-batches (trainer/graphs.py): the documents as a device tensor of
-    # cumulative lengths (int32, (docs + 1,)) and a static upper bound of their lengths, so
-    # attention runs as one varlen flash call that a graph can replay for other lengths.
+    # Or, on CUDA in 16 bits, the documents as a device tensor of cumulative lengths
+    # (int32, (docs + 1,)) and an upper bound of their lengths: attention is then one
+    # varlen flash call, which a CUDA graph (trainer/graphs.py) can replay for other lengths.
     cu: torch.Tensor | None = None
     max_len: int = 0
 
@@ -215,8 +216,9 @@ class _FlashVarlen(torch.autograd.Function):
 
     q (S, H, D), k/v (S, Hkv, D) -> (S, H, D). The flash kernels take fewer key/value heads
     than query heads as they are (grouped-query attention) and sum their gradients back.
-    Calls the aten ops directly (forward and backward), whose signatures are the same from
-    torch 2.4 to 2.13, unlike torch.nn.attention.varlen's Python wrapper.
+    Calls the aten ops directly (forward and backward): their positional signatures are
+    older and steadier than torch.nn.attention.varlen's Python wrapper, which changed its
+    arguments between releases. Run on torch 2.11 (the GPU machine); 2.13 has the same schema.
     """
 
     @staticmethod
@@ -516,7 +518,7 @@ def setup_fast_path(model, t, device, log=note, max_tokens: int = 0) -> FastPath
     """
     if not any(getattr(t, name) for name in SPEED_SWITCHES):
         return None
-    if t.cuda_graphs and not (t.padding_free and t.chunked_ce) or t.cuda_graphs and t.gradient_checkpointing:
+    if t.cuda_graphs and (not (t.padding_free and t.chunked_ce) or t.gradient_checkpointing):
         raise ValueError("train.cuda_graphs needs train.padding_free and train.chunked_ce, "
                          "and no train.gradient_checkpointing")
     if t.cuda_graphs and torch.device(device).type != "cuda":

@@ -209,8 +209,9 @@ class GraphedMicroBatches:
                     p.grad = torch.zeros_like(p)
             self.grads = [p.grad for p in self.params]
         elif any(p.grad is not g for p, g in zip(self.params, self.grads)):
-            raise RuntimeError("train.cuda_graphs: the LoRA .grad tensors were replaced (zero_grad(set_to_none=True)?); "
-                               "the graphs add into the old ones. Zero them with zero_grad(set_to_none=False).")
+            raise RuntimeError("train.cuda_graphs: the LoRA .grad tensors were replaced "
+                               "(zero_grad(set_to_none=True)?); the graphs add into the old ones. "
+                               "Zero them with zero_grad(set_to_none=False).")
 
     def _capture(self, model, st: _Static) -> None:
         """One eager run with zero loss weight (gradients get + 0), then the capture."""
