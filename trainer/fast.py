@@ -395,6 +395,26 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target: torch.Te
     return _LinearCrossEntropy.apply(h, weight, target, chunk)
 
 
+def decoder_hidden(model, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
+    """The decoder body's last hidden states (no LM head): (rows, T, H).
+
+    A packed row comes with position_ids and no mask: packed_attention knows the documents
+    (from _Pack), so transformers is handed an empty mask mapping and builds none.
+    """
+    body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    if position_ids is not None:
+        return body(input_ids=input_ids, position_ids=position_ids, attention_mask=dict(NO_MASK),
+                    use_cache=False).last_hidden_state
+    return body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
+def chunked_head_ce(model, h: torch.Tensor, pred: torch.Tensor, target: torch.Tensor,
+                    chunk: int = CE_CHUNK) -> torch.Tensor:
+    """The LM head + cross-entropy at the flat positions `pred` of h only, chunked: (N,) float32."""
+    h = h.reshape(-1, h.shape[-1]).index_select(0, pred)  # (N, H): only the needed positions
+    return linear_cross_entropy(h, model.get_output_embeddings().weight, target, chunk)
+
+
 # --------------------------------------------------------------------------- compile
 
 def decoder_layers(model):
@@ -483,22 +503,18 @@ class FastPath:
         """The plain token_losses' (ce, sel), from the switched path: same positions, same order."""
         if model.training:
             draw_dropout_masks(model, batch)
-        body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
         if batch.doc_lens is not None:
             if flash_varlen_ok(model, batch.input_ids.device):  # one varlen flash call per layer
                 _Pack.cu, _Pack.max_len, _Pack.lens = cu_seqlens(batch.doc_lens, batch.input_ids.device), \
                     max(batch.doc_lens), None
             else:  # per-document SDPA
                 _Pack.cu, _Pack.lens = None, list(batch.doc_lens)
-            h = body(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=dict(NO_MASK),
-                     use_cache=False).last_hidden_state
         else:
             _Pack.cu, _Pack.lens = None, None
-            h = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
+        h = decoder_hidden(model, batch.input_ids, batch.attention_mask, batch.position_ids)
         head = model.get_output_embeddings()
         if self.chunked_ce and head.bias is None:
-            h = h.reshape(-1, h.shape[-1]).index_select(0, batch.pred)  # (N, H): only the needed positions
-            ce = linear_cross_entropy(h, head.weight, batch.target, self.ce_chunk)
+            ce = chunked_head_ce(model, h, batch.pred, batch.target, self.ce_chunk)
         else:  # the plain path's head: logits everywhere, the needed rows upcast
             logits = head(h)  # (rows, T, V)
             pred = logits.reshape(-1, logits.shape[-1]).index_select(0, batch.pred).float()  # (N, V)

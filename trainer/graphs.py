@@ -190,11 +190,8 @@ class GraphedMicroBatches:
             fastmod._Pack.cu, fastmod._Pack.lens = None, st.lens
         try:
             with torch.enable_grad():
-                body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-                h = body(input_ids=st.input_ids, position_ids=st.position_ids, attention_mask=dict(fastmod.NO_MASK),
-                         use_cache=False).last_hidden_state  # (1, L, H)
-                h = h.reshape(-1, h.shape[-1]).index_select(0, st.pred)  # (L, H)
-                ce = fastmod.linear_cross_entropy(h, model.get_output_embeddings().weight, st.target, self.ce_chunk)
+                h = fastmod.decoder_hidden(model, st.input_ids, position_ids=st.position_ids)  # (1, L, H)
+                ce = fastmod.chunked_head_ce(model, h, st.pred, st.target, self.ce_chunk)  # (L,)
                 ((ce * st.weight).sum() * st.inv_n).backward()
         finally:
             fastmod._Pack.cu, fastmod._Pack.lens = None, None
