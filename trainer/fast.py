@@ -58,8 +58,8 @@ fused_adamw   torch.optim.AdamW(fused=True) on CUDA; on the CPU the foreach
 cuda_graphs   (needs padding_free and chunked_ce, no checkpointing) each packed
               micro-batch's forward and backward is captured once per bucketed
               length as a CUDA graph and replayed: one launch instead of ~8,000,
-              which is what a 7B step was waiting on (trainer/graphs.py says how
-              the padding keeps the maths). Attention inside a graph is one
+              which a 7B step spends a third of its time waiting on (trainer/graphs.py
+              says how the padding keeps the maths). Attention inside a graph is one
               varlen flash call over the documents' cumulative lengths
               (`varlen_attention`). Without CUDA, or with a float32 model, the
               same padded micro-batches run eagerly (a note says so).

@@ -7,11 +7,11 @@ backward replayed as one graph instead of ~8,000 kernel launches.
 trainer/fast.py's FastPath owns one of these when the switch is on; trainer/train.py's
 forward_backward calls it instead of token_losses + backward.
 
-Why. Profiled on an H200 (docs/benchmarks.md), a 7B LoRA step with every other switch
-on launched 32,552 kernels and kept the GPU busy 18% of its wall time: the kernels took
-605 ms, launching them from Python took ~3.3 s. Eager PyTorch cannot launch ~300 small
-kernels per decoder layer as fast as an H100 runs them; a graph replay launches them all
-at once.
+Why. A 7B LoRA step with every other switch on launches ~32,500 kernels (~300 per decoder
+layer and micro-batch, most of them small). Eager PyTorch launches them one by one from
+Python, slower than an H100/H200 runs them: on an H200 the eager step took 0.92 s for
+~0.6 s of kernels (docs/benchmarks.md, call 5), the replayed graphs 0.61 s, and 0.49 s
+with compile's fusions inside them.
 
 How, and why the maths stays the same.
 - A graph has fixed shapes, so a micro-batch of S real tokens (padding_free: its
