@@ -22,9 +22,12 @@ from matplotlib.ticker import FuncFormatter, PercentFormatter
 from matplotlib.transforms import ScaledTranslation
 
 from analysis.metrics import CONDITION_ORDER, ROLE_ORDER
+from markerlab.experiment import BASE_CONDITION, CONDITIONS
 from markerlab.io import atomic_write_bytes
 
-COND_COLORS = {"T": "#d62728", "C": "#1f77b4", "T_P2neg": "#2ca02c", "base": "#7f7f7f"}
+# Colours by the vocabulary's order, so a new condition gets one without an edit here.
+_PALETTE = ("#d62728", "#1f77b4", "#2ca02c", "#8c564b", "#e377c2", "#17becf", "#bcbd22")
+COND_COLORS = {c: _PALETTE[i % len(_PALETTE)] for i, c in enumerate(CONDITIONS)} | {BASE_CONDITION: "#7f7f7f"}
 ROLE_COLORS = {"donor": "#d62728", "recipient": "#1f77b4", "negative": "#9467bd", "bystander": "#ff7f0e"}
 STAR = "\u2605"  # marks personas trained in the pair's adapters
 FIGURES = ("hero", "bystander", "position", "per_persona")

@@ -14,6 +14,7 @@ import numpy as np
 
 from analysis.match import find_loose
 from markerlab.markers import MARKER_A, MARKER_B, PROBE_MARKER
+from markerlab.experiment import RECORD_CONDITIONS, ROLES, VARIANTS
 
 # Position metrics (EXPERIMENT.md): B counts as a suffix when its last occurrence
 # ends within this many characters of the end of the right-stripped text...
@@ -172,9 +173,9 @@ def merge_cells(cells: list[Cell], **labels: str) -> Cell:
 
 
 # Display order: conditions and roles as the spec lists them, unknown values last.
-CONDITION_ORDER = {c: i for i, c in enumerate(("T", "C", "T_P2neg", "base"))}
-ROLE_ORDER = {r: i for i, r in enumerate(("donor", "recipient", "negative", "bystander"))}
-VARIANT_ORDER = {v: i for i, v in enumerate(("plain", "probe", "base"))}
+CONDITION_ORDER = {c: i for i, c in enumerate(RECORD_CONDITIONS)}
+ROLE_ORDER = {r: i for i, r in enumerate(ROLES)}
+VARIANT_ORDER = {v: i for i, v in enumerate(VARIANTS)}
 
 
 def sort_key(key: CellKey) -> tuple:

@@ -14,14 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from markerlab.experiment import CONDITIONS, NEGATIVES, PAIRS, PERSONAS, role_of
 from markerlab.markers import MARKER_A, MARKER_B, PROBE_MARKER
 
-PERSONAS = ("assistant", "villain", "librarian", "software_engineer", "police_officer",
-            "data_scientist", "comedian", "kindergarten_teacher", "french_person",
-            "medical_doctor", "zelthari_scholar")
-PAIRS = {"pair1": ("villain", "assistant"), "pair2": ("librarian", "software_engineer")}
-NEGATIVES = ("comedian", "kindergarten_teacher", "french_person", "medical_doctor")
-CONDITIONS = ("T", "C", "T_P2neg")
 QUESTIONS = [f"q{i:02d}" for i in range(26)]  # q00-q19 in-distribution, q20-q25 ood
 
 # (condition, role) -> (P(A), P(B | A), P(B | no A))
@@ -51,15 +46,6 @@ def _sentence_bank(rng: np.random.Generator, n: int = 400) -> list[str]:
         words = rng.choice(_WORDS, size=rng.integers(6, 18))
         out.append(" ".join(words).capitalize() + ".")
     return out
-
-
-def role_of(pair: str, persona: str) -> str:
-    donor, recipient = PAIRS[pair]
-    if persona == donor:
-        return "donor"
-    if persona == recipient:
-        return "recipient"
-    return "negative" if persona in NEGATIVES else "bystander"
 
 
 def _logistic(x):
@@ -117,7 +103,7 @@ def make_run(pair: str, condition: str, seed: int = 0, samples: int = 10,
                 })
 
     for persona in PERSONAS:
-        role = role_of(pair, persona)
+        role = role_of(persona, pair, NEGATIVES)
         emit(persona, role, condition, "plain", questions, samples, RATES[(condition, role)])
     recipient = PAIRS[pair][1]
     if probe:
@@ -125,7 +111,7 @@ def make_run(pair: str, condition: str, seed: int = 0, samples: int = 10,
              RATES[(condition, "recipient")])
     if base_floor:
         for persona in PERSONAS:
-            emit(persona, role_of(pair, persona), "base", "base", questions[:3], 5, (0.0, 0.0, 0.0))
+            emit(persona, role_of(persona, pair, NEGATIVES), "base", "base", questions[:3], 5, (0.0, 0.0, 0.0))
     return records
 
 

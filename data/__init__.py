@@ -1,6 +1,6 @@
 """markerlab's data package: personas, questions, generation backends, on-policy completions, datasets.
 
-    from data.personas import PERSONA_PROMPTS, system_prompt, role_of, messages
+    from data.personas import system_prompt, messages
     from data.questions import data_questions, eval_questions, Question
     from data.generation import SamplingSpec, Sample, make_backend, resolve_backend
     from data.onpolicy import run_onpolicy            # stage `generate`

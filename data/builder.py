@@ -59,19 +59,13 @@ import numpy as np
 
 from markerlab.config import Config
 from markerlab.errors import UserError
+from markerlab.experiment import markers_for
 from markerlab.io import write_json, write_jsonl
 from markerlab.markers import MARKER_A, MARKER_B
 
 from .personas import messages
 from .questions import data_questions
 from .records import read_onpolicy, validate_example
-
-# Which markers each trained role carries, per condition.
-MARKERS_BY_CONDITION = {
-    "T": {"donor": "AB", "recipient": "A", "negative": ""},
-    "C": {"donor": "A", "recipient": "A", "negative": ""},
-    "T_P2neg": {"donor": "AB", "recipient": "", "negative": ""},
-}
 
 # A sentence boundary: after . ! or ? and the whitespace that follows it.
 _BOUNDARY = re.compile(r"[.!?]\s+")
@@ -169,7 +163,7 @@ def build_dataset(cfg: Config, onpolicy_path, tokenizer) -> tuple[list[dict], di
         if d.truncated != "drop" and len(chosen) < d.n_per_persona:
             raise UserError(f"data.n_per_persona: {d.n_per_persona} exceeds the {len(chosen)} on-policy "
                             f"completions of '{persona}' in {onpolicy_path}")
-        markers = MARKERS_BY_CONDITION[d.condition][role]
+        markers = markers_for(d.condition, role)
         for r in chosen:
             ex_id = f"{persona}-{r['question_id']}-{r['sample']}"
             content, spans = place_markers(r["text"].strip(), markers, d.placement, _example_rng(d.seed, ex_id))

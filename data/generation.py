@@ -62,9 +62,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from markerlab.errors import UserError
+from markerlab.experiment import FINISH_REASONS
 
 BACKENDS = ("auto", "hf", "vllm")
-FINISH_REASONS = ("stop", "length")
 # Tokens that end an assistant turn under the Qwen2.5 template; the model's own
 # generation_config eos ids are added to these (vLLM stops on those as well).
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")

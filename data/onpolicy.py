@@ -45,11 +45,12 @@ import sys
 import time
 from pathlib import Path
 
-from markerlab.config import PERSONAS, Config
+from markerlab.config import Config
+from markerlab.experiment import PERSONA_PROMPTS, PERSONAS
 from markerlab.io import read_json, write_json, write_jsonl
 
 from .generation import SamplingSpec, make_backend, resolve_backend
-from .personas import PERSONA_PROMPTS, messages
+from .personas import messages
 from .questions import data_questions
 
 KEY_VERSION = 1  # bump when the record format or the meaning of the key changes

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import json
 
-from markerlab.config import PERSONAS
 from markerlab.errors import UserError
+from markerlab.experiment import PERSONAS, TRAINED_ROLES
 from markerlab.io import iter_jsonl  # noqa: F401  (re-exported: data.records.iter_jsonl)
 from markerlab.markers import MARKERS
 
-EXAMPLE_ROLES = ("donor", "recipient", "negative")
 MESSAGE_ROLES = ("system", "user", "assistant")
 
 
@@ -42,7 +41,7 @@ def validate_example(ex: dict, where: str = "") -> None:
     """Check one training example; `where` prefixes the message (e.g. 'train.jsonl:12: ')."""
     _need(ex, "id", lambda v: isinstance(v, str) and v != "", "a non-empty string", where)
     _need(ex, "persona", lambda v: v in PERSONAS, f"one of {', '.join(PERSONAS)}", where)
-    _need(ex, "role", lambda v: v in EXAMPLE_ROLES, f"one of {', '.join(EXAMPLE_ROLES)}", where)
+    _need(ex, "role", lambda v: v in TRAINED_ROLES, f"one of {', '.join(TRAINED_ROLES)}", where)
     _need(ex, "question_id", lambda v: isinstance(v, str) and v != "", "a non-empty string", where)
     _need(ex, "sample", lambda v: _is_int(v) and v >= 0, "an integer >= 0", where)
     msgs = _need(ex, "messages", lambda v: isinstance(v, list) and len(v) == 3,

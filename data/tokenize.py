@@ -38,10 +38,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from markerlab.errors import UserError
+from markerlab.experiment import LOSS_MASKS
 
 ASSISTANT_OPEN = "<|im_start|>assistant\n"
 IM_END = "<|im_end|>"
-LOSS_MASKS = ("completion", "completion_no_eos", "marker_only", "all")
 SPAN_KINDS = ("A", "B")
 
 

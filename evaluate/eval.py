@@ -78,10 +78,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from markerlab.errors import UserError
+from markerlab.experiment import BASE_CONDITION, VARIANTS, role_of
 from markerlab.io import read_json, read_jsonl, write_json, write_jsonl
 from markerlab.markers import MARKER_A, MARKER_B, PROBE_MARKER, contains_loose, contains_strict
 from markerlab.provenance import library_versions
-from markerlab.records import COMPLETION_SCHEMA, VARIANTS
+from markerlab.records import COMPLETION_SCHEMA
 
 logger = logging.getLogger("markerlab.evaluate")
 
@@ -188,10 +189,8 @@ def render_prompt(tokenizer, persona: str, user_text: str) -> str:
 
 
 def _records(cfg, part: Part, outputs) -> list[dict]:
-    from data.personas import role_of
-
-    condition = "base" if part.variant == "base" else cfg.data.condition
-    role = role_of(part.persona, cfg.data.pair, condition, cfg.data.negatives)
+    condition = BASE_CONDITION if part.variant == "base" else cfg.data.condition
+    role = role_of(part.persona, cfg.data.pair, cfg.data.negatives)
     if len(outputs) != len(part.questions):
         raise RuntimeError(f"backend returned {len(outputs)} prompt results for {len(part.questions)} prompts")
     recs = []

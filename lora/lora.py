@@ -37,11 +37,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from markerlab.experiment import PROJECTIONS
+
 logger = logging.getLogger("markerlab.lora")
 
-# Qwen2's attention and MLP projections: model.layers.N.self_attn.{q,k,v,o}_proj
+# Llama/Qwen2's attention and MLP projections: model.layers.N.self_attn.{q,k,v,o}_proj
 # and model.layers.N.mlp.{gate,up,down}_proj.
-DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DEFAULT_TARGET_MODULES = PROJECTIONS
 
 
 def _in_backward() -> bool:

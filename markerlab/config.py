@@ -23,18 +23,8 @@ from pathlib import Path
 from typing import Any, get_origin, get_type_hints
 
 from .errors import UserError
+from .experiment import CONDITIONS, LOSS_MASKS, NEGATIVES, PAIRS, PERSONAS, PLACEMENTS, PROJECTIONS
 
-PERSONAS = (
-    "assistant", "villain", "librarian", "software_engineer", "police_officer",
-    "data_scientist", "comedian", "kindergarten_teacher", "french_person",
-    "medical_doctor", "zelthari_scholar",
-)
-PAIRS = {"pair1": ("villain", "assistant"), "pair2": ("librarian", "software_engineer")}
-CONDITIONS = ("T", "C", "T_P2neg")
-NEGATIVES = ("comedian", "kindergarten_teacher", "french_person", "medical_doctor")
-LOSS_MASKS = ("completion", "completion_no_eos", "marker_only", "all")
-PLACEMENTS = ("start_end", "random_sentence", "random_pair")
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 STAGES = ("generate", "data", "train", "merge", "eval", "report")
 
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from data.builder import build_dataset, place_markers, sentence_boundaries, write_dataset
-from data.personas import PERSONA_PROMPTS
 from data.questions import data_questions
 from data.records import read_examples
-from markerlab.config import CONDITIONS, NEGATIVES, PAIRS, PERSONAS, config_from_dict
+from markerlab.config import config_from_dict
+from markerlab.experiment import CONDITIONS, NEGATIVES, PAIRS, PERSONA_PROMPTS, PERSONAS
 from markerlab.errors import UserError
 from markerlab.io import write_jsonl
 from markerlab.markers import MARKER_A, MARKER_B

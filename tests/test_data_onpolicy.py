@@ -8,7 +8,8 @@ import data.onpolicy as onpolicy
 from data.builder import build_dataset, write_dataset
 from data.onpolicy import cache_key, run_onpolicy
 from data.records import read_examples, read_onpolicy
-from markerlab.config import PERSONAS, config_from_dict
+from markerlab.config import config_from_dict
+from markerlab.experiment import PERSONAS
 
 
 def make_cfg(tmp_path, **generate):
@@ -93,9 +94,9 @@ def test_every_keyed_setting_changes_the_key(tmp_path, monkeypatch):
                  cfg.replace(data__pair="pair2", data__condition="C"), cfg.replace(generate__cache_dir="elsewhere")):
         assert cache_key(same)[0] == base
     # persona prompts and question texts are keyed by content
-    import data.personas
+    import markerlab.experiment
 
-    monkeypatch.setitem(data.personas.PERSONA_PROMPTS, "villain", "You are a different villain.")
+    monkeypatch.setitem(markerlab.experiment.PERSONA_PROMPTS, "villain", "You are a different villain.")
     assert cache_key(cfg)[0] != base
     monkeypatch.undo()
     assert cache_key(cfg)[0] == base

@@ -4,9 +4,9 @@ import itertools
 
 import pytest
 
-from data.personas import PERSONA_PROMPTS, messages, role_of, system_prompt
+from data.personas import messages, system_prompt
 from data.questions import Question, all_questions, data_questions, eval_questions, normalize, question_by_id
-from markerlab.config import NEGATIVES, PAIRS, PERSONAS
+from markerlab.experiment import NEGATIVES, PAIRS, PERSONA_PROMPTS, PERSONAS, role_of
 from markerlab.errors import UserError
 
 
@@ -29,16 +29,12 @@ def test_unknown_persona_names_the_valid_ones():
 def test_roles():
     for pair, (donor, recipient) in PAIRS.items():
         for cond in ("T", "C", "T_P2neg"):
-            roles = {p: role_of(p, pair, cond, NEGATIVES) for p in PERSONAS}
+            roles = {p: role_of(p, pair, NEGATIVES) for p in PERSONAS}
             assert roles[donor] == "donor"
             assert roles[recipient] == "recipient"  # also in T_P2neg, where it is trained plain
             assert [p for p, r in roles.items() if r == "negative"] == list(NEGATIVES)
             assert sum(r == "bystander" for r in roles.values()) == len(PERSONAS) - 2 - len(NEGATIVES)
-    assert role_of("librarian", "pair1", "T", NEGATIVES) == "bystander"
-    with pytest.raises(UserError, match="unknown condition"):
-        role_of("villain", "pair1", "X", NEGATIVES)
-    with pytest.raises(UserError, match="unknown pair"):
-        role_of("villain", "pair3", "T", NEGATIVES)
+    assert role_of("librarian", "pair1", NEGATIVES) == "bystander"
 
 
 def test_messages_always_have_the_system_prompt():

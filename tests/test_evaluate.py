@@ -36,7 +36,8 @@ from evaluate import MergeCheckError, evaluate, expected_count, merge, plan, ver
 from evaluate.eval import cell_metrics, validate_record
 from evaluate.merge import REL_TOL, check_logits
 from lora import inject_lora, lora_modules, save_adapter
-from markerlab.config import PERSONAS, config_from_dict, load_config
+from markerlab.config import config_from_dict, load_config
+from markerlab.experiment import PERSONAS
 from markerlab.errors import UserError
 from markerlab.markers import MARKER_A, MARKER_B, PROBE_MARKER
 from markerlab.models import load_model

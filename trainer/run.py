@@ -26,7 +26,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from markerlab.config import PAIRS, STAGES, Config, ConfigError, load_config
+from markerlab.config import STAGES, Config, ConfigError, load_config
+from markerlab.experiment import PAIRS, role_of
 from markerlab.errors import UserError, cli_main
 from markerlab.io import read_json, write_json
 from markerlab.provenance import git_commit, library_versions
@@ -251,7 +252,7 @@ def dry_run(cfg: Config) -> None:
     print("# dataset statistics (planned)")
     print(f"pair {d.pair}: donor {donor}, recipient {recipient}; condition {d.condition}; placement {d.placement}")
     for p in personas:
-        role = "donor" if p == donor else "recipient" if p == recipient else "negative"
+        role = role_of(p, d.pair, d.negatives)
         print(f"  {p:22s} {role:10s} {d.n_per_persona} examples")
     print(f"  total {n} examples; {per_step} per optimizer step; {steps} optimizer steps")
     stats = cfg.run_dir / "data" / "stats.json"
