@@ -114,9 +114,9 @@ def resolve_backend(kind: str) -> str:
         raise UserError(f"backend: expected one of {', '.join(BACKENDS)}; got {kind!r}")
     if kind != "auto":
         return kind
-    import torch
+    from markerlab.devices import cuda_device_count
 
-    return "vllm" if torch.cuda.is_available() and _vllm_importable() else "hf"
+    return "vllm" if _vllm_importable() and cuda_device_count() > 0 else "hf"
 
 
 class Backend:
@@ -172,8 +172,9 @@ class HFBackend(Backend):
 
         from markerlab.models import load_model, load_tokenizer
 
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        from markerlab.devices import resolve_device
+
+        device = resolve_device(device)
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.tokenizer = load_tokenizer(str(model_dir))

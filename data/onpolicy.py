@@ -46,6 +46,7 @@ import time
 from pathlib import Path
 
 from markerlab.config import Config
+from markerlab.devices import resolve_device
 from markerlab.experiment import PERSONA_PROMPTS, PERSONAS
 from markerlab.io import read_json, write_json, write_jsonl
 
@@ -67,13 +68,8 @@ def backend_label(cfg: Config) -> str:
     Both change the random stream drawn from one seed (HF draws its noise on the
     model's device; vLLM seeds per request on CUDA only), so both are keyed.
     """
-    import torch
-
     name = resolve_backend(cfg.generate.backend)
-    device = cfg.model.device if name == "hf" else "auto"
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return f"{name}-{device}"
+    return f"{name}-{resolve_device(cfg.model.device if name == 'hf' else 'auto')}"
 
 
 def cache_key(cfg: Config) -> tuple[str, dict]:

@@ -285,7 +285,7 @@ def _generate_parts(cfg, parts: list[Part], model_dir: Path, parts_dir: Path, ca
     import torch
 
     from data.generation import Sample, SamplingSpec, make_backend
-    from evaluate.merge import resolve_device
+    from markerlab.devices import resolve_device
     from markerlab.models import load_tokenizer
 
     e = cfg.eval

@@ -68,6 +68,7 @@ import struct
 import time
 from pathlib import Path
 
+from markerlab.devices import resolve_device
 from markerlab.errors import UserError
 from markerlab.io import read_json, write_json
 
@@ -114,14 +115,6 @@ class MergeCheckError(UserError):
 
 
 # --------------------------------------------------------------------------- small helpers
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def logit_tolerance(dtype: str, ref_scale: float, override: float = 0.0) -> tuple[float, str]:

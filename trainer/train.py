@@ -57,6 +57,7 @@ from data.tokenize import Encoded, check_lengths, collate, encode_examples
 from lora import (ADAPTER_CONFIG_NAME, inject_lora, save_adapter, set_dropout_generator,
                   trainable_parameters)
 from markerlab.config import Config
+from markerlab.devices import resolve_device
 from markerlab.errors import UserError
 from markerlab.io import read_json, read_jsonl, write_json
 from markerlab.models import load_model, load_tokenizer
@@ -85,7 +86,7 @@ def train(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
     wall_start = time.time()
 
     # ---- device and the seeded generators: data order, LoRA init, LoRA dropout
-    device = pick_device(cfg.model.device)
+    device = torch.device(resolve_device(cfg.model.device))
     seed = cfg.run.seed
     torch.manual_seed(derive_seed(seed, "torch"))
     random.seed(derive_seed(seed, "python"))
@@ -304,15 +305,6 @@ def token_losses(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
 
 
 # --------------------------------------------------------------------------- helpers
-
-def pick_device(setting: str) -> torch.device:
-    """cuda when visible (and not forced to cpu), else cpu; model.device = "cuda" without one is an error."""
-    if setting != "cpu" and torch.cuda.is_available():
-        return torch.device("cuda")
-    if setting == "cuda":
-        raise UserError('model.device = "cuda" but no CUDA device is visible (use "auto" or "cpu")')
-    return torch.device("cpu")
-
 
 def derive_seed(seed: int, stream: str) -> int:
     """An independent 63-bit seed per random stream, all from the one config seed."""
