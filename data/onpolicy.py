@@ -69,7 +69,8 @@ def backend_label(cfg: Config) -> str:
     model's device; vLLM seeds per request on CUDA only), so both are keyed.
     """
     name = resolve_backend(cfg.generate.backend)
-    return f"{name}-{resolve_device(cfg.model.device if name == 'hf' else 'auto')}"
+    asked = cfg.model.device if name == "hf" else "auto"
+    return f"{name}-{asked if asked != 'auto' else resolve_device('auto')}"
 
 
 def cache_key(cfg: Config) -> tuple[str, dict]:
