@@ -86,3 +86,25 @@ def role_of(persona: str, pair: str, negatives) -> str:
 def markers_for(condition: str, role: str) -> str:
     """The markers ('AB', 'A' or '') a trained role's answers carry under `condition`."""
     return CONDITION_MARKERS[condition][role]
+
+# The adapter settings an arm of an ablation is made of: every completion record
+# carries them (record key -> config key), and the report never pools records whose
+# settings differ, except in REPLICATE_KEY: runs that differ only in the seed are
+# replicates of one arm.
+SETTING_KEYS: dict[str, str] = {
+    "model": "model.name_or_path",
+    "dtype": "model.dtype",
+    "lora_r": "lora.r",
+    "lora_alpha": "lora.alpha",
+    "lora_dropout": "lora.dropout",
+    "placement": "data.placement",
+    "n_per_persona": "data.n_per_persona",
+    "truncated": "data.truncated",
+    "loss_mask": "train.loss_mask",
+    "marker_mask_eos": "train.marker_mask_eos",
+    "lr": "train.lr",
+    "epochs": "train.epochs",
+    "max_steps": "train.max_steps",
+    "seed": "run.seed",
+}
+REPLICATE_KEY = "seed"
