@@ -32,7 +32,6 @@ from .lora import (
     lora_modules,
     lora_state_dict,
     merge_all,
-    set_dropout_generator,
     trainable_parameters,
     unmerge_all,
 )
@@ -54,7 +53,6 @@ __all__ = [
     "read_adapter_config",
     "save_adapter",
     "save_merged",
-    "set_dropout_generator",
     "trainable_parameters",
     "unmerge_all",
 ]

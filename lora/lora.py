@@ -16,7 +16,6 @@ Usage::
 
     n = inject_lora(model, r=16, alpha=32, dropout=0.05,
                     generator=torch.Generator().manual_seed(42))   # 40,370,176 on Qwen2.5-7B
-    set_dropout_generator(model, torch.Generator(device).manual_seed(42))  # optional
     opt = torch.optim.AdamW(trainable_parameters(model), lr=1e-5)
     ...                                            # train: only A and B move
     save_adapter(model, "runs/x/adapter", "Qwen/Qwen2.5-7B-Instruct")   # PEFT format
@@ -46,16 +45,6 @@ logger = logging.getLogger("markerlab.lora")
 DEFAULT_TARGET_MODULES = PROJECTIONS
 
 
-def _in_backward() -> bool:
-    """True while the autograd engine runs a backward pass.
-
-    A forward that runs inside backward is an activation-checkpointing
-    recompute (torch.utils.checkpoint, reentrant or not, as used by
-    transformers' gradient checkpointing).
-    """
-    return torch._C._current_graph_task_id() != -1
-
-
 class LoRALinear(nn.Module):
     """An ``nn.Linear`` (kept frozen as ``self.base``) plus a trainable low-rank update ``B A``.
 
@@ -64,12 +53,20 @@ class LoRALinear(nn.Module):
         r: rank of the update.
         alpha: scaling numerator; the update is multiplied by ``scale = alpha / r``.
         dropout: probability of dropping an element of the LoRA branch's input
-            (train mode only; the base path never sees dropout).
+            (train mode only; the base path never sees dropout). The dropping is
+            done by the submodule ``lora_dropout``: ``nn.Dropout`` (torch's
+            global RNG) unless a trainer puts its own there (markerlab's trainer
+            draws every mask from a seeded generator: trainer/dropout.py).
         generator: CPU ``torch.Generator`` for A's initialisation (None: torch's
             global RNG). A is drawn on the CPU in float32 and then copied to the
             layer's device and dtype, so the same seed gives the same A
             everywhere.
         dtype: dtype of A and B (float32 by default, whatever the base's dtype).
+
+    The branch runs in the activations' dtype: A and B (and their gradients and
+    optimizer state) stay in `dtype`, are cast for the two products, and the
+    product is added into the base output in place by one addmm (bf16 products
+    with float32 accumulation inside the matmul when the base is bf16).
     """
 
     def __init__(
@@ -95,18 +92,7 @@ class LoRALinear(nn.Module):
         self.alpha = alpha
         self.scale = alpha / r
         self.dropout = float(dropout)
-        # Source of dropout masks; None means torch's global RNG. Set it for a
-        # whole model with set_dropout_generator() so training is reproducible
-        # and resumable (the trainer checkpoints its state).
-        self.dropout_generator: torch.Generator | None = None
-        # Generator state before this layer's last mask: an activation-checkpoint
-        # recompute replays it (torch.utils.checkpoint restores only the global RNGs).
-        self._dropout_state: torch.Tensor | None = None
-        # Fast path (trainer/fast.py), both off by default: `fused` adds the branch into
-        # the base output in one addmm; `_premask` is a dropout mask drawn ahead of the
-        # forward (same generator, same order, same shape as the draw here would be).
-        self.fused = False
-        self._premask: torch.Tensor | None = None
+        self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
 
         device = base.weight.device
@@ -127,72 +113,14 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
         self.A.copy_(A)
 
-    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
-        """Inverted dropout on the branch input, x * mask / (1 - p), as nn.Dropout."""
-        if not self.training or self.dropout == 0.0:
-            return x
-        return x * self._dropout_mask(x) / (1.0 - self.dropout)
-
-    def _dropout_mask(self, x: torch.Tensor) -> torch.Tensor:
-        """The keep mask (bool, x's shape) of this forward: drawn, replayed, or drawn ahead (_premask)."""
-        if self._premask is not None:
-            return self._premask.view(x.shape)
-        keep = 1.0 - self.dropout
-        # A bool mask: autograd keeps only it (1 byte an element) for x's gradient.
-        mask = torch.empty_like(x, dtype=torch.bool)
-        g = self.dropout_generator
-        if g is None:
-            # Global RNG: torch.utils.checkpoint saves and restores it around a
-            # recompute, so the recomputed mask is the forward's.
-            mask.bernoulli_(keep)
-        elif _in_backward():
-            # Activation-checkpoint recompute: draw this layer's forward mask again
-            # from the saved state, then put the generator back where it was.
-            if self._dropout_state is None:
-                raise RuntimeError("LoRA dropout recompute without a recorded forward mask")
-            now = g.get_state()
-            g.set_state(self._dropout_state)
-            mask.bernoulli_(keep, generator=g)
-            g.set_state(now)
-        else:
-            self._dropout_state = g.get_state()
-            mask.bernoulli_(keep, generator=g)
-        return mask
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: (B, T, in) -- any leading shape works
-        if self.fused and not self.merged:
-            return self._forward_fused(x)
-        y = self.base(x)  # (B, T, out), in the base's dtype
+        lead = x.shape[:-1]  # x: (..., in)
+        x = x.reshape(-1, self.in_features)  # (N, in)
+        y = F.linear(x, self.base.weight, self.base.bias)  # (N, out): a fresh tensor nobody saved
         if self.merged:  # B A already lives inside base.weight
-            return y
-        # The branch runs in the LoRA dtype (float32 by default) even when the
-        # base is bf16; its result is cast to the output dtype and added.
-        x = self._dropout(x.to(self.A.dtype))  # (B, T, in)
-        z = F.linear(F.linear(x, self.A), self.B)  # x A^T B^T: (B, T, in) -> (B, T, r) -> (B, T, out)
-        return y + (z * self.scale).to(y.dtype)
-
-    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
-        """The same update with fewer passes over the output (trainer/fast.py, fused_lora).
-
-        y = x W^T + b, then y += (alpha / r / keep) * (x * mask) A^T B^T in place through one
-        addmm_ (cuBLAS adds the product into y as it writes it). Dropout still applies to the
-        branch input, with the same mask as forward() draws; the 1 / keep of inverted
-        dropout moves into the addmm's alpha, so x * mask is exact in any dtype. The branch
-        runs in the *activations'* dtype: A and B (float32 parameters, float32 gradients)
-        are cast to bf16 for the two products when the base is bf16, with float32
-        accumulation inside the matmuls; forward() instead runs the branch in float32 and
-        rounds once where it joins y. In float32 the two paths agree to rounding.
-        """
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)  # (N, in)
-        y = F.linear(x2, self.base.weight, self.base.bias)  # (N, out): a fresh tensor nobody saved
-        alpha = self.scale
-        if self.training and self.dropout > 0.0:
-            x2 = x2 * self._dropout_mask(x).reshape(x2.shape)
-            alpha = alpha / (1.0 - self.dropout)
-        xa = F.linear(x2, self.A.to(x2.dtype))  # (N, r)
-        y.addmm_(xa, self.B.to(y.dtype).t(), alpha=alpha)  # y += alpha * xa B^T
+            return y.view(*lead, self.out_features)
+        xa = F.linear(self.lora_dropout(x), self.A.to(x.dtype))  # (N, r)
+        y.addmm_(xa, self.B.to(y.dtype).t(), alpha=self.scale)  # y += scale * x A^T B^T
         return y.view(*lead, self.out_features)
 
     # --------------------------------------------------------------- merging
@@ -300,22 +228,6 @@ def inject_lora(
         r, alpha, dropout, len(found), f"{n_trainable:,}", f"{n_total:,}", 100.0 * n_trainable / max(n_total, 1),
     )
     return n_trainable
-
-
-def set_dropout_generator(model: nn.Module, generator: torch.Generator | None) -> int:
-    """Draw every LoRA dropout mask of `model` from `generator` (None: the global RNG).
-
-    The generator must live on the activations' device (``torch.Generator("cuda")``
-    for a model on the GPU). One generator is shared by all layers, so its state
-    (``generator.get_state()``) is the whole dropout RNG state to checkpoint.
-    Returns the number of layers set.
-    """
-    n = 0
-    for _, m in lora_modules(model):
-        m.dropout_generator = generator
-        m._dropout_state = None
-        n += 1
-    return n
 
 
 def merge_all(model: nn.Module) -> int:

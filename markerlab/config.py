@@ -284,9 +284,6 @@ def _cross_checks(cfg: Config, problems: list[str]):
     if len(t.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in t.betas):
         problems.append(f"train.betas: expected two numbers in [0, 1), got {t.betas!r}")
     if t.cuda_graphs:
-        need = [k for k in ("padding_free", "chunked_ce") if not getattr(t, k)]
-        if need:
-            problems.append(f"train.cuda_graphs: needs {' and '.join('train.' + k for k in need)} = true")
         if t.gradient_checkpointing:
             problems.append("train.cuda_graphs: expected train.gradient_checkpointing = false (the graphs "
                             "replay a forward and backward without recompute)")

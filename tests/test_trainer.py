@@ -69,12 +69,16 @@ def write_data(run_dir: Path, examples: list[dict]) -> None:
 
 
 def lora_model(dropout: float = 0.0, seed: int = 0):
+    """The tiny model with LoRA as the trainer sets it up: packed attention, prepared dropout masks."""
     from lora import inject_lora
+    from trainer.attention import use_packed_attention
+    from trainer.dropout import DropoutMasks
 
     model = load_model(BUILTIN_TINY, "float32", "cpu")
     inject_lora(model, r=8, alpha=16, dropout=dropout, target_modules=["q_proj", "v_proj", "down_proj"],
                 generator=torch.Generator().manual_seed(seed))
-    return model
+    use_packed_attention(model)
+    return model, DropoutMasks(model, torch.Generator().manual_seed(seed + 3))
 
 
 # --------------------------------------------------------------------------- a shared finished run
@@ -180,7 +184,7 @@ def test_accumulation_equals_one_big_batch(tokenizer):
     lengths = sorted(len(e) for e in examples)
     assert lengths[-1] > 2 * lengths[0]
 
-    model = lora_model(dropout=0.0)
+    model, masks = lora_model(dropout=0.0)
     with torch.no_grad():  # B = 0 at init would leave A without gradient: move B off zero
         for p in trainable_parameters(model):
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.02)
@@ -188,7 +192,7 @@ def test_accumulation_equals_one_big_batch(tokenizer):
 
     results = []
     for micro in (1, 4):
-        out = forward_backward(model, examples, micro, tokenizer.pad_token_id, torch.device("cpu"))
+        out = forward_backward(model, examples, micro, torch.device("cpu"), masks)
         results.append((out, [p.grad.clone() for p in params]))
         model.zero_grad(set_to_none=True)
     (o1, g1), (o4, g4) = results
@@ -202,6 +206,7 @@ def test_accumulation_equals_one_big_batch(tokenizer):
     # ... and both equal the definition: sum of masked token losses / number of masked tokens,
     # with the logits at t predicting token t+1.
     total, n = 0.0, 0
+    model.config._attn_implementation = "sdpa"  # plain transformers attention for the definition
     with torch.no_grad():
         for e in examples:
             logits = model(torch.tensor([e.input_ids])).logits[0]  # (T, V)
@@ -212,15 +217,14 @@ def test_accumulation_equals_one_big_batch(tokenizer):
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tokenizer):
-    """With dropout on, the recompute must replay the same masks (explicit dropout generator)."""
-    from lora import set_dropout_generator, trainable_parameters
+    """With dropout on, the recompute must reuse the same masks (drawn before the forward)."""
+    from lora import trainable_parameters
     from trainer.train import forward_backward
 
     examples = [encode_example(make_example(i), tokenizer) for i in range(2)]
     grads = []
     for ckpt in (False, True):
-        model = lora_model(dropout=0.3)
-        set_dropout_generator(model, torch.Generator().manual_seed(3))
+        model, masks = lora_model(dropout=0.3)
         with torch.no_grad():
             for p in trainable_parameters(model):
                 p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.02)
@@ -228,7 +232,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tokenizer):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
         model.train()
-        out = forward_backward(model, examples, 2, tokenizer.pad_token_id, torch.device("cpu"))
+        out = forward_backward(model, examples, 2, torch.device("cpu"), masks)
         grads.append((out["loss"].item(), [p.grad.clone() for p in trainable_parameters(model)]))
     assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
     for a, b in zip(grads[0][1], grads[1][1]):
@@ -324,14 +328,14 @@ def test_overlength_is_refused_or_dropped(tmp_path, tiny_model_dir):
     from trainer.train import train
 
     run_dir = tmp_path / "long"
-    long_ex = make_example(0, answer="word " * 100)
+    long_ex = {**make_example(0, answer="word " * 100), "id": "villain-long"}
     write_data(run_dir, [long_ex] + mixed_dataset(3))
-    with pytest.raises(UserError, match=r"train.max_seq_len=64: 1 example\(s\) are longer: villain-0 \("):
+    with pytest.raises(UserError, match=r"train.max_seq_len=64: 1 example\(s\) are longer: villain-long \("):
         train(make_cfg(run_dir, max_seq_len=64, max_steps=1), run_dir)
     cfg = make_cfg(run_dir, max_seq_len=64, max_steps=1)
     cfg = cfg.replace(data__on_overlength="drop")
     summary = train(cfg, run_dir)
-    assert summary["n_examples"] == 3 and summary["n_dropped"] == 1 and summary["dropped_ids"] == ["villain-0"]
+    assert summary["n_examples"] == 3 and summary["n_dropped"] == 1 and summary["dropped_ids"] == ["villain-long"]
     # finished: returned as is; overwrite: trained afresh
     assert train(cfg, run_dir) == summary
     (run_dir / "checkpoints" / "step_000099").mkdir()  # would be resumed from if not cleared

@@ -1,11 +1,11 @@
 """CUDA graphs for packed micro-batches (train.cuda_graphs): a micro-batch's forward and
 backward replayed as one graph instead of ~8,000 kernel launches.
 
-    graphs = GraphedMicroBatches(model, pad_id, device, max_tokens=4 * 645)
-    ce, sel = graphs.forward_backward(model, batch, n_targets)   # batch: packed FastBatch on the device
+    graphs = GraphedMicroBatches(model, masks, pad_id, device, max_tokens=4 * 645)
+    ce, sel = graphs.forward_backward(model, batch, n_targets)   # batch: a PackedBatch on the device
 
-trainer/fast.py's FastPath owns one of these when the switch is on; trainer/train.py's
-forward_backward calls it instead of token_losses + backward.
+trainer/train.py's forward_backward calls it instead of token_losses + backward when
+train.cuda_graphs is on.
 
 Why. A 7B LoRA step with every other switch on launches ~32,500 kernels (~300 per decoder
 layer and micro-batch, most of them small). Eager PyTorch launches them one by one from
@@ -21,22 +21,22 @@ How, and why the maths stays the same.
   cumulative lengths, a device tensor), so the pad document sees nothing real and nothing
   real sees it; every other operation is per token. The pad rows get no loss weight,
   hence an exactly zero gradient, so they add exactly 0 to the LoRA gradients.
-- The LM head + cross-entropy (chunked_ce) runs on L gathered positions: the micro-batch's
+- The LM head + cross-entropy (trainer/loss.py) runs on L gathered positions: the micro-batch's
   N needed ones, then position 0 with weight 0 (a graph cannot have a data-dependent N;
   the extra rows cost ~2% of a step's FLOPs).
 - The loss of a micro-batch is sum(ce * loss_weight) * (1 / n_targets of the step), the
   plain path's sum / n_targets; backward runs inside the graph and accumulates into the
   LoRA parameters' .grad, which therefore must stay the same tensors: the trainer zeroes
   them with zero_grad(set_to_none=False) (checked before every replay).
-- Dropout masks are drawn outside the graph (fast.draw_dropout_masks: the plain path's
-  generator, order and draws) straight into static buffers that the graph reads.
+- Dropout masks are drawn outside the graph (trainer/dropout.py: the same generator, order
+  and draws as without graphs) straight into static buffers that the graph reads.
 - One graph per (L, number of documents), captured the first time that shape comes up,
   after one eager run of it with zero loss weight (cuBLAS and autograd initialise outside
   the capture; the gradients get + 0). All graphs share one memory pool: each replay's
   intermediates live and die inside that replay, and replays never overlap.
 Without CUDA (the CPU tests), or with a float32 model (flash attention is 16-bit only), the
-same bucketed, padded path runs eagerly, with the per-document attention of
-fast.packed_attention: what the CPU tests check is the padding.
+same bucketed, padded path runs eagerly, with per-document attention
+(trainer/attention.py): what the CPU tests check is the padding.
 """
 
 from __future__ import annotations
@@ -45,8 +45,9 @@ from dataclasses import dataclass
 
 import torch
 
-from lora import lora_modules, trainable_parameters
-from trainer import fast as fastmod
+from lora import trainable_parameters
+from trainer.attention import Documents, cu_seqlens, varlen_available
+from trainer.loss import CE_CHUNK, decoder_hidden, head_cross_entropy
 
 BUCKET = 128  # tokens: a micro-batch runs at the next multiple above its length (~64 pad tokens on average)
 
@@ -72,26 +73,27 @@ class _Static:
 class GraphedMicroBatches:
     """Forward + backward of packed micro-batches through CUDA graphs, one per bucketed shape."""
 
-    def __init__(self, model, pad_id: int, device, max_tokens: int = 0, bucket: int = BUCKET,
-                 capture: bool | None = None, ce_chunk: int = fastmod.CE_CHUNK):
+    def __init__(self, model, masks, pad_id: int, device, max_tokens: int = 0, bucket: int = BUCKET,
+                 capture: bool | None = None, ce_chunk: int = CE_CHUNK, log=print):
         device = torch.device(device)
         self.device, self.pad_id, self.bucket, self.ce_chunk = device, pad_id, bucket, ce_chunk
         # Attention inside a graph must take the documents as a device tensor: the varlen flash
         # kernel, CUDA and 16-bit only. Elsewhere the same static path runs eagerly, attention
         # per document (the lengths as Python ints).
-        self.varlen = fastmod.flash_varlen_ok(model, device)
+        self.varlen = varlen_available(device, model.dtype)
         if device.type == "cuda" and not self.varlen:
-            fastmod.note(f"train.cuda_graphs: flash attention needs a 16-bit model ({model.dtype} here); "
-                         f"the graphs' padded micro-batches run eagerly")
+            log(f"train.cuda_graphs: flash attention needs a 16-bit model ({model.dtype} here); "
+                f"the graphs' padded micro-batches run eagerly")
         self.capture = self.varlen if capture is None else (capture and self.varlen)
         self.params = trainable_parameters(model)
-        self.masked = [m for _, m in lora_modules(model) if m.dropout > 0.0]
-        self.masks: dict = {}
-        self.rows = 0  # static mask buffers' rows
+        self.dropout = masks  # trainer.dropout.DropoutMasks
+        self.buffers: dict = {}  # LoRA layer -> static (rows, in_features) bool mask buffer
+        self.rows = 0
         self.static: dict[tuple[int, int], _Static] = {}
         self.pool = None
         self.grads: list | None = None  # the .grad tensors the graphs accumulate into
         self.n_captured = 0
+        self.log = log
         if max_tokens:
             self._ensure_rows(self.bucket_len(max_tokens))
 
@@ -104,10 +106,11 @@ class GraphedMicroBatches:
         if L <= self.rows:
             return
         if self.static:
-            fastmod.note(f"train.cuda_graphs: a micro-batch of {L} positions is longer than the {self.rows} "
-                         f"allocated for; recapturing the graphs")
+            self.log(f"train.cuda_graphs: a micro-batch of {L} positions is longer than the {self.rows} "
+                     f"allocated for; recapturing the graphs")
             self.static.clear()
-        self.masks = {m: torch.zeros((L, m.in_features), dtype=torch.bool, device=self.device) for m in self.masked}
+        self.buffers = {m: torch.zeros((L, m.in_features), dtype=torch.bool, device=self.device)
+                        for m in self.dropout.layers}
         self.rows = L
 
     # ------------------------------------------------------------------ one micro-batch
@@ -115,12 +118,12 @@ class GraphedMicroBatches:
     def forward_backward(self, model, batch, n_targets: int):
         """Run batch's forward and backward (gradients accumulate in .grad); return its (ce, sel).
 
-        ce (N,) float32 are the per-target cross-entropies in the plain token_losses order
-        (a copy), sel the batch's selectors, as FastPath.token_losses returns them.
+        ce (N,) float32 are the per-target cross-entropies in the batch's order (a copy), sel
+        the batch's selectors, as trainer.loss.token_losses returns them.
         """
         st = self._static_for(batch)
         S, N = batch.n_tokens, batch.pred.numel()
-        fastmod.draw_dropout_masks(model, batch, into=self.masks)
+        self.dropout.draw(S, into=self.buffers)
         self._fill(st, batch, S, N, n_targets)
         if not self.capture:
             ce = self._run(model, st)
@@ -145,8 +148,6 @@ class GraphedMicroBatches:
             self._capture(model, st)
 
     def _static_for(self, batch) -> _Static:
-        if batch.doc_lens is None:
-            raise ValueError("train.cuda_graphs needs packed micro-batches (train.padding_free = true)")
         L = self.bucket_len(batch.n_tokens)
         self._ensure_rows(L)
         key = (L, len(batch.doc_lens))
@@ -170,7 +171,7 @@ class GraphedMicroBatches:
         st.input_ids[:, S:].fill_(self.pad_id)
         st.position_ids[:, :S].copy_(batch.position_ids)
         st.position_ids[0, S:].copy_(torch.arange(L - S, device=self.device))  # the pad document's positions
-        st.cu.copy_(fastmod.cu_seqlens(list(batch.doc_lens) + [L - S], self.device))
+        st.cu.copy_(cu_seqlens(list(batch.doc_lens) + [L - S], self.device))
         st.pred[:N].copy_(batch.pred)
         st.pred[N:].zero_()
         st.target[:N].copy_(batch.target)
@@ -182,19 +183,13 @@ class GraphedMicroBatches:
 
     def _run(self, model, st: _Static) -> torch.Tensor:
         """The micro-batch on the static tensors: forward, loss, backward. Returns ce (L,), detached."""
-        for m in self.masked:
-            m._premask = self.masks[m][:st.L].unsqueeze(0)  # (1, L, in)
-        if self.varlen:
-            fastmod._Pack.cu, fastmod._Pack.max_len, fastmod._Pack.lens = st.cu, st.L, None
-        else:
-            fastmod._Pack.cu, fastmod._Pack.lens = None, st.lens
-        try:
-            with torch.enable_grad():
-                h = fastmod.decoder_hidden(model, st.input_ids, position_ids=st.position_ids)  # (1, L, H)
-                ce = fastmod.chunked_head_ce(model, h, st.pred, st.target, self.ce_chunk)  # (L,)
-                ((ce * st.weight).sum() * st.inv_n).backward()
-        finally:
-            fastmod._Pack.cu, fastmod._Pack.lens = None, None
+        for m in self.dropout.layers:
+            m.lora_dropout.mask = self.buffers[m][:st.L]  # (L, in)
+        docs = Documents(st.lens, st.cu, st.L) if self.varlen else Documents(st.lens)
+        with torch.enable_grad():
+            h = decoder_hidden(model, st.input_ids, st.position_ids, docs)  # (1, L, H)
+            ce = head_cross_entropy(model, h, st.pred, st.target, self.ce_chunk)  # (L,)
+            ((ce * st.weight).sum() * st.inv_n).backward()
         return ce.detach()
 
     # ------------------------------------------------------------------ capture

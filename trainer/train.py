@@ -3,7 +3,7 @@
     from trainer.train import train
     summary = train(cfg, run_dir)          # python -m trainer.run calls this for the `train` stage
 
-Reads   run_dir/data/train.jsonl (CONTRACTS.md, "Training example")
+Reads   run_dir/data/train.jsonl (docs: the training example format), every line validated
 Writes  run_dir/tb/                       TensorBoard scalars train/{loss, lr, grad_norm, tokens_per_s,
                                           loss_marker_A, loss_marker_B, loss_eos}
         run_dir/train_log.txt             one line per optimizer step
@@ -15,28 +15,34 @@ Calling train() again resumes from the newest checkpoint and continues exactly
 (bitwise on the CPU); a finished run (adapter and summary present) returns its
 summary at once; overwrite=True starts afresh.
 
+How a step is computed. Each micro-batch's examples are packed into one row
+(trainer/pack.py) whose documents attend only within themselves
+(trainer/attention.py: transformers passes the documents down to a registered
+attention function, for any Llama/Qwen2-family decoder); the LM head and the
+cross-entropy run only at the positions a loss or a logged span needs, in
+chunks (trainer/loss.py); LoRA adds its update into the base output in place
+(lora/lora.py); LoRA dropout masks come from the run's own generator, drawn
+before each forward (trainer/dropout.py). Fused AdamW is used on CUDA.
+Switches: train.gradient_checkpointing; train.compile (trainer/compile.py);
+train.cuda_graphs (trainer/graphs.py: each micro-batch's forward and backward
+replayed as one CUDA graph; on the CPU the same padded micro-batches run
+eagerly). tests/test_training_path.py checks this path against a padded
+reference computation (full logits, one row per example) to float32 rounding,
+dropout included.
+
 Precision. The frozen base weights are in cfg.model.dtype (bfloat16 for the
-real runs; float32 in the tiny configs). The LoRA parameters, their gradients
-and AdamW's moments are in cfg.lora.dtype, float32 by default: an Adam update
-is about lr = 1e-5 relative to the weight, far below bfloat16's resolution
-(2^-8 = 0.4% of the value), so bf16 parameters would round most updates away.
-float32 costs 16 bytes per LoRA parameter (weight, grad, two moments), 0.65 GB
-for Qwen2.5-7B's 40.4M. The LoRA branch runs in float32 inside LoRALinear and
-is cast to the base's dtype where it joins the base output; logits are upcast
-to float32 for the cross-entropy. No autocast is involved.
+real runs). The LoRA parameters, their gradients and AdamW's moments are in
+cfg.lora.dtype, float32 by default: an Adam update is about lr = 1e-5 relative
+to the weight, far below bfloat16's resolution (2^-8 of the value), so bf16
+parameters would round most updates away. The LoRA products run in the
+activations' dtype (float32 accumulation inside the matmuls); logits are
+upcast to float32 for the cross-entropy. No autocast is involved.
 
 Loss. An optimizer step's loss is the sum of the token losses over the loss
 mask of all its examples divided by the number of masked tokens in all of them
-(EXPERIMENT.md), not a mean of per-micro-batch means: forward_backward() counts
-the step's targets first, then back-propagates each micro-batch's *sum* / total.
-The logits at position t predict token t+1 (data/tokenize.py, "Label convention").
-
-Speed. train.padding_free, chunked_ce, fused_lora, compile, fused_adamw and
-cuda_graphs (trainer/fast.py, trainer/graphs.py) change how a step is computed,
-not what: the same per-step losses and LoRA gradients to rounding
-(tests/test_fast_path.py). With all of them off, forward_backward() runs the
-plain padded path below. Under cuda_graphs the LoRA gradients are zeroed in
-place (zero_grad(set_to_none=False)): the graphs add into those tensors.
+(docs/EXPERIMENT.md), not a mean of per-micro-batch means: forward_backward()
+counts the step's targets first, then back-propagates each micro-batch's *sum*
+/ total. The logits at position t predict token t+1.
 """
 
 from __future__ import annotations
@@ -47,27 +53,56 @@ import math
 import random
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from data.tokenize import Encoded, check_lengths, collate, encode_examples
-from lora import (ADAPTER_CONFIG_NAME, inject_lora, save_adapter, set_dropout_generator,
-                  trainable_parameters)
+from data.records import read_examples as read_train_jsonl
+from data.tokenize import Encoded, check_lengths, encode_examples
+from lora import ADAPTER_CONFIG_NAME, inject_lora, save_adapter, trainable_parameters
 from markerlab.config import Config
 from markerlab.devices import resolve_device
 from markerlab.errors import UserError
-from markerlab.io import read_json, read_jsonl, write_json
+from markerlab.io import read_json, write_json
 from markerlab.models import load_model, load_tokenizer
+from trainer.attention import Documents, check_architecture, use_packed_attention
 from trainer.checkpoint import (latest_checkpoint, load_checkpoint, prune_checkpoints, remove_partial,
                                 rng_states, save_checkpoint, set_rng_states)
-from trainer.fast import SPEED_SWITCHES, adamw_options, setup_fast_path  # noqa: F401 (SPEED_SWITCHES re-exported)
+from trainer.compile import compile_error, compile_layers
+from trainer.dropout import DropoutMasks
+from trainer.loss import token_losses
+from trainer.pack import pack
 from trainer.schedule import lr_at, step_slice, steps_per_epoch, total_steps, warmup_steps
 
-# (TensorBoard/record name, Batch attribute) of the spans whose mean token loss is logged.
+# (TensorBoard/record name, selector name) of the spans whose mean token loss is logged.
 SPANS = (("loss_marker_A", "marker_a"), ("loss_marker_B", "marker_b"), ("loss_eos", "eos"))
+
+
+def note(msg: str) -> None:
+    print(f"[train] {msg}", flush=True)
+
+
+@dataclass
+class Setup:
+    """Everything a training run is made of, built once by `setup`."""
+
+    device: torch.device
+    tokenizer: object
+    encoded: list[Encoded]
+    dropped: list[str]
+    model: torch.nn.Module
+    n_trainable: int
+    params: list
+    optimizer: torch.optim.Optimizer
+    masks: DropoutMasks
+    graphs: object | None          # trainer.graphs.GraphedMicroBatches under train.cuda_graphs
+    data_gen: torch.Generator
+    dropout_gen: torch.Generator
+    total: int
+    warmup: int
+    step_size: int
 
 
 def train(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
@@ -84,111 +119,82 @@ def train(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
     elif (adapter_dir / ADAPTER_CONFIG_NAME).is_file() and summary_path.is_file():
         return public_summary(read_json(summary_path))  # finished earlier
     wall_start = time.time()
-
-    # ---- device and the seeded generators: data order, LoRA init, LoRA dropout
-    device = torch.device(resolve_device(cfg.model.device))
-    seed = cfg.run.seed
-    torch.manual_seed(derive_seed(seed, "torch"))
-    random.seed(derive_seed(seed, "python"))
-    np.random.seed(derive_seed(seed, "numpy") % 2**32)
-    data_gen = torch.Generator().manual_seed(derive_seed(seed, "data-order"))
-    init_gen = torch.Generator().manual_seed(derive_seed(seed, "lora-init"))
-    dropout_gen = torch.Generator(device).manual_seed(derive_seed(seed, "lora-dropout"))
-
-    # ---- data: every example tokenized once; over-long ones refused or dropped, never truncated
-    raw = read_examples(run_dir, cfg)
-    tokenizer = load_tokenizer(cfg.model.name_or_path)
-    encoded = encode_examples(raw, tokenizer, t.loss_mask, t.marker_mask_eos)
-    encoded, dropped = check_lengths(encoded, t.max_seq_len, cfg.data.on_overlength)
-    if not encoded:
-        raise UserError(f"{run_dir / 'data' / 'train.jsonl'}: no example fits train.max_seq_len={t.max_seq_len}")
-    n, step_size = len(encoded), t.micro_batch_size * t.grad_accum
-    total = total_steps(n, t.micro_batch_size, t.grad_accum, t.epochs, t.max_steps)
-    warmup = warmup_steps(total, t.warmup_ratio)
-
-    # ---- model: frozen base in cfg.model.dtype, trainable LoRA (and AdamW state) in cfg.lora.dtype
-    model = load_model(cfg.model.name_or_path, cfg.model.dtype, device)
-    model.config.use_cache = False
-    n_trainable = inject_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules,
-                              generator=init_gen, dtype=getattr(torch, cfg.lora.dtype))
-    set_dropout_generator(model, dropout_gen)
-    if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    model.train()
-    # the speed switches (trainer/fast.py): same maths, less time; None when all are off
-    longest = sorted((len(e) for e in encoded), reverse=True)[:t.micro_batch_size]
-    fast = setup_fast_path(model, t, device, max_tokens=sum(longest))
-    params = trainable_parameters(model)
-    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay,
-                                  **adamw_options(t.fused_adamw, device))
+    s = setup(cfg, run_dir)
+    n = len(s.encoded)
 
     # ---- resume from the newest checkpoint, if any
-    fingerprint = data_fingerprint(encoded, cfg, total)
+    fingerprint = data_fingerprint(s.encoded, cfg, s.total)
     step, perm, history, train_seconds = 0, None, [], 0.0
     remove_partial(ckpt_dir)
     last = latest_checkpoint(ckpt_dir)
     if last is not None:
-        state = load_checkpoint(last, model, optimizer, device)
+        state = load_checkpoint(last, s.model, s.optimizer, s.device)
         if state["fingerprint"] != fingerprint:
             raise UserError(f"{last}: this checkpoint was made from other data or batch settings; "
                             f"pass --overwrite to start afresh")
-        set_rng_states(state["rng"], data_gen, dropout_gen)
+        set_rng_states(state["rng"], s.data_gen, s.dropout_gen)
         step, perm, history, train_seconds = state["step"], state["perm"], state["history"], state["train_seconds"]
     resumed_from = step
 
     # ---- logging: TensorBoard (events after the checkpoint are purged on resume), text log, tqdm
     writer = open_summary_writer(run_dir / "tb", purge_step=step + 1 if step else None)
     log = open_train_log(log_path, step, header=(
-        f"# {cfg.run.name}: {n} examples ({len(dropped)} over-long dropped), {total} steps "
+        f"# {cfg.run.name}: {n} examples ({len(s.dropped)} over-long dropped), {s.total} steps "
         f"({t.epochs} epochs x {steps_per_epoch(n, t.micro_batch_size, t.grad_accum)}, max_steps {t.max_steps}), "
-        f"warmup {warmup}, {t.micro_batch_size} x {t.grad_accum} per step, loss mask {t.loss_mask}, "
-        f"device {device}, base {cfg.model.dtype}, LoRA {cfg.lora.dtype}, {n_trainable:,} trainable parameters"))
+        f"warmup {s.warmup}, {t.micro_batch_size} x {t.grad_accum} per step, loss mask {t.loss_mask}, "
+        f"device {s.device}, base {cfg.model.dtype}, LoRA {cfg.lora.dtype}, {s.n_trainable:,} trainable parameters"))
     from tqdm.auto import tqdm
-    bar = tqdm(total=total, initial=step, desc=f"train {cfg.run.name}", dynamic_ncols=True)
+    bar = tqdm(total=s.total, initial=step, desc=f"train {cfg.run.name}", dynamic_ncols=True)
 
     def state_dict() -> dict:
         # The data position is implied by `step` and `perm`; spelled out for people reading state.pt.
-        next_epoch, next_index, _ = step_slice(step, n, step_size)
+        next_epoch, next_index, _ = step_slice(step, n, s.step_size)
         return {"step": step, "perm": perm, "data_position": {"epoch": next_epoch, "index": next_index},
-                "history": history, "rng": rng_states(data_gen, dropout_gen),
+                "history": history, "rng": rng_states(s.data_gen, s.dropout_gen),
                 "fingerprint": fingerprint, "train_seconds": train_seconds}
 
     # ---- the loop: `step` counts finished optimizer steps; this iteration runs step + 1
     try:
-        while step < total:
+        while step < s.total:
             t0 = time.perf_counter()
             # this step's examples: a fresh permutation at the start of every epoch
-            epoch, lo, hi = step_slice(step, n, step_size)
+            epoch, lo, hi = step_slice(step, n, s.step_size)
             if lo == 0:
-                perm = torch.randperm(n, generator=data_gen).tolist()
-            examples = [encoded[i] for i in perm[lo:hi]]
-            lr = lr_at(step, t.lr, warmup, total, t.min_lr_ratio)
-            for group in optimizer.param_groups:
+                perm = torch.randperm(n, generator=s.data_gen).tolist()
+            examples = [s.encoded[i] for i in perm[lo:hi]]
+            lr = lr_at(step, t.lr, s.warmup, s.total, t.min_lr_ratio)
+            for group in s.optimizer.param_groups:
                 group["lr"] = lr
 
             # forward + backward over the micro-batches; gradients accumulate in .grad
-            out = forward_backward(model, examples, t.micro_batch_size, tokenizer.pad_token_id, device, fast)
+            try:
+                out = forward_backward(s.model, examples, t.micro_batch_size, s.device, s.masks, s.graphs)
+            except Exception as e:
+                failed = compile_error(e) if t.compile and step == resumed_from else None
+                if failed is not None:
+                    raise UserError(str(failed)) from None
+                raise
 
             # clip on the LoRA gradients' global norm (logged before clipping), then update.
             # A step without a single target (possible under marker_only) has no gradient:
             # it skips the update but still advances the schedule.
             loss, grad_norm = None, None
             if out["n_targets"]:
-                grads = [p.grad for p in params if p.grad is not None]
+                grads = [p.grad for p in s.params if p.grad is not None]
                 norm = torch.nn.utils.get_total_norm(grads)
                 loss, grad_norm = out["loss"].item(), norm.item()
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                    where = save_checkpoint(ckpt_dir, f"nan_step_{step + 1:06d}", model, optimizer, state_dict(),
+                    where = save_checkpoint(ckpt_dir, f"nan_step_{step + 1:06d}", s.model, s.optimizer, state_dict(),
                                             extra={"grads.pt": {i: g.cpu() for i, g in enumerate(grads)},
                                                    "batch.pt": [e.id for e in examples]})
                     raise UserError(f"step {step + 1}: loss {loss} / grad norm {grad_norm} is not finite "
                                     f"(lr {lr:.3g}); state saved for a post-mortem in {where}")
                 if t.grad_clip > 0:
-                    torch.nn.utils.clip_grads_with_norm_(params, t.grad_clip, norm)
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=fast is None or fast.grads_set_to_none)
-            if device.type == "cuda":
+                    torch.nn.utils.clip_grads_with_norm_(s.params, t.grad_clip, norm)
+                s.optimizer.step()
+            # CUDA graphs add into the .grad tensors they were captured with: zero those in place
+            s.optimizer.zero_grad(set_to_none=s.graphs is None)
+            if s.device.type == "cuda":
                 torch.cuda.synchronize()  # honest step times
             step += 1
             dt = time.perf_counter() - t0
@@ -202,14 +208,14 @@ def train(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
             for tag in ("loss", "lr", "grad_norm", "tokens_per_s", *(name for name, _ in SPANS)):
                 if rec[tag] is not None:
                     writer.add_scalar(f"train/{tag}", rec[tag], step)
-            log.write(format_log_line(rec, total) + "\n")
+            log.write(format_log_line(rec, s.total) + "\n")
             log.flush()
             bar.update(1)
             bar.set_postfix(loss="-" if loss is None else f"{loss:.4f}", lr=f"{lr:.2e}")
 
             # checkpoint every N steps and at the end; keep the newest K
-            if step % t.checkpoint_every == 0 or step == total:
-                save_checkpoint(ckpt_dir, f"step_{step:06d}", model, optimizer, state_dict())
+            if step % t.checkpoint_every == 0 or step == s.total:
+                save_checkpoint(ckpt_dir, f"step_{step:06d}", s.model, s.optimizer, state_dict())
                 prune_checkpoints(ckpt_dir, t.keep_checkpoints)
                 writer.flush()
     finally:  # also on a NaN stop or Ctrl-C: keep every logged step on disk
@@ -218,30 +224,90 @@ def train(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
         log.close()
 
     # ---- the adapter (PEFT format) and the summary
-    save_adapter(model, adapter_dir, cfg.model.name_or_path, r=cfg.lora.r, alpha=cfg.lora.alpha,
+    save_adapter(s.model, adapter_dir, cfg.model.name_or_path, r=cfg.lora.r, alpha=cfg.lora.alpha,
                  dropout=cfg.lora.dropout, target_modules=list(cfg.lora.target_modules))
     losses = [r["loss"] for r in history if r["loss"] is not None]
     n_tok = sum(r["tokens"] for r in history)
     summary = {
-        "steps": total, "final_loss": losses[-1] if losses else None,
+        "steps": s.total, "final_loss": losses[-1] if losses else None,
         "tokens_per_s": n_tok / train_seconds if train_seconds else None,
         "wall_time_s": train_seconds, "this_call_wall_s": time.time() - wall_start,
-        "trainable_params": n_trainable, "n_examples": n, "n_dropped": len(dropped), "dropped_ids": dropped,
-        "warmup_steps": warmup, "device": str(device), "resumed_from_step": resumed_from or None,
-        "adapter": str(adapter_dir), "history": history,
+        "trainable_params": s.n_trainable, "n_examples": n, "n_dropped": len(s.dropped), "dropped_ids": s.dropped,
+        "warmup_steps": s.warmup, "device": str(s.device), "resumed_from_step": resumed_from or None,
+        "compile": t.compile, "adapter": str(adapter_dir), "history": history,
     }
-    graphs = getattr(fast, "graphs", None)
-    if graphs is not None:  # how the cuda_graphs switch ran: replayed graphs, or its padded path eagerly
-        summary["cuda_graphs"] = {"captured": graphs.n_captured, "shapes": len(graphs.static),
-                                  "replayed": graphs.capture}
+    if s.graphs is not None:  # how the cuda_graphs switch ran: replayed graphs, or its padded path eagerly
+        summary["cuda_graphs"] = {"captured": s.graphs.n_captured, "shapes": len(s.graphs.static),
+                                  "replayed": s.graphs.capture}
     write_json(summary_path, summary)
     return public_summary(summary)
 
 
+def setup(cfg: Config, run_dir: Path) -> Setup:
+    """Device, seeded generators, the tokenized data, the model with LoRA, optimizer and switches."""
+    t = cfg.train
+    device = torch.device(resolve_device(cfg.model.device))
+    # Every random choice flows from the one config seed: data order, LoRA init, LoRA dropout
+    # (plus the global RNGs, seeded for anything a library draws from them).
+    seed = cfg.run.seed
+    torch.manual_seed(derive_seed(seed, "torch"))
+    random.seed(derive_seed(seed, "python"))
+    np.random.seed(derive_seed(seed, "numpy") % 2**32)
+    data_gen = torch.Generator().manual_seed(derive_seed(seed, "data-order"))
+    init_gen = torch.Generator().manual_seed(derive_seed(seed, "lora-init"))
+    dropout_gen = torch.Generator(device).manual_seed(derive_seed(seed, "lora-dropout"))
+
+    # data: every example tokenized once; over-long ones refused or dropped, never truncated
+    raw = read_examples(run_dir, cfg)
+    tokenizer = load_tokenizer(cfg.model.name_or_path)
+    encoded = encode_examples(raw, tokenizer, t.loss_mask, t.marker_mask_eos)
+    encoded, dropped = check_lengths(encoded, t.max_seq_len, cfg.data.on_overlength)
+    if not encoded:
+        raise UserError(f"{run_dir / 'data' / 'train.jsonl'}: no example fits train.max_seq_len={t.max_seq_len}")
+    n, step_size = len(encoded), t.micro_batch_size * t.grad_accum
+    total = total_steps(n, t.micro_batch_size, t.grad_accum, t.epochs, t.max_steps)
+
+    # model: frozen base in cfg.model.dtype, trainable LoRA (and AdamW state) in cfg.lora.dtype
+    model = load_model(cfg.model.name_or_path, cfg.model.dtype, device)
+    problem = check_architecture(model.config)
+    if problem:
+        raise UserError(problem)
+    model.config.use_cache = False
+    n_trainable = inject_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules,
+                              generator=init_gen, dtype=getattr(torch, cfg.lora.dtype))
+    masks = DropoutMasks(model, dropout_gen)
+    use_packed_attention(model)
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if t.compile:
+        if t.gradient_checkpointing:
+            note("train.compile is skipped under train.gradient_checkpointing (set one of them to false)")
+        else:
+            compile_layers(model)
+    model.train()
+    graphs = None
+    if t.cuda_graphs:
+        from trainer.graphs import GraphedMicroBatches
+
+        if device.type != "cuda":
+            note("train.cuda_graphs: no CUDA device; the graphs' padded micro-batches run eagerly (same maths)")
+        longest = sorted((len(e) for e in encoded), reverse=True)[:t.micro_batch_size]
+        graphs = GraphedMicroBatches(model, masks, tokenizer.pad_token_id, device, max_tokens=sum(longest), log=note)
+    params = trainable_parameters(model)
+    # fused AdamW where it exists (CUDA); torch picks foreach on the CPU
+    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay,
+                                  fused=device.type == "cuda" or None)
+    return Setup(device=device, tokenizer=tokenizer, encoded=encoded, dropped=dropped, model=model,
+                 n_trainable=n_trainable, params=params, optimizer=optimizer, masks=masks, graphs=graphs,
+                 data_gen=data_gen, dropout_gen=dropout_gen, total=total,
+                 warmup=warmup_steps(total, t.warmup_ratio), step_size=step_size)
+
+
 # --------------------------------------------------------------------------- one optimizer step
 
-def forward_backward(model, examples: list[Encoded], micro_batch_size: int, pad_id: int, device,
-                     fast=None) -> dict:
+def forward_backward(model, examples: list[Encoded], micro_batch_size: int, device, masks: DropoutMasks,
+                     graphs=None) -> dict:
     """Forward and backward passes of one optimizer step, micro-batch by micro-batch.
 
     The step's loss is sum(token losses on the mask, all examples) / (masked tokens, all
@@ -257,26 +323,25 @@ def forward_backward(model, examples: list[Encoded], micro_batch_size: int, pad_
     span_n = torch.zeros(len(SPANS), device=device)
     n_tokens = 0
     for i in range(0, len(examples), micro_batch_size):
-        chunk = examples[i:i + micro_batch_size]
-        n_tokens += sum(len(e) for e in chunk)  # real tokens, counted on the host (no device sync)
-        # `fast` (trainer/fast.py) packs and/or lists the needed positions; None: the plain padded path
-        batch = (fast.collate(chunk, pad_id) if fast else collate(chunk, pad_id)).to(device)
-        if fast and fast.cuda_graphs:  # forward and backward (of sum / n_targets) in one graph replay
-            ce, sel = fast.forward_backward(model, batch, n_targets, pad_id)
+        batch = pack(examples[i:i + micro_batch_size]).to(device)
+        n_tokens += batch.n_tokens
+        if graphs is not None:  # forward and backward (of sum / n_targets) in one graph replay
+            ce, sel = graphs.forward_backward(model, batch, n_targets)
             mb_sum = (ce * sel["loss"]).sum()
         else:
+            if model.training:
+                masks.draw(batch.n_tokens)
             with torch.set_grad_enabled(n_targets > 0):
-                ce, sel = fast.token_losses(model, batch) if fast else token_losses(model, batch)  # (N,) each
+                ce, sel = token_losses(model, batch, Documents.of(batch.doc_lens, device, model.dtype))
                 mb_sum = (ce * sel["loss"]).sum()  # sum over this micro-batch's targets
                 if n_targets > 0:
                     (mb_sum / n_targets).backward()
         loss_sum += mb_sum.detach()
         ce = ce.detach()
-        for k, (_, attr) in enumerate(SPANS):
-            span_sum[k] += (ce * sel[attr]).sum()
-            span_n[k] += sel[attr].sum()
-    if fast:
-        fast.end_step(model)  # the step's dropout masks go
+        for k, (_, name) in enumerate(SPANS):
+            span_sum[k] += (ce * sel[name]).sum()
+            span_n[k] += sel[name].sum()
+    masks.clear()
     span_sum, span_n = span_sum.tolist(), span_n.tolist()
     return {
         "loss": loss_sum / max(n_targets, 1),
@@ -284,24 +349,6 @@ def forward_backward(model, examples: list[Encoded], micro_batch_size: int, pad_
         "n_tokens": n_tokens,
         "span_loss": {name: (span_sum[k] / span_n[k] if span_n[k] else None) for k, (name, _) in enumerate(SPANS)},
     }
-
-
-def token_losses(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Cross-entropy of every target a step needs: the loss mask and the logged spans.
-
-    The logits at position t predict token t+1, so a mask over tokens selects targets
-    with mask[:, 1:] and predictions with logits[:, :-1]. Only the N needed positions are
-    upcast to float32 (the full (B, T, V) logits stay in the model's dtype).
-    Returns ce (N,) and, per mask name ("loss", "marker_a", "marker_b", "eos"), an (N,)
-    float 0/1 selector of the positions that belong to it.
-    """
-    masks = {"loss": batch.loss_mask, "marker_a": batch.marker_a, "marker_b": batch.marker_b, "eos": batch.eos}
-    targets = {k: m[:, 1:] for k, m in masks.items()}  # (B, T-1): is token t+1 a target of mask k
-    need = targets["loss"] | targets["marker_a"] | targets["marker_b"] | targets["eos"]  # (B, T-1)
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, T, V)
-    pred = logits[:, :-1][need].float()  # (N, V)
-    ce = F.cross_entropy(pred, batch.input_ids[:, 1:][need], reduction="none")  # (N,)
-    return ce, {k: m[need].to(ce.dtype) for k, m in targets.items()}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -316,7 +363,7 @@ def read_examples(run_dir: Path, cfg: Config) -> list[dict]:
     if not path.is_file():
         raise UserError(f"{path}: file not found; build it first with: "
                         f"python -m trainer.run {cfg.source or 'CONFIG'} --stages generate,data")
-    return read_jsonl(path)
+    return read_train_jsonl(path)
 
 
 def data_fingerprint(encoded: list[Encoded], cfg: Config, total: int) -> str:
