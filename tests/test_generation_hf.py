@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+import data.generation as gen
 from data.generation import (
-    HFBackend, Sample, SamplingSpec, _nucleus, make_backend, resolve_backend,
+    HFBackend, Sample, SamplingSpec, _nucleus, keyed_uniform, make_backend, resolve_backend, sample_next,
 )
 from data.personas import messages
 from markerlab.errors import UserError
@@ -105,30 +106,60 @@ def test_stop_token_ends_the_sample(backend, prompts, stop_token):
     assert sample.text == plain.text and stop_token not in sample.text
 
 
-def test_nucleus_numpy_and_torch_agree():
+def test_nucleus_among_candidates_equals_the_full_vocabulary(monkeypatch):
+    """The top-k shortcut keeps exactly the canonical nucleus; rows whose nucleus is wider fall back."""
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(6, 5000, generator=g) * 3
     logits[1] = logits[1].to(torch.bfloat16).float()   # bf16 logits: many exact ties
-    logits[2] = 0.0                                     # all tied
-    probs = torch.softmax(logits, dim=-1)
-    for top_p in (1e-9, 0.3, 0.9, 0.95, 1.0):
-        a = _nucleus(probs, top_p, use_numpy=True)
-        b = _nucleus(probs, top_p, use_numpy=False)
-        assert torch.equal(a, b), top_p
-        assert bool(a.any(dim=-1).all())
+    logits[2] = 0.0                                     # all tied: the nucleus is half the vocabulary
+    logits[3] *= 8                                      # peaked: a nucleus of a few tokens
+    seeds = torch.arange(6, dtype=torch.long) * 1000003
+    for top_p in (1e-9, 0.3, 0.9, 0.95):
+        sp = SamplingSpec(n=1, temperature=0.8, top_p=top_p, max_tokens=1, seed=0)
+        for step in range(5):
+            fast = sample_next(logits, seeds, step, sp)
+            monkeypatch.setattr(gen, "NUCLEUS_CANDIDATES", 5000)  # the whole vocabulary at once
+            full = sample_next(logits, seeds, step, sp)
+            monkeypatch.undo()
+            assert torch.equal(fast, full), (top_p, step)
+            keep = _nucleus(torch.softmax(logits / 0.8, dim=-1), top_p)
+            assert bool(keep.gather(-1, fast[:, None]).all())  # always a nucleus token
     # all tied: the lowest ids win, about top_p * V of them (float sums decide the last one)
-    kept = _nucleus(probs, 0.5)[2].nonzero().flatten().tolist()
+    kept = _nucleus(torch.softmax(logits, dim=-1), 0.5)[2].nonzero().flatten().tolist()
     assert kept == list(range(len(kept))) and len(kept) in (2500, 2501)
 
 
+def test_keyed_uniform_is_splitmix64_modulo_2_64():
+    """The int64 arithmetic wraps exactly as the unsigned 64-bit reference (pure Python) does."""
+    M = (1 << 64) - 1
+
+    def mix(z):
+        z = (z + 0x9E3779B97F4A7C15) & M
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M
+        return z ^ (z >> 31)
+
+    seeds = [0, 1, 12345678901234567, (1 << 62) - 1]
+    steps = [0, 7, 599]
+    toks = [0, 1, 151645, 49151]
+    for step in steps:
+        got = keyed_uniform(torch.tensor(seeds), step, torch.tensor([toks] * len(seeds)))
+        for i, sd in enumerate(seeds):
+            key = mix(mix(sd) ^ step)
+            expected = [(mix(key ^ t) >> 11) * 2.0 ** -53 for t in toks]
+            assert got[i].tolist() == expected
+    u = keyed_uniform(torch.arange(200), 3, torch.arange(500).expand(200, 500))
+    assert 0 <= u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.005
+
+
 def test_backend_choice(monkeypatch, tiny_model_dir):
+    import markerlab.devices
+
     assert resolve_backend("hf") == "hf" and resolve_backend("vllm") == "vllm"
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(markerlab.devices, "cuda_device_count", lambda: 0)
     assert resolve_backend("auto") == "hf"
     with pytest.raises(UserError, match="expected one of auto, hf, vllm"):
         resolve_backend("tgi")
-    import data.generation as gen
-
     monkeypatch.setattr(gen, "_vllm_importable", lambda: False)
     with pytest.raises(UserError, match="vllm package is not installed"):
         make_backend("vllm", tiny_model_dir)
@@ -145,9 +176,9 @@ def test_sampler_draws_from_the_tempered_nucleus():
     """Frequencies over many rows match softmax(logits / T) renormalized over the top-p set."""
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
     rows = 20000
-    gens = [torch.Generator().manual_seed(i) for i in range(rows)]
+    seeds = torch.arange(rows, dtype=torch.long)
     sp = SamplingSpec(n=1, temperature=0.7, top_p=0.9, max_tokens=1, seed=0)
-    picks = HFBackend._pick(logits.expand(rows, -1).clone(), gens, sp)
+    picks = sample_next(logits.expand(rows, -1).clone(), seeds, 0, sp)
     freq = torch.bincount(picks, minlength=6).float() / rows
     p = torch.softmax(logits / 0.7, dim=-1)
     n_keep = int((torch.cumsum(p, 0) < 0.9).sum()) + 1
@@ -155,3 +186,32 @@ def test_sampler_draws_from_the_tempered_nucleus():
     expected[:n_keep] = p[:n_keep] / p[:n_keep].sum()
     assert freq[n_keep:].sum() == 0
     assert torch.allclose(freq, expected, atol=0.015), (freq, expected)
+
+
+def test_rows_that_stop_leave_the_batch_without_disturbing_the_others(backend, prompts):
+    """Force <|im_end|> on the first row at step 3: it stops there, it and its cache rows leave the
+    batch, and every other row continues exactly as in a batch where nobody stopped."""
+    stop_id = backend.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    calls = {"n": 0}
+
+    def hook(module, inputs, output):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            output[0, ..., stop_id] += 1e4  # row 0 of the full batch, before anyone left
+        return output
+
+    sp = spec(n=2, max_tokens=8)
+    plain = backend.generate(prompts, sp)
+    handle = backend.model.lm_head.register_forward_hook(hook)
+    try:
+        forced = backend.generate(prompts, sp)
+    finally:
+        handle.remove()
+    # the batch is ordered by prompt length: find the row that was first
+    order = sorted(range(len(prompts)), key=lambda i: (len(backend.tokenizer(prompts[i])["input_ids"]), i))
+    first = order[0]
+    assert forced[first][0].finish_reason == "stop" and forced[first][0].n_tokens == 3
+    for p in range(len(prompts)):
+        for s in range(2):
+            if (p, s) != (first, 0):
+                assert forced[p][s] == plain[p][s], (p, s)
