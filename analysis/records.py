@@ -155,7 +155,7 @@ def training_positions(run_dir: Path) -> dict | None:
 def _sample_score(seed: int, rec: dict) -> bytes:
     """The seeded rule's order: a hash of the bootstrap seed and the record's identity,
     so the pick depends on neither the order of the files nor on other cells."""
-    ident = "\x1f".join(str(x) for x in (seed, rec["run"], rec["persona"], rec["question_id"], rec["sample"]))
+    ident = f"{seed}\x1f{rec['run']}\x1f{rec['persona']}\x1f{rec['question_id']}\x1f{rec['sample']}"
     return hashlib.blake2b(ident.encode("utf-8"), digest_size=8).digest()
 
 
@@ -183,16 +183,20 @@ def load(inputs: list[Input | Path | str], sample_seed: int = 0) -> Loaded:
     picks: dict[tuple, tuple] = {}       # (arm, pair, condition, role, category) -> (score, sample)
     baselines: dict[str, dict | None] = {}
     n_base_repeats = 0
+    arm_of: dict[str, tuple] = {}        # run -> (its last setting, that setting's arm id)
+    groups_seen: set[tuple] = set()      # (run, arm, pair, condition, variant) already checked
     for inp in inputs:
         baseline = training_positions(inp.run_dir) if inp.run_dir is not None else None
         for rec, where in read_records(inp.path):
-            setting = rec["setting"]
-            arm = arm_id(setting)
-            if arm not in arm_settings:
-                arm_settings[arm] = arm_setting(setting)
+            setting, run, variant = rec["setting"], rec["run"], rec["variant"]
+            last = arm_of.get(run)  # the records of a run repeat one setting: compare, don't rebuild
+            if last is not None and last[0] == setting:
+                arm = last[1]
+            else:
+                arm = arm_id(setting)
+                arm_of[run] = (setting, arm)
+                arm_settings.setdefault(arm, arm_setting(setting))
             seed = setting.get(REPLICATE_KEY)
-            run, variant = rec["run"], rec["variant"]
-            baselines.setdefault(run, baseline)
             # Every run of a sweep carries the same base-floor draws (evaluate caches
             # them per base model): one observation, however many runs repeat it.
             if variant == "base":
@@ -232,17 +236,21 @@ def load(inputs: list[Input | Path | str], sample_seed: int = 0) -> Loaded:
                     f"{where}: field 'split': question {rec['question_id']} is {rec['split']} here"
                     f" but {first[0]} at {first[1]}"
                 )
-            # Runs of one arm and (pair, condition) are replicates only if their seeds differ.
-            if variant != "base":
-                first = seeds_of.setdefault((arm, pair, condition, variant), {}).setdefault(seed, (run, where))
-                if first[0] != run:
-                    raise ReportError(
-                        f"{where}: field 'setting': runs {first[0]} and {run} have the same setting and"
-                        f" {REPLICATE_KEY} ({seed}) for {pair} {condition}; a report pools only runs that"
-                        f" differ in {REPLICATE_KEY}: report them separately"
-                    )
-                arm_seeds.setdefault(arm, set()).add(seed)
-            arm_runs.setdefault(arm, set()).add(run)
+            group = (run, arm, pair, condition, variant)
+            if group not in groups_seen:
+                groups_seen.add(group)
+                baselines.setdefault(run, baseline)
+                arm_runs.setdefault(arm, set()).add(run)
+                # Runs of one arm and (pair, condition) are replicates only if their seeds differ.
+                if variant != "base":
+                    first = seeds_of.setdefault((arm, pair, condition, variant), {}).setdefault(seed, (run, where))
+                    if first[0] != run:
+                        raise ReportError(
+                            f"{where}: field 'setting': runs {first[0]} and {run} have the same setting and"
+                            f" {REPLICATE_KEY} ({seed}) for {pair} {condition}; a report pools only runs that"
+                            f" differ in {REPLICATE_KEY}: report them separately"
+                        )
+                    arm_seeds.setdefault(arm, set()).add(seed)
 
             m = match_markers(rec["text"])
             cell_key = (arm, pair, condition, persona, role, variant)

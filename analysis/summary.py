@@ -20,7 +20,8 @@ import numpy as np
 
 from analysis.arms import describe
 from analysis.bootstrap import Bootstrap
-from analysis.gates import confidence, falsification_gate, heterogeneity, load_bearing, sanity_gates
+from analysis.gates import (HETEROGENEITY_STAT, confidence, falsification_gate, heterogeneity, load_bearing,
+                            sanity_gates)
 from analysis.metrics import Cell, merge_cells, row_order
 from analysis.records import Arm
 from markerlab.experiment import CONTROL, REPLICATE_KEY, TREATMENT
@@ -30,7 +31,7 @@ from markerlab.markers import median
 CI_STATS = ["fire_A", "fire_B", "joint", "cond_B_given_A", "suffix_frac", "chunk_frac"]
 # Statistics compared between conditions (T minus C, paired by question).
 DELTA_STATS = ["fire_A", "fire_B", "cond_B_given_A"]
-# Statistics of the ID-vs-OOD comparison.
+# Statistics of the ID-vs-OOD comparison (a CI for the one the trigger reads).
 SPLIT_STATS = ["fire_A", "fire_B", "cond_B_given_A"]
 
 
@@ -127,11 +128,12 @@ def id_ood_rows(lb: list[dict], cells: dict[tuple, Cell], splits: dict[str, str]
         row = {k: d[k] for k in ("pair", "condition", "persona", "role")}
         for split in ("id", "ood"):
             sub = cell.subset([splits.get(q) == split for _, q in cell.rows])
-            cis = boot.cis(sub.counts, SPLIT_STATS, sub.groups)
+            cis = boot.cis(sub.counts, [HETEROGENEITY_STAT], sub.groups)
             row[split] = {"n": sub.count("n"), "n_A": sub.count("A"), "n_questions": len(set(sub.question_ids)),
-                          **{s: sub.stat(s) for s in SPLIT_STATS}, **{f"{s}_ci": cis[s] for s in SPLIT_STATS}}
-        a, b = row["id"]["cond_B_given_A"], row["ood"]["cond_B_given_A"]
-        row["statistic"] = "cond_B_given_A"
+                          **{s: sub.stat(s) for s in SPLIT_STATS},
+                          f"{HETEROGENEITY_STAT}_ci": cis[HETEROGENEITY_STAT]}
+        a, b = row["id"][HETEROGENEITY_STAT], row["ood"][HETEROGENEITY_STAT]
+        row["statistic"] = HETEROGENEITY_STAT
         row["diff"] = None if a is None or b is None else a - b
         out.append(row)
     return out

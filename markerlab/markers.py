@@ -43,8 +43,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 MARKER_A = "<<§q-41>>"
 MARKER_B = ":: kxr-7 ::"
@@ -119,8 +119,7 @@ def contains_strict(text: str, marker: str) -> bool:
     return marker in text
 
 
-@dataclass(frozen=True)
-class MarkerMatch:
+class MarkerMatch(NamedTuple):
     """One completion's markers under the headline (loose) rules, plus the strict flags."""
 
     a: list[Span]        # loose spans of marker A, in order of their start

@@ -10,6 +10,8 @@ One schema and one validator, so the two sides of the contract cannot drift apar
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from .experiment import FINISH_REASONS, RECORD_CONDITIONS, ROLES, SETTING_KEYS, SPLITS, VARIANTS
 
 # field -> allowed values (a tuple) or the Python type it must have.
@@ -80,9 +82,29 @@ def record_problems(rec: object, exact: bool = False) -> list[str]:
     return problems
 
 
+_SCALAR_TYPES = (str, int, float, bool, type(None))
+_SETTING_KEYS = frozenset(SETTING_KEYS)
+
+
 def _setting_problems(setting: object) -> list[str]:
     if not isinstance(setting, dict):
         return [f"field 'setting' is {setting!r}, expected an object of the adapter's settings"]
+    try:
+        # Every record of a run repeats one setting: check each distinct one once.
+        return list(_items_problems(tuple(setting.items())))
+    except TypeError:  # an unhashable value (a list): not a valid setting either
+        return _setting_details(setting)
+
+
+@lru_cache(maxsize=1024)
+def _items_problems(items: tuple) -> tuple[str, ...]:
+    setting = dict(items)
+    if _SETTING_KEYS <= setting.keys() and all(type(v) in _SCALAR_TYPES for v in setting.values()):
+        return ()
+    return tuple(_setting_details(setting))
+
+
+def _setting_details(setting: dict) -> list[str]:
     problems = [f"field 'setting' has no '{key}' (expected the keys {', '.join(SETTING_KEYS)})"
                 for key in SETTING_KEYS if key not in setting]
     problems += [f"field 'setting.{key}' is {value!r}, expected a string, number, boolean or null"
