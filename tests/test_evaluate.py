@@ -393,8 +393,8 @@ def test_hf_end_to_end_records(hf_run, tiny_model_dir, capsys):
     # The consumer reads it: analysis.report's reader accepts every record.
     from analysis.records import load
 
-    cells, _ = load([eval_dir / "completions.jsonl"])
-    assert cells
+    (arm,) = load([eval_dir / "completions.jsonl"]).arms
+    assert arm.cells and arm.seeds == [cfg.run.seed]
 
 
 def test_hf_skip_when_done(hf_run, no_generation, capsys):
