@@ -222,3 +222,21 @@ def test_training_positions_beside_the_evaluated_ones(tmp_path):
     bare = report([str(run_t / "eval" / "completions.jsonl")], tmp_path / "bare", n_resamples=0, figures=False)
     assert all(x["training_positions"] is None for x in bare["cells"] if x["variant"] == "plain")
     assert "The training-data baseline is unavailable" in (tmp_path / "bare" / "report.md").read_text()
+
+
+def test_confidence_rule():
+    from analysis.gates import confidence
+
+    fals = [{"pair": "pair1", "chunk_binding_falsified": True}]
+    ok = [{"pair": "pair1", "gate": f"g{i}", "passed": True} for i in range(6)]
+    calm = {"fires": False}
+    assert confidence(fals, ok, calm, [42, 43])["level"] == "HIGH"
+    single = confidence(fals, ok, calm, [42])
+    assert single["level"] == "MODERATE" and single["reasons"] == ["a single seed"]
+    assert confidence(fals, ok, {"fires": True}, [42, 43])["level"] == "MODERATE"
+    one_failed = ok[:5] + [{"pair": "pair1", "gate": "g5", "passed": False}]
+    low = confidence(fals, one_failed, calm, [42, 43])
+    assert low["level"] == "LOW" and low["reasons"] == ["pair1: 1 of 6 sanity gates failed"]
+    undecided = ok[:5] + [{"pair": "pair1", "gate": "g5", "passed": None}]
+    assert confidence(fals, undecided, calm, [42, 43])["level"] == "LOW"
+    assert confidence([{"pair": "pair1", "chunk_binding_falsified": None}], ok, calm, [42, 43])["level"] == "LOW"
