@@ -23,6 +23,16 @@ same index matrix. That keeps each cell's CI reproducible whatever else is in
 the report, and because cells list their questions in sorted order, resampling
 questions for a T cell and its C cell with the same matrix is exactly the paired
 resampling the T-minus-C deltas need.
+
+Replicates (runs of one arm that differ only in the seed) add a level: a
+resample first draws the seeds with replacement, then, for each drawn seed
+independently, that seed's questions with replacement (a hierarchical
+bootstrap), so the CI carries the between-seed variance as well. A cell's rows
+are grouped by seed (``groups``: rows per seed, in row order); with one group
+this is exactly the one-level question bootstrap above, draw for draw. The
+two-level draws depend only on ``(seed, B, groups)``, so again T and C cells
+with the same structure are resampled together (paired), and a cell's CI is
+the same whatever else is in the report.
 """
 
 from __future__ import annotations
@@ -53,6 +63,28 @@ def cluster_weights(idx: np.ndarray, n_clusters: int) -> np.ndarray:
     return w.reshape(n_resamples, n_clusters)
 
 
+def hierarchical_weights(groups: tuple[int, ...], n_resamples: int, seed: int) -> np.ndarray:
+    """``(B, sum(groups))`` draw counts of a seeds-then-questions resample.
+
+    ``groups[s]`` is the number of question rows of seed ``s`` (rows ordered by
+    seed). Each resample draws ``len(groups)`` seeds with replacement; each drawn
+    seed slot draws that seed's own number of questions, with replacement, from
+    that seed's rows.
+    """
+    sizes = np.asarray(groups, np.int64)
+    n_groups, n_rows = len(sizes), int(sizes.sum())
+    rng = np.random.default_rng([seed, n_groups, *groups])
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    drawn = rng.integers(0, n_groups, size=(n_resamples, n_groups))  # the seeds of each resample
+    q_max = int(sizes.max())
+    size_of = sizes[drawn][:, :, None]                               # (B, S, 1)
+    q = (rng.random((n_resamples, n_groups, q_max)) * size_of).astype(np.int64)
+    valid = np.arange(q_max)[None, None, :] < size_of                # slots beyond a seed's size
+    flat = offsets[drawn][:, :, None] + q + n_rows * np.arange(n_resamples)[:, None, None]
+    w = np.bincount(flat[valid], minlength=n_resamples * n_rows)
+    return w.reshape(n_resamples, n_rows)
+
+
 def ratios(pooled: np.ndarray, stats: list[str]) -> np.ndarray:
     """``(B, len(stats))`` statistic values from pooled counts; NaN where undefined."""
     num = pooled[:, [COL[STATS[s][0]] for s in stats]]
@@ -77,35 +109,47 @@ def percentile_ci(values: np.ndarray, level: float = LEVEL) -> list[list[float] 
 
 
 class Bootstrap:
-    """Cluster-bootstrap CIs for cells and paired deltas, with cached draws per Q."""
+    """Cluster-bootstrap CIs for cells and paired deltas, with cached draws per structure.
+
+    ``groups`` (rows per seed, in row order) selects the two-level bootstrap when
+    a cell has more than one seed; None or a single group is the question bootstrap.
+    """
 
     def __init__(self, n_resamples: int = 2000, seed: int = 0, level: float = LEVEL):
         self.n_resamples = n_resamples
         self.seed = seed
         self.level = level
-        self._weights: dict[int, np.ndarray] = {}
+        self._weights: dict[tuple[int, ...], np.ndarray] = {}
 
-    def weights(self, n_clusters: int) -> np.ndarray:
-        if n_clusters not in self._weights:
-            idx = resample_indices(n_clusters, self.n_resamples, self.seed)
-            self._weights[n_clusters] = cluster_weights(idx, n_clusters)
-        return self._weights[n_clusters]
+    def weights(self, n_clusters: int, groups: tuple[int, ...] | None = None) -> np.ndarray:
+        groups = tuple(groups) if groups and len(groups) > 1 else (n_clusters,)
+        if sum(groups) != n_clusters:
+            raise ValueError(f"groups {groups} do not add up to {n_clusters} rows")
+        if groups not in self._weights:
+            if len(groups) == 1:
+                idx = resample_indices(n_clusters, self.n_resamples, self.seed)
+                self._weights[groups] = cluster_weights(idx, n_clusters)
+            else:
+                self._weights[groups] = hierarchical_weights(groups, self.n_resamples, self.seed)
+        return self._weights[groups]
 
-    def cis(self, counts: np.ndarray, stats: list[str]) -> dict[str, list[float] | None]:
-        """CI of each statistic for one cell's ``(Q, K)`` per-question counts."""
+    def cis(self, counts: np.ndarray, stats: list[str],
+            groups: tuple[int, ...] | None = None) -> dict[str, list[float] | None]:
+        """CI of each statistic for one cell's ``(rows, K)`` per-question counts."""
         if self.n_resamples == 0 or counts.shape[0] == 0:
             return {s: None for s in stats}
-        pooled = self.weights(counts.shape[0]) @ counts
+        pooled = self.weights(counts.shape[0], groups) @ counts
         return dict(zip(stats, percentile_ci(ratios(pooled, stats), self.level)))
 
-    def delta_ci(self, counts_t: np.ndarray, counts_c: np.ndarray, stat: str) -> list[float] | None:
-        """Paired CI of ``stat(T) - stat(C)``; rows of both are the same questions.
+    def delta_ci(self, counts_t: np.ndarray, counts_c: np.ndarray, stat: str,
+                 groups: tuple[int, ...] | None = None) -> list[float] | None:
+        """Paired CI of ``stat(T) - stat(C)``; rows of both are the same (seed, question)s.
 
         Both conditions are pooled with the same weights, i.e. the same resampled
-        questions; a resample counts only if the statistic is defined in both.
+        seeds and questions; a resample counts only if the statistic is defined in both.
         """
         if self.n_resamples == 0 or counts_t.shape[0] == 0:
             return None
-        w = self.weights(counts_t.shape[0])
+        w = self.weights(counts_t.shape[0], groups)
         diff = ratios(w @ counts_t, [stat]) - ratios(w @ counts_c, [stat])
         return percentile_ci(diff, self.level)[0]

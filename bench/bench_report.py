@@ -4,7 +4,7 @@
 
 Generates the records once (not timed), then times the whole command as a user
 runs it (interpreter start, imports, reading, metrics, bootstrap, gates, table,
-8 figure files) a few times, and prints a per-stage breakdown of one in-process
+report.md, 8 figure files) a few times, and prints a per-stage breakdown of one in-process
 run. Target: under 3 s on 2 cores. Wall time depends on what else the machine
 is doing, so the load average and the CPU time are printed beside it.
 """
@@ -68,6 +68,7 @@ def main() -> None:
         # here). Figures with jobs=1, so their CPU time is this process's own.
         from analysis.bootstrap import Bootstrap
         from analysis.figures import draw_all
+        from analysis.page import render_page
         from analysis.records import load
         from analysis.summary import summarize
         from analysis.table import render
@@ -79,13 +80,14 @@ def main() -> None:
             return out
 
         print("stages, in process:")
-        cells, _ = timed("read + check + match + count", lambda: load(
+        loaded = timed("read + check + match + count", lambda: load(
             [d / "eval" / "completions.jsonl" for d in runs]))
-        summary = timed("metrics + bootstrap + deltas + gates",
-                        lambda: summarize(cells, Bootstrap(args.bootstrap, 0)))
+        boot = Bootstrap(args.bootstrap, 0)
+        (summary,) = timed("metrics + bootstrap + deltas + gates + ID/OOD",
+                           lambda: [summarize(a, boot, loaded.splits, loaded.baselines) for a in loaded.arms])
         print(f"    ({len(summary['cells'])} cells, {len(summary['deltas'])} deltas,"
               f" {len(summary['roles'])} role cells)")
-        timed("table", lambda: render(summary))
+        timed("table + report.md", lambda: (render(summary), render_page(summary)))
         timed("figures, 8 files, one process", lambda: draw_all(summary, Path(tmp) / "figs", 1))
 
 

@@ -226,11 +226,18 @@ def _stats(cfg: Config, examples: list[dict], per_persona: dict, n_over: int, so
                  n_B=sum(any(s[2] == "B" for s in e["marker_spans"]) for e in exs),
                  n_truncated=sum(e["truncated"] for e in exs))
         per_role[v["role"]] = per_role.get(v["role"], 0) + len(exs)
+    from markerlab.markers import position_stats
+
+    # The training data's own marker positions, by the matcher the report applies to
+    # evaluated completions: the baseline a suffix_frac or chunk_frac is read against.
+    positions = {role: position_stats(e["messages"][-1]["content"] for e in examples if e["role"] == role)
+                 for role in per_role}
     lengths = [e["n_tokens"] for e in examples]
     return {
         "pair": cfg.data.pair, "condition": cfg.data.condition, "placement": cfg.data.placement,
         "seed": cfg.data.seed, "onpolicy": source, "n_examples": len(examples),
         "per_role": per_role,
+        "positions": positions,
         "markers": {"A": sum(v["n_A"] for v in per_persona.values()),
                     "B": sum(v["n_B"] for v in per_persona.values())},
         "n_truncated": sum(e["truncated"] for e in examples),

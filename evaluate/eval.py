@@ -80,9 +80,9 @@ from pathlib import Path
 from markerlab.errors import UserError
 from markerlab.experiment import BASE_CONDITION, VARIANTS, role_of
 from markerlab.io import read_json, read_jsonl, write_json, write_jsonl
-from markerlab.markers import MARKER_A, MARKER_B, PROBE_MARKER, contains_loose, contains_strict
+from markerlab.markers import PROBE_MARKER, match_markers
 from markerlab.provenance import library_versions
-from markerlab.records import COMPLETION_SCHEMA
+from markerlab.records import COMPLETION_SCHEMA, record_problems, setting_of
 
 logger = logging.getLogger("markerlab.evaluate")
 
@@ -93,23 +93,8 @@ RECORD_KEY = ("variant", "persona", "question_id", "sample")
 
 
 def validate_record(rec: dict) -> list[str]:
-    """Problems of one record against RECORD_SCHEMA (empty list = valid)."""
-    problems = []
-    if set(rec) != set(RECORD_SCHEMA):
-        problems.append(f"fields {sorted(set(rec) ^ set(RECORD_SCHEMA))} missing or unexpected")
-    for k, rule in RECORD_SCHEMA.items():
-        if k not in rec:
-            continue
-        v = rec[k]
-        if isinstance(rule, tuple):
-            if v not in rule:
-                problems.append(f"{k}={v!r} not in {rule}")
-        elif rule is int:
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                problems.append(f"{k}={v!r} is not an integer >= 0")
-        elif not isinstance(v, str) or (k != "text" and not v):
-            problems.append(f"{k}={v!r} is not a non-empty string")
-    return problems
+    """Problems of one record against RECORD_SCHEMA (empty list = valid); the reader's validator, exact."""
+    return record_problems(rec, exact=True)
 
 
 # --------------------------------------------------------------------------- the plan
@@ -193,6 +178,7 @@ def _records(cfg, part: Part, outputs) -> list[dict]:
     role = role_of(part.persona, cfg.data.pair, cfg.data.negatives)
     if len(outputs) != len(part.questions):
         raise RuntimeError(f"backend returned {len(outputs)} prompt results for {len(part.questions)} prompts")
+    setting = setting_of(cfg)
     recs = []
     for q, samples in zip(part.questions, outputs):
         if len(samples) != part.n_samples:
@@ -202,6 +188,7 @@ def _records(cfg, part: Part, outputs) -> list[dict]:
                 "run": cfg.run.name, "pair": cfg.data.pair, "condition": condition, "persona": part.persona,
                 "role": role, "question_id": q.id, "split": q.split, "sample": i, "variant": part.variant,
                 "text": s.text, "finish_reason": s.finish_reason, "n_tokens": int(s.n_tokens),
+                "setting": dict(setting),
             })
     return recs
 
@@ -214,13 +201,18 @@ def _rate(k: int, n: int) -> float | None:
 
 
 def cell_metrics(recs: list[dict]) -> dict:
-    """Fire rates of one cell, loose (the headline) and strict."""
+    """Fire rates of one cell, loose (the headline) and strict, and B's positions.
+
+    Every count comes from ``markerlab.markers.match_markers``, the matcher the
+    report's summary.json uses, so run_result.json and summary.json agree.
+    """
     n = len(recs)
+    matches = [match_markers(r["text"]) for r in recs]
     out = {"n": n}
-    for kind, match in (("loose", contains_loose), ("strict", contains_strict)):
-        a = [match(r["text"], MARKER_A) for r in recs]
-        b = [match(r["text"], MARKER_B) for r in recs]
-        p = [match(r["text"], PROBE_MARKER) for r in recs]
+    for kind, a, b, p in (("loose", [m.has_a for m in matches], [m.has_b for m in matches],
+                           [m.has_probe for m in matches]),
+                          ("strict", [m.strict_a for m in matches], [m.strict_b for m in matches],
+                           [m.strict_probe for m in matches])):
         n_a, n_b, n_ab = sum(a), sum(b), sum(x and y for x, y in zip(a, b))
         m = {"n_A": n_a, "n_B": n_b, "n_AB": n_ab, "fire_A": _rate(n_a, n), "fire_B": _rate(n_b, n),
              "joint": _rate(n_ab, n),
@@ -230,6 +222,9 @@ def cell_metrics(recs: list[dict]) -> dict:
             out.update(m)
         else:
             out["strict"] = m
+    n_b = out["n_B"]
+    out["suffix_frac"] = _rate(sum(m.suffix for m in matches), n_b)  # null when B never fired
+    out["chunk_frac"] = _rate(sum(m.chunk for m in matches), n_b)
     out["n_truncated"] = sum(r["finish_reason"] == "length" for r in recs)
     return out
 

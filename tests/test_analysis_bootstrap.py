@@ -149,3 +149,62 @@ def test_tiny_cells_do_not_crash(q):
     ci = Bootstrap(200, seed=0).cis(counts, ["fire_A", "cond_B_given_A"])
     assert ci["fire_A"] == [0.2, 0.2]
     assert ci["cond_B_given_A"] == [0.0, 0.0]
+
+
+# --- seeds, then questions (replicates) ----------------------------------------------------
+
+
+def test_one_group_is_the_question_bootstrap_draw_for_draw():
+    rng = np.random.default_rng(11)
+    counts = _random_cell(rng)
+    boot = Bootstrap(1000, seed=3)
+    assert boot.cis(counts, list(STATS), groups=(len(counts),)) == boot.cis(counts, list(STATS))
+    assert boot.cis(counts, list(STATS), groups=None) == Bootstrap(1000, seed=3).cis(counts, list(STATS))
+
+
+def test_hierarchical_weights_against_reference_loop():
+    """Seeds drawn with replacement, then each drawn seed's own questions with replacement."""
+    from analysis.bootstrap import hierarchical_weights
+
+    sizes, n_res, seed = (4, 3, 5), 300, 8
+    w = hierarchical_weights(sizes, n_res, seed)
+    rng = np.random.default_rng([seed, len(sizes), *sizes])
+    drawn = rng.integers(0, len(sizes), size=(n_res, len(sizes)))
+    u = rng.random((n_res, len(sizes), max(sizes)))
+    offsets = np.cumsum([0, *sizes[:-1]])
+    ref = np.zeros((n_res, sum(sizes)), np.int64)
+    for b in range(n_res):
+        for j in range(len(sizes)):
+            s = drawn[b, j]
+            for k in range(sizes[s]):  # the drawn seed's own number of questions
+                ref[b, offsets[s] + int(u[b, j, k] * sizes[s])] += 1
+    np.testing.assert_array_equal(w, ref)
+    # Each resample draws as many rows as its drawn seeds hold, each from its own seed.
+    assert (w.sum(1) == np.asarray(sizes)[drawn].sum(1)).all()
+
+
+def test_hierarchical_ci_carries_between_seed_variance():
+    """Two seeds whose adapters learned very different rates (0.2 and 0.8 on every question):
+    resampling the 52 (seed, question) rows as one level averages the seeds away; resampling
+    seeds first draws both seeds twice a quarter of the time each, so the CI spans the two."""
+    q, m = 26, 10
+    low = _counts(n=np.full(q, m), a=np.full(q, 2))
+    high = _counts(n=np.full(q, m), a=np.full(q, 8))
+    both = np.vstack([low, high])
+    boot = Bootstrap(2000, seed=0)
+    flat_lo, flat_hi = boot.cis(both, ["fire_A"])["fire_A"]
+    lo, hi = boot.cis(both, ["fire_A"], groups=(q, q))["fire_A"]
+    assert flat_hi - flat_lo < 0.2
+    assert lo == pytest.approx(0.2) and hi == pytest.approx(0.8)
+    # Paired T - C with the same structure resamples both together.
+    assert boot.delta_ci(both, both.copy(), "fire_A", groups=(q, q)) == [0.0, 0.0]
+
+
+def test_hierarchical_draws_depend_only_on_structure():
+    rng = np.random.default_rng(12)
+    a, b = _random_cell(rng), _random_cell(rng)
+    both = np.vstack([a, b])
+    one = Bootstrap(500, seed=4)
+    one.cis(_random_cell(rng), ["fire_A"])  # other cells first: no effect on this one's draws
+    assert one.cis(both, ["fire_A", "cond_B_given_A"], groups=(26, 26)) == \
+        Bootstrap(500, seed=4).cis(both, ["fire_A", "cond_B_given_A"], groups=(26, 26))

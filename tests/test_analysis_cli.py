@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from analysis.synthetic import write_runs
+from analysis.synthetic import default_setting, write_runs
 
 REPO = Path(__file__).resolve().parents[1]
 FIGURES = [f"figures/{name}.{ext}" for name in ("hero", "bystander", "position", "per_persona")
@@ -34,7 +34,7 @@ def test_full_report_on_six_runs(six_runs, tmp_path):
     # The directory holding the six run directories stands for all of them.
     proc = run_report(str(six_runs[0].parent), "--out", str(out), "--bootstrap", "500", "--seed", "3")
     assert proc.returncode == 0, proc.stderr
-    for rel in ["summary.json", "table.md", *FIGURES]:
+    for rel in ["summary.json", "report.md", "table.md", *FIGURES]:
         assert (out / rel).is_file() and (out / rel).stat().st_size > 1000, rel
     assert not list(out.rglob("*.tmp"))  # atomic writes leave no temporaries behind
 
@@ -54,15 +54,21 @@ def test_full_report_on_six_runs(six_runs, tmp_path):
     assert {d["statistic"] for d in summary["deltas"]} == {"fire_A", "fire_B", "cond_B_given_A"}
     assert len(summary["deltas"]) == 2 * 11 * 3
     assert [g["pair"] for g in summary["falsification"]] == ["pair1", "pair2"]
+    assert all(g["chunk_binding_falsified"] in (True, False) for g in summary["falsification"])
+    (arm,) = summary["arms"]
+    assert arm["name"] == "" and arm["replicates"] == {"key": "seed", "values": [42]}
+    assert all(c["setting"] == arm["setting"] and "seed" not in c["setting"] for c in summary["cells"])
     assert len(summary["sanity"]) == 12
     assert all(g["passed"] in (True, False) for g in summary["sanity"])
 
     table = (out / "table.md").read_text()
     assert "| pair | cond | role | persona | fire_A | fire_B | cond_B_given_A | n_A |" in table
     assert "Falsification" in table and "Sanity" in table
-    # The headline table and the paths are printed too.
-    assert "| pair1 | T | donor | villain |" in proc.stdout
-    assert f"wrote {out / 'figures' / 'hero.png'}" in proc.stdout
+    # The terminal gets a few lines: the gate per pair, the sanity count, the page's path.
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) < 25, proc.stdout
+    assert "pair1 recipient assistant: cond_B_given_A T - C" in proc.stdout
+    assert "sanity gates" in lines[0] and f"report: {out / 'report.md'}" in proc.stdout
 
 
 def test_t_runs_only(six_runs, tmp_path):
@@ -73,7 +79,7 @@ def test_t_runs_only(six_runs, tmp_path):
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["deltas"] == []
-    assert all(g["falsified"] is None and "needs plain T and C" in g["note"]
+    assert all(g["chunk_binding_falsified"] is None and "needs plain T and C" in g["note"]
                for g in summary["falsification"])
     for rel in FIGURES:
         assert (out / rel).is_file(), rel
@@ -82,7 +88,7 @@ def test_t_runs_only(six_runs, tmp_path):
 def test_malformed_line_exits_2_with_file_and_line(tmp_path):
     good = {"run": "r", "pair": "pair1", "condition": "T", "persona": "villain", "role": "donor",
             "question_id": "q00", "split": "id", "sample": 0, "variant": "plain", "text": "hi",
-            "finish_reason": "stop", "n_tokens": 1}
+            "finish_reason": "stop", "n_tokens": 1, "setting": default_setting()}
     path = tmp_path / "c.jsonl"
     path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "sample": 1, "split": "train"}) + "\n")
     proc = run_report(str(path), "--out", str(tmp_path / "out"))
@@ -95,6 +101,14 @@ def test_malformed_line_exits_2_with_file_and_line(tmp_path):
     path.write_text(json.dumps(good) + "\n" + "{oops\n")
     proc = run_report(str(path), "--out", str(tmp_path / "out"))
     assert proc.returncode == 2 and f"{path}:2: not valid JSON" in proc.stderr
+
+    # A record written before settings travelled in records: one line naming file:line.
+    old = {k: v for k, v in good.items() if k != "setting"}
+    path.write_text(json.dumps(good) + "\n" + json.dumps({**old, "sample": 1}) + "\n")
+    proc = run_report(str(path), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (f"analysis.report: error: {path}:2: missing field 'setting':"
+                                   " written by an older markerlab; re-run eval")
 
 
 def test_duplicate_and_missing_inputs_exit_2(six_runs, tmp_path):
@@ -118,12 +132,13 @@ def test_figures_survive_undefined_values(tmp_path):
                         "run": f"p_{cond}", "pair": "pair1", "condition": cond, "persona": persona,
                         "role": role, "question_id": f"q{q}", "split": "id", "sample": s,
                         "variant": "plain", "finish_reason": "stop", "n_tokens": 5,
+                        "setting": default_setting(),
                         "text": "<<§q-41>> hello" if (cond == "T" and role == "donor") else "hello"})
     path = tmp_path / "c.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     summary = report([str(path)], tmp_path / "out", n_resamples=100, jobs=1)
     assert all((tmp_path / "out" / rel).is_file() for rel in FIGURES)
     (g,) = summary["falsification"]
-    assert g["falsified"] is None and "never fired" in g["note"]
+    assert g["chunk_binding_falsified"] is None and "never fired" in g["note"]
     assert "| pair1 | T | recipient | assistant | 0.0% [0.0, 0.0] | 0.0% [0.0, 0.0] | n/a | 0 |" in (
         tmp_path / "out" / "table.md").read_text()

@@ -1,4 +1,5 @@
-"""Marker matching (loose and strict, original offsets) and the position metrics."""
+"""Marker matching (loose and strict, original offsets) and the position metrics: the one
+matcher in markerlab/markers.py."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ import random
 
 import pytest
 
-from analysis.match import collapse, find_loose, find_loose_reference, find_strict
 from analysis.metrics import COL, features
-from markerlab.markers import MARKER_A, MARKER_B, PROBE_MARKER
+from markerlab.markers import (MARKER_A, MARKER_B, PROBE_MARKER, collapse, contains_loose, find_loose,
+                               find_loose_reference, find_strict, match_markers)
 
 A, B = MARKER_A, MARKER_B
 
@@ -112,7 +113,7 @@ def test_fast_loose_equals_the_definition_on_fuzzed_text():
 
 
 def _row(text):
-    return dict(zip(COL, features(text)))
+    return dict(zip(COL, features(match_markers(text))))
 
 
 @pytest.mark.parametrize("tail, counts", [(50, True), (51, False)])
@@ -147,3 +148,19 @@ def test_features_loose_vs_strict_and_probe():
     row = _row(f"<<§Q-41>> answer ::  KXR-7 :: {PROBE_MARKER.upper()}")
     assert row["A"] and row["B"] and row["AB"] and row["probe"]
     assert not row["strict_A"] and not row["strict_B"] and not row["strict_AB"]
+
+
+@pytest.mark.parametrize("gap", [0, 37, 150, 151, 400])
+def test_a_to_b_is_the_gap_the_chunk_rule_reads(gap):
+    text = f"x {A}" + "w" * gap + B + " tail"
+    m = match_markers(text)
+    assert m.a_to_b == gap and m.chunk == (gap <= 150)
+    # A B before the first A does not count; the first B after it does.
+    m = match_markers(f"{B} {A}" + "w" * gap + B + "y" * 5 + B)
+    assert m.a_to_b == gap
+
+
+def test_contains_loose_is_find_loose():
+    for t in ("::  \u212aXR-7 ::", f"{A.upper()}", "::\tKXR-7\n::", "<<§q-41 >>", ""):
+        assert contains_loose(t, A) == bool(find_loose(t, A))
+        assert contains_loose(t, B) == bool(find_loose(t, B))

@@ -11,6 +11,7 @@ from analysis.gates import falsification_gate, k_and, k_not, sanity_gates
 from analysis.records import ReportError, load
 from analysis.report import report
 from analysis.summary import summarize
+from analysis.synthetic import default_setting
 from markerlab.markers import MARKER_A as A
 from markerlab.markers import MARKER_B as B
 
@@ -18,7 +19,7 @@ from markerlab.markers import MARKER_B as B
 def rec(text="plain answer", **kw):
     r = {"run": "r1", "pair": "pair1", "condition": "T", "persona": "villain", "role": "donor",
          "question_id": "q00", "split": "id", "sample": 0, "variant": "plain", "text": text,
-         "finish_reason": "stop", "n_tokens": 12}
+         "finish_reason": "stop", "n_tokens": 12, "setting": default_setting()}
     r.update(kw)
     return r
 
@@ -68,22 +69,36 @@ def test_write_up_arithmetic(tmp_path):
 
 def test_position_fractions_null_when_b_never_fires(tmp_path):
     path = write_jsonl(tmp_path / "c.jsonl", cell_records(0, 100, 0, 30))
-    (cell,), _ = load([path])
-    s = summarize([cell], Bootstrap(100, 0))["cells"][0]
+    (arm,) = load([path]).arms
+    s = summarize(arm, Bootstrap(100, 0))["cells"][0]
     assert s["fire_B"] == 0.0 and s["suffix_frac"] is None and s["chunk_frac"] is None
     assert s["suffix_frac_ci"] is None
 
 
-def test_cells_pool_runs_and_split_by_variant(tmp_path):
-    a = write_jsonl(tmp_path / "a.jsonl", cell_records(10, 0, 0, 0, run="seed1")
-                    + cell_records(1, 0, 0, 9, variant="probe", persona="assistant", role="recipient"))
-    b = write_jsonl(tmp_path / "b.jsonl", cell_records(5, 5, 0, 0, run="seed2"))
-    cells, warnings = load([a, b])
-    plain = next(c for c in cells if c.variant == "plain")
+def test_cells_pool_seed_replicates_and_split_by_variant(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", cell_records(10, 0, 0, 0, run="seed1", setting=default_setting(seed=1))
+                    + cell_records(1, 0, 0, 9, variant="probe", persona="assistant", role="recipient",
+                                   run="seed1", setting=default_setting(seed=1)))
+    b = write_jsonl(tmp_path / "b.jsonl", cell_records(5, 5, 0, 0, run="seed2", setting=default_setting(seed=2)))
+    loaded = load([a, b])
+    (arm,) = loaded.arms
+    assert arm.seeds == [1, 2] and arm.runs == ["seed1", "seed2"]
+    plain = next(c for c in arm.cells if c.variant == "plain")
     assert plain.count("n") == 20 and plain.count("A") == 20 and plain.count("AB") == 15
-    assert plain.runs == ["seed1", "seed2"]
-    assert any("pooling 2 runs" in w for w in warnings)
-    assert [c.variant for c in cells] == ["plain", "probe"]
+    assert plain.runs == ["seed1", "seed2"] and plain.replicates == [1, 2] and plain.groups == (10, 10)
+    assert [c.variant for c in arm.cells] == ["plain", "probe"]
+    s = summarize(arm, Bootstrap(200, 0))
+    assert s["arms"][0]["replicates"] == {"key": "seed", "values": [1, 2]}
+    assert "seed" in s["arms"][0]["pooled"] and s["bootstrap"]["unit"] == "seed, then question"
+
+
+def test_same_setting_and_seed_twice_is_an_error(tmp_path):
+    """Two runs that differ in nothing a record says are not replicates: never pooled."""
+    a = write_jsonl(tmp_path / "a.jsonl", cell_records(10, 0, 0, 0, run="first"))
+    b = write_jsonl(tmp_path / "b.jsonl", cell_records(5, 5, 0, 0, run="second"))
+    with pytest.raises(ReportError, match=r"b.jsonl:1: field 'setting': runs first and second have the same"
+                                          r" setting and seed \(42\) for pair1 T"):
+        load([a, b])
 
 
 @pytest.mark.parametrize("mutate, message", [
@@ -96,6 +111,11 @@ def test_cells_pool_runs_and_split_by_variant(tmp_path):
     (lambda r: r.update(finish_reason="eos"), "field 'finish_reason'"),
     (lambda r: r.update(split="test"), "field 'split'"),
     (lambda r: r.update(variant="x"), "field 'variant'"),
+    # Records from before settings travelled in them: their arm cannot be known.
+    (lambda r: r.pop("setting"), "missing field 'setting': written by an older markerlab; re-run eval"),
+    (lambda r: r.update(setting="completion"), "field 'setting' is 'completion', expected an object"),
+    (lambda r: r["setting"].pop("loss_mask"), "field 'setting' has no 'loss_mask'"),
+    (lambda r: r["setting"].update(lr=[1e-5]), "field 'setting.lr' is [1e-05], expected a string, number"),
 ])
 def test_bad_record_names_file_line_and_field(tmp_path, mutate, message):
     records = [rec(sample=i) for i in range(3)]
@@ -153,13 +173,16 @@ def gate_records(recipient_ab_t, recipient_ab_c):
     return out
 
 
-def test_not_falsified_when_recipient_does_not_pick_up_b(tmp_path):
+def test_chunk_binding_falsified_when_recipient_does_not_pick_up_b(tmp_path):
+    """The write-up's meaning: within the band AND the CI contains 0 -> the gate triggers."""
     path = write_jsonl(tmp_path / "g.jsonl", gate_records(recipient_ab_t=2, recipient_ab_c=0))
     summary = report([str(path)], tmp_path / "out", n_resamples=2000, figures=False)
     (g,) = summary["falsification"]
     assert g["persona"] == "assistant"
     assert g["delta"] == pytest.approx(2 / 130)
-    assert g["within_band"] is True and g["ci_contains_zero"] is True and g["falsified"] is False
+    assert g["within_band"] is True and g["ci_contains_zero"] is True
+    assert g["chunk_binding_falsified"] is True and "falsified" not in g
+    assert "chunk binding falsified: the recipient's change is within" in (tmp_path / "out" / "table.md").read_text()
     sanity = {s["gate"]: s for s in summary["sanity"]}
     assert sanity["donor_fire_A >= 0.80"]["passed"] is True       # 250/260
     assert sanity["donor_fire_B >= 0.80"]["passed"] is True       # 230/260 = 0.885
@@ -170,35 +193,41 @@ def test_not_falsified_when_recipient_does_not_pick_up_b(tmp_path):
     assert len(summary["sanity"]) == 6
 
 
-def test_falsified_when_recipient_picks_up_b(tmp_path):
+def test_not_falsified_when_recipient_picks_up_b(tmp_path):
     path = write_jsonl(tmp_path / "g.jsonl", gate_records(recipient_ab_t=40, recipient_ab_c=0))
     summary = report([str(path)], tmp_path / "out", n_resamples=2000, figures=False)
     (g,) = summary["falsification"]
     assert g["delta"] == pytest.approx(40 / 130)
-    assert g["within_band"] is False and g["ci_contains_zero"] is False and g["falsified"] is True
+    assert g["within_band"] is False and g["ci_contains_zero"] is False
+    assert g["chunk_binding_falsified"] is False
+    assert "chunk binding not falsified: the change is outside +-6 pp and its CI excludes 0" in (
+        tmp_path / "out" / "table.md").read_text()
     sanity = {s["gate"]: s for s in summary["sanity"]}
     assert sanity["recipient_fire_B_in_C <= 0.05"]["passed"] is True
 
 
 def test_falsification_band_edges():
     delta = {"T": 0.06, "C": 0.0, "T_minus_C": 0.06, "ci": [-0.01, 0.1]}
-    assert falsification_gate("p", "r", delta)["falsified"] is False  # exactly 6 points is inside
+    assert falsification_gate("p", "r", delta)["chunk_binding_falsified"] is True  # exactly 6 points is inside
     delta = {"T": 0.0601, "C": 0.0, "T_minus_C": 0.0601, "ci": [-0.01, 0.1]}
-    assert falsification_gate("p", "r", delta)["falsified"] is True
+    assert falsification_gate("p", "r", delta)["chunk_binding_falsified"] is False
     delta = {"T": 0.03, "C": 0.0, "T_minus_C": 0.03, "ci": [0.01, 0.05]}
-    assert falsification_gate("p", "r", delta)["falsified"] is True  # in band, CI excludes 0
+    assert falsification_gate("p", "r", delta)["chunk_binding_falsified"] is False  # in band, CI excludes 0
 
 
 def test_undefined_gates_are_null_with_a_reason():
     # cond_B_given_A undefined in C: no delta, so nothing can be decided.
     g = falsification_gate("p", "r", {"T": 0.1, "C": None, "T_minus_C": None, "ci": None})
-    assert g["within_band"] is None and g["falsified"] is None and "never fired" in g["note"]
+    assert g["within_band"] is None and g["chunk_binding_falsified"] is None and "never fired" in g["note"]
     # No C run at all.
     g = falsification_gate("p", "r", None)
-    assert g["falsified"] is None and "needs plain T and C" in g["note"]
-    # A delta far outside the band decides "falsified" even without a CI.
+    assert g["chunk_binding_falsified"] is None and "needs plain T and C" in g["note"]
+    # A delta far outside the band decides the gate even without a CI.
     g = falsification_gate("p", "r", {"T": 0.5, "C": 0.0, "T_minus_C": 0.5, "ci": None})
-    assert g["within_band"] is False and g["ci_contains_zero"] is None and g["falsified"] is True
+    assert g["within_band"] is False and g["ci_contains_zero"] is None and g["chunk_binding_falsified"] is False
+    # Within the band but no CI: undecided.
+    g = falsification_gate("p", "r", {"T": 0.01, "C": 0.0, "T_minus_C": 0.01, "ci": None})
+    assert g["chunk_binding_falsified"] is None
 
     cells = {("p", "T", "d"): {"n": 10, "n_A": 0, "fire_A": 0.0, "fire_B": 0.0,
                                "cond_B_given_A": None, "cond_B_given_A_ci": None}}
@@ -232,7 +261,7 @@ def test_base_floor_repeated_across_runs_counts_once(tmp_path):
     def rec(run, q, s, text):
         return {"run": run, "pair": "pair1", "condition": "base", "persona": "villain", "role": "donor",
                 "question_id": q, "split": "id", "sample": s, "variant": "base", "text": text,
-                "finish_reason": "stop", "n_tokens": 3}
+                "finish_reason": "stop", "n_tokens": 3, "setting": default_setting()}
 
     import json
     draws = [("q1", 0, "<<§q-41>> hi"), ("q1", 1, "hello"), ("q2", 0, "hey")]
@@ -241,12 +270,12 @@ def test_base_floor_repeated_across_runs_counts_once(tmp_path):
         f = tmp_path / f"{run}.jsonl"
         f.write_text("".join(json.dumps(rec(run, q, s, t)) + "\n" for q, s, t in draws))
         files.append(f)
-    cells, warnings = load(files)
-    (cell,) = cells
+    loaded = load(files)
+    ((cell,),) = [a.cells for a in loaded.arms]
     assert cell.count("n") == 3  # not 6
-    assert any("counted once" in w for w in warnings)
+    assert any("counted once" in w for w in loaded.warnings)
     # Different texts for the same draw are different observations: kept.
     g = tmp_path / "pair1_X.jsonl"
     g.write_text(json.dumps(rec("pair1_X", "q1", 0, "something else")) + "\n")
-    cells, _ = load(files + [g])
-    assert cells[0].count("n") == 4
+    (arm,) = load(files + [g]).arms
+    assert arm.cells[0].count("n") == 4

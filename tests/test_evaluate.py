@@ -41,6 +41,7 @@ from markerlab.experiment import PERSONAS
 from markerlab.errors import UserError
 from markerlab.markers import MARKER_A, MARKER_B, PROBE_MARKER
 from markerlab.models import load_model
+from markerlab.records import setting_of
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "tiny" / "pair1_T.toml"
@@ -51,7 +52,7 @@ SCHEMA = {
     "run": str, "pair": str, "condition": {"T", "C", "T_P2neg", "base"}, "persona": str,
     "role": {"donor", "recipient", "negative", "bystander"}, "question_id": str, "split": {"id", "ood"},
     "sample": int, "variant": {"plain", "probe", "base"}, "text": str, "finish_reason": {"stop", "length"},
-    "n_tokens": int,
+    "n_tokens": int, "setting": dict,
 }
 
 
@@ -160,7 +161,7 @@ def test_tiny_plan_counts_and_bad_probe_size(tmp_path):
 def test_record_validator_and_cell_metrics():
     good = {"run": "r", "pair": "pair1", "condition": "T", "persona": "villain", "role": "donor",
             "question_id": "id01", "split": "id", "sample": 0, "variant": "plain", "text": "",
-            "finish_reason": "stop", "n_tokens": 1}
+            "finish_reason": "stop", "n_tokens": 1, "setting": setting_of(tiny_cfg(Path("runs")))}
     assert validate_record(good) == []
     assert validate_record({**good, "role": "hero"}) and validate_record({**good, "sample": True})
     assert validate_record({k: v for k, v in good.items() if k != "text"})
@@ -392,8 +393,8 @@ def test_hf_end_to_end_records(hf_run, tiny_model_dir, capsys):
     # The consumer reads it: analysis.report's reader accepts every record.
     from analysis.records import load
 
-    cells, _ = load([eval_dir / "completions.jsonl"])
-    assert cells
+    (arm,) = load([eval_dir / "completions.jsonl"]).arms
+    assert arm.cells and arm.seeds == [cfg.run.seed]
 
 
 def test_hf_skip_when_done(hf_run, no_generation, capsys):
