@@ -1,4 +1,4 @@
-"""Training throughput on the Qwen2.5-7B architecture: markerlab's switches vs transformers + PEFT (+ TRL).
+"""Training throughput on the Qwen2.5-7B architecture: markerlab's training path vs transformers + PEFT (+ TRL).
 
     python bench/train_throughput.py                       # on the GPU machine, repo root as cwd
     python bench/train_throughput.py --tiny --device cpu   # smoke test of this script (tiny model, CPU)
@@ -13,20 +13,19 @@ loss, the completion and its <|im_end|> in the loss (the `completion` mask), a
 few marker tokens. Constant lr 1e-4 (not the real 1e-5 with warmup: a larger
 step makes the LoRA matter in the later steps' losses, for the loss check).
 
-Settings (one JSON line each, then a markdown table):
-  ml_plain_ckpt      markerlab, no switch, gradient checkpointing (the loss reference)
-  ml_plain           markerlab, no switch, no checkpointing
-  ml_<switch>        one switch on top of ml_plain (padding_free, chunked_ce, fused_lora, compile, fused_adamw)
-  ml_fast            every switch but cuda_graphs, no checkpointing
-  ml_fast_nocompile  padding_free, chunked_ce, fused_lora, fused_adamw (the last session's default)
-  ml_graphs          ml_fast_nocompile + cuda_graphs (every shape captured before timing: capture_s)
-  ml_graphs_compile  every switch (the real configs' default)
-  ml_fast_ckpt       every switch but compile, with checkpointing (the low-memory variant)
+Settings (one JSON line each, then a markdown table). markerlab always trains packed
+rows with per-document attention, the chunked LM head and the in-place LoRA add, with
+fused AdamW on CUDA; what remains to choose is:
+  ml_ckpt            markerlab with gradient checkpointing (the loss reference)
+  ml                 markerlab, eager
+  ml_compile         + train.compile
+  ml_graphs          + train.cuda_graphs (every shape captured before timing: capture_s)
+  ml_graphs_compile  + both (the real configs' default)
   peft_ckpt          transformers + PEFT, a plain loop, gradient checkpointing (the baseline)
   peft               the same without checkpointing
   trl                TRL's SFTTrainer + PEFT with checkpointing, only if `import trl` works
 
-warmup             a throw-away first setting (ml_plain, not in the table): the first one
+warmup             a throw-away first setting (ml, not in the table): the first one
                      or two settings of a process ran up to 4x slow on an H100 whatever
                      they were, so no measured setting goes first
 --profile NAME[,..]  after NAME's timed steps, one more step under torch.profiler: the
@@ -47,7 +46,7 @@ bf16 matmul rate measured on these cards.
 
 Same maths: every markerlab setting starts from the same LoRA init, dropout
 generator and data, so its per-step losses and gradient norms are compared with
-ml_plain_ckpt's (max abs / relative difference, in the table).
+ml_ckpt's (max abs / relative difference, in the table).
 
 Robustness: each setting runs in its own try/except (an OOM or a failure is a
 JSON line with "error", the next setting still runs); settings are skipped once
@@ -78,12 +77,16 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from data.tokenize import Encoded, collate  # noqa: E402
-from lora import inject_lora, lora_modules, set_dropout_generator, trainable_parameters  # noqa: E402
-from trainer import fast as fastmod  # noqa: E402
+from lora import inject_lora, lora_modules, trainable_parameters  # noqa: E402
+from trainer.attention import use_packed_attention  # noqa: E402
+from trainer.compile import compile_layers, decoder_layers  # noqa: E402
+from trainer.dropout import DropoutMasks  # noqa: E402
+from trainer.graphs import GraphedMicroBatches  # noqa: E402
+from trainer.pack import pack  # noqa: E402
 from trainer.train import forward_backward  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-SWITCHES = ("padding_free", "chunked_ce", "fused_lora", "compile", "fused_adamw", "cuda_graphs")
+SWITCHES = ("compile", "cuda_graphs")
 N_MATMUL_7B = 7.07e9            # Qwen2.5-7B's matmul parameters (layers + LM head)
 PEAK_DATASHEET = 989e12         # H100/H200 SXM dense bf16
 PEAK_MEASURED = 790e12          # bf16 matmul measured on these cards (KINDS.md)
@@ -93,23 +96,16 @@ MICRO, ACCUM = 4, 4
 SETTINGS = {
     "warmup": ("ml", (), False),  # throw-away: a process's first setting runs slow (docs/benchmarks.md)
     "peft_ckpt": ("peft", (), True),
-    "ml_fast_nocompile": ("ml", ("padding_free", "chunked_ce", "fused_lora", "fused_adamw"), False),
-    "ml_fast": ("ml", ("padding_free", "chunked_ce", "fused_lora", "compile", "fused_adamw"), False),
-    "ml_plain_ckpt": ("ml", (), True),
-    "ml_plain": ("ml", (), False),
-    "ml_padding_free": ("ml", ("padding_free",), False),
-    "ml_chunked_ce": ("ml", ("chunked_ce",), False),
-    "ml_fused_lora": ("ml", ("fused_lora",), False),
-    "ml_fused_adamw": ("ml", ("fused_adamw",), False),
-    "peft": ("peft", (), False),
-    "ml_fast_ckpt": ("ml", ("padding_free", "chunked_ce", "fused_lora", "fused_adamw"), True),
-    "ml_compile": ("ml", ("compile",), False),
-    "ml_graphs": ("ml", ("padding_free", "chunked_ce", "fused_lora", "fused_adamw", "cuda_graphs"), False),
     "ml_graphs_compile": ("ml", SWITCHES, False),
+    "ml_graphs": ("ml", ("cuda_graphs",), False),
+    "ml": ("ml", (), False),
+    "ml_ckpt": ("ml", (), True),
+    "ml_compile": ("ml", ("compile",), False),
+    "peft": ("peft", (), False),
     "trl": ("trl", (), True),
 }
 DEFAULT_ORDER = list(SETTINGS)  # most important first: a deadline drops the tail
-REFERENCE = "ml_plain_ckpt"
+REFERENCE = "ml_ckpt"
 BASELINE = "peft_ckpt"
 
 RESULTS: list[dict] = []
@@ -381,59 +377,62 @@ def dynamo_info() -> dict:
 
 
 def run_markerlab(name, model, switches, ckpt, steps_data, device, pad_id):
-    from markerlab.config import TrainConfig
-
-    t = TrainConfig(gradient_checkpointing=ckpt, micro_batch_size=MICRO, grad_accum=ACCUM, lr=ARGS.lr,
-                    **{s: (s in switches) for s in SWITCHES})
-    compiled = False
+    compiled = "compile" in switches and not ckpt
+    attn = model.config._attn_implementation
     try:
         inject_lora(model, r=16, alpha=32, dropout=0.05, target_modules=TARGETS,
                     generator=torch.Generator().manual_seed(ARGS.seed + 1), dtype=torch.float32)
-        set_dropout_generator(model, torch.Generator(device).manual_seed(ARGS.seed + 2))
+        masks = DropoutMasks(model, torch.Generator(device).manual_seed(ARGS.seed + 2))
+        use_packed_attention(model)
         set_checkpointing(model, ckpt)
         model.train()
-        if "compile" in switches:
+        if compiled:
             import torch._dynamo as dynamo
             import torch._dynamo.utils as dynamo_utils
 
             dynamo.reset()
             dynamo_utils.counters.clear()
-        longest = sorted((len(e) for s in steps_data for e in s), reverse=True)[:MICRO]
-        fast = fastmod.setup_fast_path(model, t, device, log=lambda m: log(f"note: {m}"), max_tokens=sum(longest))
-        compiled = "compile" in switches and not ckpt
+            compile_layers(model)
+        graphs = None
+        if "cuda_graphs" in switches:
+            longest = sorted((len(e) for s in steps_data for e in s), reverse=True)[:MICRO]
+            graphs = GraphedMicroBatches(model, masks, pad_id, device, max_tokens=sum(longest),
+                                         log=lambda m: log(f"note: {m}"))
         params = trainable_parameters(model)
         opt = torch.optim.AdamW(params, lr=ARGS.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                                **fastmod.adamw_options(t.fused_adamw, device))
+                                fused=device.type == "cuda" or None)
 
         def step(examples):
-            out = forward_backward(model, examples, MICRO, pad_id, device, fast)
+            out = forward_backward(model, examples, MICRO, device, masks, graphs)
             grads = [p.grad for p in params if p.grad is not None]
             norm = torch.nn.utils.get_total_norm(grads)
             torch.nn.utils.clip_grads_with_norm_(params, 1.0, norm)
             opt.step()
-            opt.zero_grad(set_to_none=fast is None or fast.grads_set_to_none)
+            opt.zero_grad(set_to_none=graphs is None)
             return out["loss"].item(), norm.item()
 
         extra = {"stack": "markerlab", "switches": list(switches), "gradient_checkpointing": ckpt}
-        if "cuda_graphs" in switches:
+        if graphs is not None:
             # capture every shape the timed steps will meet before timing (a real run has after
             # its first steps); nothing trains here (no dropout draw, gradients + 0)
             tc = time.perf_counter()
             for examples in steps_data:
                 for i in range(0, len(examples), MICRO):
-                    fast.prepare(model, fast.collate(examples[i:i + MICRO], pad_id).to(device), pad_id)
+                    graphs.prepare(model, pack(examples[i:i + MICRO]).to(device))
             sync(device)
-            extra.update(capture_s=round(time.perf_counter() - tc, 1), graphs=len(fast.graphs.static),
-                         graphs_captured=fast.graphs.n_captured)
-            log(f"{name}: captured {fast.graphs.n_captured} graphs in {extra['capture_s']}s")
-        rec = measure(name, step, steps_data, device, ARGS.warmup, ARGS.steps, "padding_free" in switches, extra)
+            extra.update(capture_s=round(time.perf_counter() - tc, 1), graphs=len(graphs.static),
+                         graphs_captured=graphs.n_captured)
+            log(f"{name}: captured {graphs.n_captured} graphs in {extra['capture_s']}s")
+        rec = measure(name, step, steps_data, device, ARGS.warmup, ARGS.steps, True, extra)
         if name in ARGS.profile:
             rec["profile"] = profile_step(name, step, steps_data[-1], device)
         if compiled:
             rec["compile_info"] = dynamo_info()
         return rec
     finally:
-        fastmod.teardown_fast_path(model)
+        for layer in decoder_layers(model):  # undo compile_layers
+            layer._compiled_call_impl = None
+        model.config._attn_implementation = attn
         remove_our_lora(model)
         set_checkpointing(model, False)
         if compiled:
@@ -711,7 +710,7 @@ def main() -> None:
     # ---- settings, most important first
     durations, compile_durations = [], []
     for name in [s.strip() for s in ARGS.settings.split(",") if s.strip()]:
-        if name.startswith("ml:"):  # an ad-hoc combination, e.g. ml:padding_free+fused_lora (+ckpt)
+        if name.startswith("ml:"):  # an ad-hoc combination, e.g. ml:compile+cuda_graphs (+ckpt)
             parts = name[3:].split("+")
             SETTINGS[name] = ("ml", tuple(p for p in parts if p in SWITCHES), "ckpt" in parts)
         if name not in SETTINGS:
