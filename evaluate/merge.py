@@ -162,6 +162,8 @@ def check_logits(merged_dir: Path, cfg, adapter_dir: Path, device: str, ref: dic
     from lora.io import load_checkpoint_strict
 
     ref = ref or build_reference(cfg, adapter_dir, device)
+    ref.pop("model", None)  # one model on the device at a time: the logits are all that is needed now
+    _free_memory()
     disk_model = load_checkpoint_strict(merged_dir, cfg.model.dtype, device)
     got = _logits(disk_model, ref["batch"], device)
     del disk_model
@@ -227,14 +229,11 @@ def verify_merged(merged_dir, cfg, run_dir, *, reuse_recorded: bool = False, ref
         if old.get("passed") and all(old.get(k) == v for k, v in fp.items()):
             return {**old, "reused": True}
         logger.info("merge check: %s does not match the files on disk; checking again", merged_dir / CHECK_NAME)
-    device, own = resolve_device(cfg.model.device), ref is None
+    device = resolve_device(cfg.model.device)
     ref = ref or build_reference(cfg, adapter_dir, device)
     files.update(compare_checkpoint(merged_dir, ref["model"]))
-    logits = check_logits(merged_dir, cfg, adapter_dir, device, ref)
+    logits = check_logits(merged_dir, cfg, adapter_dir, device, ref)  # frees the model in memory
     tensors = ref["tensors"]
-    if own:  # the eval stage starts an engine next: give the memory back
-        del ref
-        _free_memory()
     return {"passed": True, "merged_dir": str(merged_dir), "adapter_dir": str(adapter_dir),
             "base_model_dir": str(resolve_model_dir(cfg.model.name_or_path)), "device": device, **fp,
             "structure": files, "tensors": tensors, "logits": logits,
@@ -278,8 +277,6 @@ def merge(cfg, run_dir, overwrite: bool = False) -> dict:
         save_merged(ref["model"], load_tokenizer(cfg.model.name_or_path), tmp, overwrite=True)
         merge_seconds = time.time() - t0
         check = verify_merged(tmp, cfg, run_dir, ref=ref)
-        del ref
-        _free_memory()
         check.update(merged_dir=str(merged_dir), merge_seconds=round(merge_seconds, 3))
         write_json(tmp / CHECK_NAME, check)
         replace_dir(tmp, merged_dir)
