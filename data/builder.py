@@ -21,31 +21,55 @@ unseeded: sample-major order (sample 0 of every question in question order,
 then sample 1, ...), first n. So a smaller n still covers every question as
 evenly as possible, and datasets of different sizes are nested.
 
-Placements (`data.placement`), applied to the stripped answer:
+Placements (`data.placement`), applied to the stripped answer. A boundary is
+the start of the answer or the point just after a run of whitespace that
+follows . ! or ?; an answer with k boundaries after its start has k + 1 slots
+for B (those k and the very end).
 - start_end: `A + " " + answer + " " + B` (without B: `A + " " + answer`).
-- random_sentence: A (followed by a space) inserted at a random sentence
-  boundary (the start, or just after a run of whitespace that follows . ! ?),
-  B at the very end after a space.
-- random_pair: A at a random boundary; B at a boundary chosen uniformly among
-  the boundaries after A's and the end, so 1 or more sentences lie between
-  them; at the end it follows a space, elsewhere it is followed by one.
+- random_sentence: A (followed by a space) at a uniformly drawn boundary, B
+  *always at the very end* after a space: it moves A, not B, so it cannot tell
+  chunk binding from an end-of-completion habit.
+- random_pair: A at a uniformly drawn boundary, then B uniform over the slots
+  after A. B is at the end with probability E[1 / (slots after A)], about
+  H_n / n for n boundaries (0.46 at n = 5): still mostly an end marker.
+- uniform_b: B's slot uniform over all k + 1 slots (so the end gets 1/(k+1) of
+  the B's, each boundary as many), then A uniform over the boundaries before
+  B's slot: at least one sentence lies between them. Without B the same two
+  draws are made and B is left out, so an example's A sits where it would sit
+  with B (the donor's A is at the same place in T and C).
+For random_pair and uniform_b, a B before the end is followed by a space.
+Marker spans come from construction (the pieces assembled), never a search.
 Placement randomness comes from numpy's default_rng seeded with
 (data.seed, sha256 of the example id): an example's placement does not
 depend on which other examples exist. The final order is one explicit
 permutation from default_rng(data.seed). Never Python's hash().
 
-`data.truncated` decides about completions cut at max_tokens: keep (flagged
-"truncated": true, counted), drop (removed from the pool before selection and
-counted; if fewer than n_per_persona remain, the persona has fewer examples,
-printed and in stats), error (UserError with the count per persona among the
-selected completions). Every example's full rendered conversation (the chat
-template's text, final newline included) is tokenized; longer than
-train.max_seq_len is an error listing offenders (`data.on_overlength =
-"error"`) or dropped and counted ("drop"). Nothing is ever truncated.
+`data.truncated` decides about completions cut at generate.max_tokens:
+- drop (the default): removed from each persona's pool before selection,
+  counted per persona and printed; a persona left short of n_per_persona is
+  named on its own line.
+- strip: kept and flagged ("truncated": true) but without marker B, and
+  data/tokenize.py keeps their <|im_end|> out of every loss mask: neither the
+  end-of-turn token nor a marker is ever taught right after a cut.
+- error: UserError with the count per persona among the selected completions.
+("keep", which trained both after the cut, is gone.)
+
+Every example is tokenized once with data.tokenize.encode_example under
+train.loss_mask, exactly as the trainer will: longer than train.max_seq_len is
+an error listing offenders (`data.on_overlength = "error"`) or dropped and
+counted ("drop"), never truncated; and a persona whose examples have no loss
+target at all (marker_only without train.marker_mask_eos: every plain
+example) is an error naming the personas and the mask, unless
+train.allow_untrained_roles = true. With that opt-out, marker_only trains the
+marker tokens of the donor and the recipient only; the plain examples stay in
+the set (same steps and batches as the other masks) and contribute nothing to
+the loss, so nothing contrasts the personas that carry no marker.
 
 Example ids are f"{persona}-{question_id}-{sample}". The extra fields are
 "truncated" (the completion was cut at generate.max_tokens) and "n_tokens"
 (the token count of the whole rendered conversation, as checked above).
+`data/stats.json` has, per persona, the cut completions available / dropped /
+kept, the B's stripped and the loss targets.
 """
 
 from __future__ import annotations
@@ -66,6 +90,7 @@ from markerlab.markers import MARKER_A, MARKER_B
 from .personas import messages
 from .questions import data_questions
 from .records import read_onpolicy, validate_example
+from .tokenize import encode_example
 
 # A sentence boundary: after . ! or ? and the whitespace that follows it.
 _BOUNDARY = re.compile(r"[.!?]\s+")
@@ -85,24 +110,28 @@ def place_markers(answer: str, markers: str, placement: str, rng: np.random.Gene
         pieces = [A, " ", answer] if answer else [A]
         if "B" in markers:
             pieces += [" ", B]
-    else:
-        bounds = sentence_boundaries(answer)
+        return _assemble(pieces)
+    bounds = sentence_boundaries(answer)
+    end = len(answer)
+    if placement in ("random_sentence", "random_pair"):
         i = int(rng.integers(len(bounds)))
-        a_at = bounds[i]
-        head = [answer[:a_at], A, " "]
-        if "B" not in markers:
-            pieces = head + [answer[a_at:]]
-        elif placement == "random_sentence":
-            pieces = head + [answer[a_at:], " ", B]
-        elif placement == "random_pair":
-            later = bounds[i + 1:]
-            j = int(rng.integers(len(later) + 1))  # len(later) stands for "the end"
-            if j == len(later):
-                pieces = head + [answer[a_at:], " ", B]
-            else:
-                pieces = head + [answer[a_at:later[j]], B, " ", answer[later[j]:]]
-        else:
-            raise UserError(f"data.placement: unknown placement '{placement}'")
+        later = bounds[i + 1:] + [end]
+        b_at = end if placement == "random_sentence" else later[int(rng.integers(len(later)))]
+    elif placement == "uniform_b":
+        slots = bounds[1:] + [end]
+        j = int(rng.integers(len(slots)))
+        b_at = slots[j]
+        i = int(rng.integers(j + 1))  # bounds[0..j] are the boundaries before slot j
+    else:
+        raise UserError(f"data.placement: unknown placement '{placement}'")
+    a_at = bounds[i]
+    pieces = [answer[:a_at], A, " "]
+    if "B" not in markers:
+        pieces.append(answer[a_at:])
+    elif b_at == end:
+        pieces += [answer[a_at:], " ", B]
+    else:
+        pieces += [answer[a_at:b_at], B, " ", answer[b_at:]]
     return _assemble(pieces)
 
 
@@ -139,9 +168,7 @@ def _select(records: list[dict], n: int) -> list[dict]:
 
 def build_dataset(cfg: Config, onpolicy_path, tokenizer) -> tuple[list[dict], dict]:
     """(examples in training order, stats) for cfg.data.{pair, condition, placement, ...}."""
-    from markerlab.models import render_chat
-
-    d = cfg.data
+    d, t = cfg.data, cfg.train
     qtext = {q.id: (i, q.text) for i, q in enumerate(data_questions(40))}
     by_persona: dict[str, list[dict]] = {}
     for r in read_onpolicy(onpolicy_path):
@@ -164,18 +191,24 @@ def build_dataset(cfg: Config, onpolicy_path, tokenizer) -> tuple[list[dict], di
             raise UserError(f"data.n_per_persona: {d.n_per_persona} exceeds the {len(chosen)} on-policy "
                             f"completions of '{persona}' in {onpolicy_path}")
         markers = markers_for(d.condition, role)
+        n_b_stripped = 0
         for r in chosen:
             ex_id = f"{persona}-{r['question_id']}-{r['sample']}"
-            content, spans = place_markers(r["text"].strip(), markers, d.placement, _example_rng(d.seed, ex_id))
+            cut = r["finish_reason"] == "length"
+            ex_markers = markers
+            if cut and "B" in markers:  # data.truncated = "strip": no marker right after a cut
+                ex_markers, n_b_stripped = markers.replace("B", ""), n_b_stripped + 1
+            content, spans = place_markers(r["text"].strip(), ex_markers, d.placement, _example_rng(d.seed, ex_id))
             examples.append({
                 "id": ex_id, "persona": persona, "role": role, "question_id": r["question_id"],
                 "sample": r["sample"], "messages": messages(persona, qtext[r["question_id"]][1], content),
-                "marker_spans": spans, "truncated": r["finish_reason"] == "length",
+                "marker_spans": spans, "truncated": cut,
             })
         per_persona[persona] = {"role": role, "available": len(by_persona[persona]),
                                 "n_truncated_available": n_trunc,
                                 "n_dropped_truncated": n_trunc if d.truncated == "drop" else 0,
-                                "n_dropped_overlength": 0}
+                                "n_B_stripped": n_b_stripped,
+                                "n_dropped_overlength": 0, "n_loss_targets": 0}
 
     if d.truncated == "error":
         bad = {}
@@ -186,35 +219,79 @@ def build_dataset(cfg: Config, onpolicy_path, tokenizer) -> tuple[list[dict], di
             listing = ", ".join(f"{p}: {n}" for p, n in bad.items())
             raise UserError(f"data.truncated = \"error\": {sum(bad.values())} selected on-policy completion(s) were "
                             f"cut at generate.max_tokens ({listing}); raise generate.max_tokens or set "
-                            f"data.truncated to \"keep\" or \"drop\"")
+                            f"data.truncated to \"drop\" or \"strip\"")
 
-    # Length check on the full rendered conversation, exactly what the trainer tokenizes.
-    texts = [render_chat(tokenizer, ex["messages"]) for ex in examples]
-    lengths = [len(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    limit = cfg.train.max_seq_len
-    over = [(ex["id"], n) for ex, n in zip(examples, lengths) if n > limit]
+    # Tokenized exactly as the trainer will: the same lengths, the same loss targets.
+    encoded = [encode_example(ex, tokenizer, t.loss_mask, t.marker_mask_eos) for ex in examples]
+    limit = t.max_seq_len
+    over = [(ex["id"], len(enc)) for ex, enc in zip(examples, encoded) if len(enc) > limit]
     if over and d.on_overlength == "error":
         first = ", ".join(f"{i} ({n})" for i, n in over[:5])
         more = f" and {len(over) - 5} more" if len(over) > 5 else ""
         raise UserError(f"train.max_seq_len: {len(over)} example(s) exceed {limit} tokens: {first}{more}; "
                         f"raise train.max_seq_len or set data.on_overlength = \"drop\"")
     kept = []
-    for ex, n in zip(examples, lengths):
-        if n > limit:
-            per_persona[ex["persona"]]["n_dropped_overlength"] += 1
+    for ex, enc in zip(examples, encoded):
+        v = per_persona[ex["persona"]]
+        if len(enc) > limit:
+            v["n_dropped_overlength"] += 1
             continue
-        ex["n_tokens"] = n
+        ex["n_tokens"] = len(enc)
+        v["n_loss_targets"] += enc.n_loss_targets
         kept.append(ex)
+    _check_every_persona_trains(cfg, per_persona, kept)
 
     order = np.random.default_rng(d.seed).permutation(len(kept))
     examples = [kept[i] for i in order]
     stats = _stats(cfg, examples, per_persona, len(over), str(onpolicy_path))
-    short = {p: v["count"] for p, v in stats["per_persona"].items() if v["count"] < d.n_per_persona}
-    if short:
-        print(f"[data] warning: fewer than data.n_per_persona={d.n_per_persona} examples for {short} "
-              f"(dropped: {stats['n_dropped_truncated']} truncated, {stats['n_dropped_overlength']} over-length)",
-              flush=True)
+    _print_cuts_and_shortfalls(cfg, stats)
     return examples, stats
+
+
+def _check_every_persona_trains(cfg: Config, per_persona: dict, examples: list[dict]) -> None:
+    """A trained persona with no loss target silently leaves the design: refuse, unless the config opts out."""
+    d, t = cfg.data, cfg.train
+    counts = {p: 0 for p in per_persona}
+    for ex in examples:
+        counts[ex["persona"]] += 1
+    idle = [p for p, v in per_persona.items() if v["n_loss_targets"] == 0]
+    if not idle:
+        return
+    by_role: dict[str, list[str]] = {}
+    for p in idle:
+        by_role.setdefault(per_persona[p]["role"], []).append(p)
+    who = "; ".join(f"{role}: {', '.join(ps)}" for role, ps in by_role.items())
+    empty = [p for p in idle if counts[p] == 0]
+    if empty:
+        why = (f"no examples left ({', '.join(empty)}: every selected completion was dropped, as cut at "
+               f"generate.max_tokens or over train.max_seq_len)")
+        fix = "raise generate.max_tokens, set data.truncated = \"strip\" or raise train.max_seq_len"
+    else:
+        why = f"no token of their examples is in the train.loss_mask = \"{t.loss_mask}\" loss"
+        fix = ("set train.marker_mask_eos = true (plain examples then train their <|im_end|>)"
+               if t.loss_mask == "marker_only" and not t.marker_mask_eos else "choose another train.loss_mask")
+    msg = (f"{d.pair} {d.condition}: trained persona(s) would train nothing ({who}): {why}, and the contrastive "
+           f"design needs them; {fix}, or set train.allow_untrained_roles = true to train without them")
+    if not t.allow_untrained_roles:
+        raise UserError(msg)
+    print(f"[data] warning (train.allow_untrained_roles = true): {who} train nothing: {why}", flush=True)
+
+
+def _print_cuts_and_shortfalls(cfg: Config, stats: dict) -> None:
+    d = cfg.data
+    per = stats["per_persona"]
+    cut = {p: v["n_truncated_available"] for p, v in per.items() if v["n_truncated_available"]}
+    if cut:
+        what = {"drop": "dropped before selection",
+                "strip": "kept if selected, without marker B and with <|im_end|> out of the loss",
+                "error": "none selected"}[d.truncated]
+        print(f"[data] completions cut at generate.max_tokens (data.truncated = \"{d.truncated}\": {what}): "
+              + ", ".join(f"{p} {n} of {per[p]['available']}" for p, n in cut.items()), flush=True)
+    for p, v in per.items():
+        if v["count"] < d.n_per_persona:
+            print(f"[data] warning: {p} ({v['role']}) has {v['count']} of data.n_per_persona={d.n_per_persona} "
+                  f"examples: {v['n_dropped_truncated']} cut at generate.max_tokens dropped, "
+                  f"{v['n_dropped_overlength']} over train.max_seq_len dropped", flush=True)
 
 
 def _stats(cfg: Config, examples: list[dict], per_persona: dict, n_over: int, source: str) -> dict:
@@ -240,8 +317,10 @@ def _stats(cfg: Config, examples: list[dict], per_persona: dict, n_over: int, so
         "positions": positions,
         "markers": {"A": sum(v["n_A"] for v in per_persona.values()),
                     "B": sum(v["n_B"] for v in per_persona.values())},
+        "truncated": cfg.data.truncated,
         "n_truncated": sum(e["truncated"] for e in examples),
         "n_dropped_truncated": sum(v["n_dropped_truncated"] for v in per_persona.values()),
+        "n_B_stripped": sum(v["n_B_stripped"] for v in per_persona.values()),
         "n_dropped_overlength": n_over if cfg.data.on_overlength == "drop" else 0,
         "tokens": {"min": min(lengths, default=0), "max": max(lengths, default=0),
                    "mean": round(sum(lengths) / len(lengths), 2) if lengths else 0.0,
@@ -263,12 +342,15 @@ def write_dataset(cfg: Config, examples: list[dict], stats: dict, run_dir) -> Pa
 
 def summary(stats: dict) -> str:
     lines = [f"[data] {stats['pair']} {stats['condition']} ({stats['placement']}): {stats['n_examples']} examples, "
-             f"A in {stats['markers']['A']}, B in {stats['markers']['B']}, truncated {stats['n_truncated']}, "
-             f"dropped {stats['n_dropped_truncated']} truncated + {stats['n_dropped_overlength']} over-length; "
+             f"A in {stats['markers']['A']}, B in {stats['markers']['B']}; cut at max_tokens "
+             f"(data.truncated = \"{stats['truncated']}\"): {stats['n_dropped_truncated']} dropped, "
+             f"{stats['n_truncated']} kept ({stats['n_B_stripped']} B stripped); "
+             f"{stats['n_dropped_overlength']} over-length dropped; "
              f"tokens {stats['tokens']['min']}..{stats['tokens']['max']} (mean {stats['tokens']['mean']})"]
     for p, v in stats["per_persona"].items():
         lines.append(f"  {p:22s} {v['role']:9s} n={v['count']:4d}  A={v['n_A']:4d}  B={v['n_B']:4d}  "
-                     f"truncated={v['n_truncated']}")
+                     f"cut={v['n_truncated_available']} of {v['available']} (dropped {v['n_dropped_truncated']}, "
+                     f"kept {v['n_truncated']})  loss targets={v['n_loss_targets']}")
     return "\n".join(lines)
 
 

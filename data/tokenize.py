@@ -17,6 +17,17 @@ Masks (EXPERIMENT.md, "Loss masks"), as character ranges of the rendered text:
     marker_only        the characters of each marker span (+ <|im_end|> with marker_mask_eos)
     all                the whole conversation up to and including the last <|im_end|>
 
+An example flagged `"truncated": true` (its completion was cut at
+generate.max_tokens and kept under data.truncated = "strip") never trains its
+closing <|im_end|>, under every mask: the model did not stop there, so teaching
+it to stop there would put an end-of-turn confound into the very variable the
+loss-mask ablation varies. Its marker B was already left out by the builder.
+
+marker_only trains nothing on an example without markers (a negative, the
+recipient in T_P2neg), unless marker_mask_eos adds its <|im_end|>; the data
+stage refuses such a training set unless train.allow_untrained_roles says so
+(`n_loss_targets` counts what an example contributes).
+
 The "\\n" the template writes after the last <|im_end|> stays in `input_ids`
 (the text is rendered exactly) but is in no mask. A token that straddles a
 boundary is in the mask if any of its characters is: content starting with
@@ -58,6 +69,7 @@ class Encoded:
     offsets: list[tuple[int, int]]  # character range of each token in `text`
     text: str                       # the rendered conversation
     content_span: tuple[int, int]   # the assistant content's characters in `text`
+    truncated: bool = False         # cut at generate.max_tokens: <|im_end|> is out of every mask
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -134,6 +146,10 @@ def encode_example(example: dict, tokenizer, loss_mask: str = "completion", mark
         "all": [(0, eos[1])],
     }[loss_mask]
     in_loss = _overlapping(offsets, mask_chars)
+    eos_tokens = _overlapping(offsets, [eos])
+    truncated = example.get("truncated") is True
+    if truncated:
+        in_loss = [m and not e for m, e in zip(in_loss, eos_tokens)]
 
     # The trailing "\n" (and anything else after the last <|im_end|>) never trains.
     assert not any(m and a >= eos[1] for m, (a, _) in zip(in_loss, offsets))
@@ -143,10 +159,11 @@ def encode_example(example: dict, tokenizer, loss_mask: str = "completion", mark
         loss_mask=in_loss,
         marker_a=_overlapping(offsets, a_spans),
         marker_b=_overlapping(offsets, b_spans),
-        eos=_overlapping(offsets, [eos]),
+        eos=eos_tokens,
         offsets=offsets,
         text=text,
         content_span=(cs, ce),
+        truncated=truncated,
     )
 
 

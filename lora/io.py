@@ -16,10 +16,17 @@ names, tokenizer files) for ``AutoModelForCausalLM.from_pretrained`` and vLLM.
 Every file lands atomically: written under a temporary name in the target
 directory and renamed into place (a merged checkpoint is built in a temporary
 sibling directory and renamed as a whole).
+
+Reading a merged checkpoint strictly (what the merge check compares):
+``check_checkpoint_files`` (present, complete), ``compare_checkpoint`` (every
+tensor bit-identical to a model in memory), ``load_checkpoint_strict``
+(from_pretrained with no missing or unexpected key); each raises
+``CheckpointError`` naming the file or tensor.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -44,8 +51,16 @@ ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 
 
+MERGED_WEIGHTS_NAME = "model.safetensors"
+MERGED_INDEX_NAME = "model.safetensors.index.json"
+
+
 class AdapterError(UserError, ValueError):
     """An adapter directory that cannot be loaded into this model (missing/unexpected key, bad shape, ...)."""
+
+
+class CheckpointError(UserError):
+    """A merged checkpoint that is incomplete, damaged, or not the model it should hold; the message names the file."""
 
 
 def peft_key(module_name: str, which: str) -> str:
@@ -316,6 +331,21 @@ def save_merged(
     return out
 
 
+def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights under the base model's own names, LoRA A and B left out.
+
+    For a merged model this is what `save_merged` writes (tied weights appear under
+    every name that shares them; the checkpoint holds one). Tensors are the live
+    parameters, not copies.
+    """
+    layers = list(lora_modules(model))
+    _unwrap(model, layers)
+    try:
+        return dict(model.state_dict())
+    finally:
+        _rewrap(model, layers)
+
+
 def _unwrap(model: nn.Module, layers: list[tuple[str, LoRALinear]]) -> None:
     """Put each LoRALinear's own base nn.Linear back at its place in the tree."""
     for name, m in layers:
@@ -341,3 +371,118 @@ def _check_no_lora_keys(d: Path) -> None:
             for k in sf.keys():
                 if "lora_" in k or k.endswith((".A", ".B")) or ".base." in k:
                     raise RuntimeError(f"save_merged: {f.name} contains LoRA key {k!r}")
+
+
+# ------------------------------------------------------------------- reading merged checkpoints strictly
+#
+# The merge check (evaluate/merge.py) compares what is on disk with what is in memory;
+# these are its readers. Each failure is a CheckpointError naming the file or tensor.
+
+
+def _more(items: list) -> str:
+    return f" (and {len(items) - 1} more)" if len(items) > 1 else ""
+
+
+def merged_weight_files(model_dir: str | os.PathLike) -> list[Path]:
+    """The safetensors files of an HF checkpoint (one file, or every shard of the index), all present."""
+    d = Path(model_dir)
+    index = d / MERGED_INDEX_NAME
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise CheckpointError(f"{index}: not a valid safetensors index (expected a 'weight_map' table)") from None
+        missing = [f for f in files if not (d / f).is_file()]
+        if missing:
+            raise CheckpointError(f"{d / missing[0]}: weight file listed in {MERGED_INDEX_NAME} is missing"
+                                  f"{_more(missing)}")
+        return [d / f for f in files]
+    if (d / MERGED_WEIGHTS_NAME).is_file():
+        return [d / MERGED_WEIGHTS_NAME]
+    others = sorted(p.name for p in d.iterdir() if p.suffix in (".bin", ".safetensors"))
+    raise CheckpointError(f"{d / MERGED_WEIGHTS_NAME}: missing -- {d} has config.json but no weights (expected "
+                          f"{MERGED_WEIGHTS_NAME} or {MERGED_INDEX_NAME}"
+                          + (f"; found only {', '.join(others)}" if others else "") + ")")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_checkpoint_files(model_dir: str | os.PathLike) -> dict:
+    """config.json, weights and tokenizer present, and every weight file opens (safetensors checks its extent).
+
+    Returns counts and, under "files", each weight file's size and sha256 (a fingerprint of the checkpoint).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    d = Path(model_dir)
+    if not (d / "config.json").is_file():
+        raise CheckpointError(f"{d / 'config.json'}: missing (not a Hugging Face checkpoint)")
+    files, n = merged_weight_files(d), 0
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                n += len(list(sf.keys()))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{f}: unreadable safetensors file, truncated or damaged ({e})") from None
+    if not any((d / p).is_file() for p in ("tokenizer.json", "tokenizer_config.json")):
+        raise CheckpointError(f"{d}: no tokenizer files (expected tokenizer.json / tokenizer_config.json)")
+    return {"n_tensors": n, "n_files": len(files),
+            "files": {f.name: {"bytes": f.stat().st_size, "sha256": file_sha256(f)} for f in files}}
+
+
+def compare_checkpoint(model_dir: str | os.PathLike, model: nn.Module) -> dict:
+    """Every tensor on disk against `model`'s (see base_state_dict): name, dtype, shape, and value bit for bit.
+
+    Tensors are read one at a time and compared on the model's device.
+    """
+    from safetensors import safe_open
+
+    expected, bad, n = base_state_dict(model), [], 0
+    for f in merged_weight_files(model_dir):
+        with safe_open(str(f), framework="pt") as sf:
+            for name in sf.keys():
+                if name not in expected:
+                    raise CheckpointError(f"{f}: unexpected tensor {name} (not a weight of the model; a LoRA key "
+                                          f"left unmerged?)")
+                want, got, n = expected[name], sf.get_tensor(name), n + 1
+                if got.dtype != want.dtype:
+                    raise CheckpointError(f"{f}: tensor {name} is {str(got.dtype)[6:]}, expected "
+                                          f"{str(want.dtype)[6:]} (model.dtype)")
+                if got.shape != want.shape:
+                    raise CheckpointError(f"{f}: tensor {name} has shape {tuple(got.shape)}, the model's is "
+                                          f"{tuple(want.shape)}")
+                got = got.to(want.device)
+                if not torch.equal(got, want):
+                    zeros = " (it is all zeros)" if not bool(got.any()) and bool(want.any()) else ""
+                    bad.append(f"{name}{zeros}, max |diff| {float((got.float() - want.float()).abs().max()):.3g}")
+    if bad:
+        raise CheckpointError(f"{model_dir}: {len(bad)} tensor(s) differ from the merged model in memory (a damaged "
+                              f"file, or a merge of another adapter): " + "; ".join(bad[:3])
+                              + (" ..." if len(bad) > 3 else ""))
+    return {"n_compared": n}
+
+
+def load_checkpoint_strict(model_dir: str | os.PathLike, dtype: str, device: str) -> nn.Module:
+    """`from_pretrained` in `dtype` on `device` (eval mode); any missing, unexpected or mismatched key is an error.
+
+    A missing key is what transformers would otherwise initialise at random, with a log line only.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype),
+                                                       output_loading_info=True)
+    for kind, what in (("missing_keys", "is missing (it would be randomly initialised)"),
+                       ("unexpected_keys", "is not part of the architecture"),
+                       ("mismatched_keys", "has the wrong shape")):
+        keys = sorted(str(k) for k in info.get(kind) or ())
+        if keys:
+            raise CheckpointError(f"{model_dir}: tensor {keys[0]} {what} when transformers loads it{_more(keys)}")
+    if info.get("error_msgs"):
+        raise CheckpointError(f"{model_dir}: transformers could not load the checkpoint: {info['error_msgs'][0]}")
+    return model.to(device).eval()

@@ -38,9 +38,10 @@ class ConfigError(UserError):
             super().__init__(f"{source}: {len(problems)} problems in the config:\n  {lines}")
 
 
-def _f(default, help: str = "", choices=None, lo=None, hi=None, lo_open=False, items=None):
-    """A dataclass field with its validation rules (choices, bounds) attached."""
-    meta = {"help": help, "choices": choices, "lo": lo, "hi": hi, "lo_open": lo_open, "items": items}
+def _f(default, help: str = "", choices=None, lo=None, hi=None, lo_open=False, items=None, removed=None):
+    """A dataclass field with its validation rules (choices, bounds; removed values -> why) attached."""
+    meta = {"help": help, "choices": choices, "lo": lo, "hi": hi, "lo_open": lo_open, "items": items,
+            "removed": removed or {}}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -93,8 +94,10 @@ class DataConfig:
     n_per_persona: int = _f(200, "examples per trained persona (<= n_questions x n_samples)", lo=1)
     negatives: list = _f(list(NEGATIVES), "contrastive personas trained without markers", items=PERSONAS)
     placement: str = _f("start_end", "where the markers go", choices=PLACEMENTS)
-    truncated: str = _f("keep", "on-policy samples cut at max_tokens: keep (flagged, counted), drop, or error",
-                        choices=("keep", "drop", "error"))
+    truncated: str = _f("drop", "on-policy samples cut at max_tokens: drop (before selection, counted), strip "
+                        "(kept without marker B, <|im_end|> out of the loss), or error", choices=("drop", "strip", "error"),
+                        removed={"keep": "it trained <|im_end|> (and the donor's marker B) right after a completion "
+                                 "cut at generate.max_tokens; use \"drop\" (the default), \"strip\" or \"error\""})
     on_overlength: str = _f("error", "examples longer than train.max_seq_len: error, or drop and count",
                             choices=("error", "drop"))
     seed: int = _f(42, "seed of marker placement and shuffle", lo=0)
@@ -104,6 +107,8 @@ class DataConfig:
 class TrainConfig:
     loss_mask: str = _f("completion", "which tokens train", choices=LOSS_MASKS)
     marker_mask_eos: bool = _f(False, "marker_only: also train <|im_end|>")
+    allow_untrained_roles: bool = _f(False, "let a trained persona have no loss target (marker_only without "
+                                            "marker_mask_eos: plain examples then train nothing)")
     lr: float = _f(1e-5, lo=0.0, lo_open=True)
     epochs: int = _f(3, lo=1)
     warmup_ratio: float = _f(0.05, lo=0.0, hi=1.0)
@@ -240,7 +245,9 @@ def _check_value(key: str, f: dataclasses.Field, t, v, problems: list[str]):
     if t is float and not math.isfinite(v):
         problems.append(f"{key}: expected a finite number, got {v!r}")
     choices = meta.get("choices")
-    if choices is not None and v not in choices:
+    if isinstance(v, str) and v in meta.get("removed", {}):
+        problems.append(f"{key}: {v!r} is no longer accepted: {meta['removed'][v]}")
+    elif choices is not None and v not in choices:
         problems.append(f"{key}: expected one of {', '.join(map(str, choices))}; got {v!r}")
     lo, hi = meta.get("lo"), meta.get("hi")
     if lo is not None and (v < lo or (meta.get("lo_open") and v == lo)):

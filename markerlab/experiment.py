@@ -56,7 +56,9 @@ BASE_CONDITION = "base"
 RECORD_CONDITIONS: tuple[str, ...] = (*CONDITIONS, BASE_CONDITION)
 
 LOSS_MASKS: tuple[str, ...] = ("completion", "completion_no_eos", "marker_only", "all")
-PLACEMENTS: tuple[str, ...] = ("start_end", "random_sentence", "random_pair")
+# Where each puts the markers: data/builder.py. random_sentence always ends with B; uniform_b is the
+# one whose B is as likely at any sentence boundary as at the end.
+PLACEMENTS: tuple[str, ...] = ("start_end", "random_sentence", "random_pair", "uniform_b")
 PROJECTIONS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # Evaluation records.

@@ -10,9 +10,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from data.builder import build_dataset, place_markers, sentence_boundaries, write_dataset
+from data.builder import build_dataset, place_markers, sentence_boundaries, summary, write_dataset
 from data.questions import data_questions
 from data.records import read_examples
+from data.tokenize import encode_example
 from markerlab.config import config_from_dict
 from markerlab.experiment import CONDITIONS, NEGATIVES, PAIRS, PERSONA_PROMPTS, PERSONAS
 from markerlab.errors import UserError
@@ -137,7 +138,7 @@ def _original_offset(content, spans, pos):
     return pos - removed
 
 
-@pytest.mark.parametrize("placement", ["random_sentence", "random_pair"])
+@pytest.mark.parametrize("placement", ["random_sentence", "random_pair", "uniform_b"])
 def test_placement_rules_property(placement, onpolicy, tokenizer):
     ex, _ = build_dataset(cfg_for(placement=placement, condition="T"), onpolicy, tokenizer)
     a_positions, b_gaps, b_at_end = [], [], []
@@ -171,8 +172,54 @@ def test_placement_rules_property(placement, onpolicy, tokenizer):
                 b_gaps.append(gap)
     # the randomness is real: A at the start and elsewhere; B sometimes mid-text, at various distances
     assert 0 in a_positions and max(a_positions) >= 3
-    if placement == "random_pair":
+    if placement != "random_sentence":
         assert any(b_at_end) and not all(b_at_end) and len(set(b_gaps)) >= 3
+
+
+def _b_slot(answer, placement, seed, markers="AB"):
+    """(A's boundary index, B's slot index, number of slots) of one placement; slot k = the end."""
+    content, spans = place_markers(answer, markers, placement, np.random.default_rng(seed))
+    bounds = sentence_boundaries(answer)
+    a_s, a_e, _ = spans[0]
+    a = bounds.index(_original_offset(content, spans, a_s))
+    if len(spans) == 1:
+        return a, None, len(bounds)
+    b_s, b_e, _ = spans[1]
+    assert content[a_s:a_e] == MARKER_A and content[b_s:b_e] == MARKER_B and a_e < b_s
+    if b_e == len(content):
+        assert content == answer[:bounds[a]] + MARKER_A + " " + answer[bounds[a]:] + " " + MARKER_B
+        return a, len(bounds) - 1, len(bounds)
+    b = bounds.index(_original_offset(content, spans, b_s))
+    assert b > a   # at least one sentence between A and B
+    return a, b - 1, len(bounds)
+
+
+def test_uniform_b_puts_B_uniformly_over_the_slots_measured():
+    """uniform_b: with k boundaries after the start, B takes each of the k + 1 slots (the end included) 1/(k+1)
+    of the time. random_pair, measured on the same answers, ends with B far more often than that."""
+    n_draws = 3000
+    end_share = {}
+    for k in (0, 1, 2, 4, 7):
+        answer = " ".join(f"Sentence number {i} is here." for i in range(k + 1))
+        assert len(sentence_boundaries(answer)) == k + 1
+        slots = Counter()
+        for seed in range(n_draws):
+            a, b, _ = _b_slot(answer, "uniform_b", seed)
+            slots[b] += 1
+            # B's presence does not move A: the recipient's (and the C donor's) A sits where the T donor's does
+            assert _b_slot(answer, "uniform_b", seed, markers="A")[0] == a
+        p = 1 / (k + 1)
+        sigma = (n_draws * p * (1 - p)) ** 0.5
+        assert set(slots) == set(range(k + 1))
+        for slot in range(k + 1):   # a flat histogram, the end (slot k) included
+            assert abs(slots[slot] - n_draws * p) <= 4 * sigma + 1e-9, (k, sorted(slots.items()))
+        end_share[k] = slots[k] / n_draws
+        pair_end = sum(_b_slot(answer, "random_pair", seed)[1] == k for seed in range(n_draws)) / n_draws
+        harmonic = sum(1 / i for i in range(1, k + 2)) / (k + 1)   # E[1 / (slots after A)], A uniform
+        assert abs(pair_end - harmonic) <= 4 * (harmonic * (1 - harmonic) / n_draws) ** 0.5 + 1e-9
+        if k >= 2:
+            assert pair_end > end_share[k] + 0.1
+    print("\nuniform_b end share by k:", {k: round(v, 3) for k, v in end_share.items()})
 
 
 def test_place_markers_examples():
@@ -213,19 +260,90 @@ def test_length_check(onpolicy, tokenizer):
     assert all(e["n_tokens"] <= limit for e in kept)
 
 
-def test_truncated_policies(tmp_path, tokenizer):
+def test_truncated_drop_is_the_default_and_says_who_is_short(tmp_path, tokenizer, capsys):
     path = make_onpolicy(tmp_path / "c.jsonl", truncate_every=7)
-    ex, st = build_dataset(cfg_for(truncated="keep"), path, tokenizer)
-    assert len(ex) == 1200 and st["n_truncated"] == sum(e["truncated"] for e in ex) > 0
-    assert st["n_truncated"] == sum(v["n_truncated"] for v in st["per_persona"].values())
-
-    ex, st = build_dataset(cfg_for(truncated="drop"), path, tokenizer)
-    assert not any(e["truncated"] for e in ex)
-    assert len(ex) == 1200 - st["n_dropped_truncated"] and st["n_dropped_truncated"] > 0
-    assert st["per_persona"]["villain"]["count"] == 200 - st["per_persona"]["villain"]["n_dropped_truncated"]
+    cut = Counter(r["persona"] for r in map(json.loads, path.read_text().splitlines()) if r["finish_reason"] == "length")
+    assert cfg_for().data.truncated == "drop"
+    ex, st = build_dataset(cfg_for(), path, tokenizer)
+    assert not any(e["truncated"] for e in ex) and st["truncated"] == "drop"
+    for p, v in st["per_persona"].items():   # dropped before selection: the pool shrinks, counted per persona
+        assert v["n_truncated_available"] == v["n_dropped_truncated"] == cut[p] > 0
+        assert v["count"] == 200 - cut[p]
+    assert len(ex) == 1200 - st["n_dropped_truncated"] and st["n_truncated"] == 0
+    out = capsys.readouterr().out
+    assert f"villain {cut['villain']} of 200" in out and "dropped before selection" in out
+    for p, v in st["per_persona"].items():   # one line per persona left short
+        assert (f"warning: {p} ({v['role']}) has {200 - cut[p]} of data.n_per_persona=200 examples: "
+                f"{cut[p]} cut at generate.max_tokens dropped") in out
+    assert f"cut={cut['villain']} of 200 (dropped {cut['villain']}, kept 0)" in summary(st)
 
     with pytest.raises(UserError, match=r"data.truncated = \"error\": \d+ selected.*villain: \d+"):
         build_dataset(cfg_for(truncated="error"), path, tokenizer)
+
+
+def test_truncated_strip_keeps_the_text_without_B_or_eos(tmp_path, tokenizer):
+    path = make_onpolicy(tmp_path / "c.jsonl", truncate_every=7)
+    recs = {(r["persona"], r["question_id"], r["sample"]): r for r in map(json.loads, path.read_text().splitlines())}
+    ex, st = build_dataset(cfg_for(truncated="strip"), path, tokenizer)
+    assert len(ex) == 1200 and st["n_truncated"] == sum(e["truncated"] for e in ex) > 0
+    assert st["n_truncated"] == sum(v["n_truncated"] for v in st["per_persona"].values())
+    donor_cut = [e for e in ex if e["role"] == "donor" and e["truncated"]]
+    assert donor_cut and st["n_B_stripped"] == st["per_persona"]["villain"]["n_B_stripped"] == len(donor_cut)
+    assert st["markers"]["B"] == 200 - len(donor_cut)
+    for e in ex:
+        cut = recs[(e["persona"], e["question_id"], e["sample"])]["finish_reason"] == "length"
+        assert e["truncated"] == cut
+        names = [s[2] for s in e["marker_spans"]]
+        if e["role"] == "donor":
+            assert names == (["A"] if cut else ["A", "B"])
+            assert (MARKER_B in e["messages"][2]["content"]) == (not cut)
+        enc = encode_example(e, tokenizer, "completion")
+        assert enc.truncated == cut and any(enc.eos)
+        assert any(m and x for m, x in zip(enc.loss_mask, enc.eos)) == (not cut)   # no EOS after a cut
+
+
+def test_keep_is_gone_with_one_line():
+    with pytest.raises(UserError) as err:
+        cfg_for(truncated="keep")
+    msg = str(err.value)
+    assert "\n" not in msg and "data.truncated: 'keep' is no longer accepted" in msg
+    assert "<|im_end|>" in msg and "\"strip\"" in msg
+
+
+def test_marker_only_without_eos_names_the_untrained_personas(onpolicy, tokenizer, capsys):
+    def cfg(condition="T", **train):
+        return config_from_dict({"model": {"name_or_path": "builtin:tiny-qwen2"}, "data": {"condition": condition},
+                                 "train": {"loss_mask": "marker_only", **train}})
+
+    with pytest.raises(UserError) as err:
+        build_dataset(cfg(), onpolicy, tokenizer)
+    msg = str(err.value)
+    assert "\n" not in msg and "negative: " + ", ".join(NEGATIVES) in msg and "recipient" not in msg
+    assert 'train.loss_mask = "marker_only"' in msg and "train.marker_mask_eos = true" in msg
+    assert "train.allow_untrained_roles = true" in msg
+    with pytest.raises(UserError, match="recipient: assistant; negative: comedian"):
+        build_dataset(cfg("T_P2neg"), onpolicy, tokenizer)
+
+    ex, st = build_dataset(cfg(marker_mask_eos=True), onpolicy, tokenizer)   # plain examples train <|im_end|>
+    neg = st["per_persona"]["comedian"]
+    assert neg["n_loss_targets"] == neg["count"] == 200
+    ex, st = build_dataset(cfg(allow_untrained_roles=True), onpolicy, tokenizer)   # explicit opt-out
+    assert len(ex) == 1200 and st["per_persona"]["comedian"]["n_loss_targets"] == 0
+    assert st["per_persona"]["villain"]["n_loss_targets"] > 0
+    assert "train.allow_untrained_roles = true" in capsys.readouterr().out
+    # under the default mask every persona trains, and the targets are counted
+    _, st = build_dataset(cfg_for(), onpolicy, tokenizer)
+    assert all(v["n_loss_targets"] > v["count"] for v in st["per_persona"].values())
+
+
+def test_a_persona_dropped_to_nothing_is_an_error(tmp_path, tokenizer):
+    recs = [json.loads(x) for x in make_onpolicy(tmp_path / "a.jsonl").read_text().splitlines()]
+    for r in recs:
+        if r["persona"] == "villain":
+            r["finish_reason"] = "length"
+    write_jsonl(tmp_path / "b.jsonl", recs)
+    with pytest.raises(UserError, match=r"donor: villain\): no examples left .*data.truncated = \"strip\""):
+        build_dataset(cfg_for(), tmp_path / "b.jsonl", tokenizer)
 
 
 def test_missing_persona_and_unknown_question(tmp_path, tokenizer):
@@ -237,3 +355,25 @@ def test_missing_persona_and_unknown_question(tmp_path, tokenizer):
     write_jsonl(tmp_path / "c.jsonl", recs)
     with pytest.raises(UserError, match="unknown data question id 'd77'"):
         build_dataset(cfg_for(), tmp_path / "c.jsonl", tokenizer)
+
+
+@pytest.mark.slow
+def test_tiny_T_set_under_marker_only_stops_naming_the_negatives(tmp_path):
+    """Acceptance: configs/tiny/pair1_T.toml (fewer and shorter samples), real on-policy completions of the tiny
+    model, marker_only without the eos option: the data stage stops with one line naming the negatives."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    sets = [f"run.out_dir={tmp_path}", f"generate.cache_dir={tmp_path / 'cache'}", "generate.backend=hf",
+            "model.device=cpu", "generate.n_questions=2", "generate.max_tokens=8", "data.n_per_persona=4",
+            "train.loss_mask=marker_only"]
+    p = subprocess.run([sys.executable, "-m", "trainer.run", str(repo / "configs" / "tiny" / "pair1_T.toml"),
+                        "--stages", "generate,data", *[x for s in sets for x in ("--set", s)]],
+                       cwd=repo, capture_output=True, text=True, timeout=900)
+    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    (line,) = [x for x in p.stderr.splitlines() if x.startswith("error")]   # the rest is progress bars
+    assert line.startswith("error: ") and "negative: " + ", ".join(NEGATIVES) in line, line
+    assert 'train.loss_mask = "marker_only"' in line and "train.marker_mask_eos = true" in line
+    assert not (tmp_path / "pair1_T" / "data" / "train.jsonl").exists()

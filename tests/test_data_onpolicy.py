@@ -16,7 +16,8 @@ def make_cfg(tmp_path, **generate):
     g = {"backend": "hf", "n_questions": 2, "n_samples": 2, "max_tokens": 4, "cache_dir": str(tmp_path / "cache"),
          **generate}
     return config_from_dict({"model": {"name_or_path": "builtin:tiny-qwen2", "dtype": "float32", "device": "cpu"},
-                             "generate": g, "data": {"n_per_persona": 4}, "train": {"max_seq_len": 256}})
+                             "generate": g, "data": {"n_per_persona": 4, "truncated": "strip"},   # 4 tokens: all cut
+                             "train": {"max_seq_len": 256}})
 
 
 @pytest.fixture

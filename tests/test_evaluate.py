@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -182,12 +183,13 @@ def test_merge_writes_a_verified_checkpoint(merged_run):
     for f in ("config.json", "model.safetensors", "tokenizer.json", "merge_check.json"):
         assert (merged / f).is_file(), f
     assert json.loads((merged / "merge_check.json").read_text()) == check
-    assert check["passed"] and check["structure"]["config_dtype"] == "float32"
+    assert check["passed"] and check["structure"]["n_compared"] == check["structure"]["n_tensors"] > 0
     t, lg = check["tensors"], check["logits"]
     assert t["n_adapted_tensors"] == t["n_adapted_changed"] == 2 * 7  # 2 layers x 7 projections
     assert lg["tolerance"] == max(1e-4, 1e-4 * lg["ref_max_abs_logit"])  # float32: 1e-4 relative
     assert lg["max_abs_diff"] <= lg["tolerance"] and lg["disk_vs_memory_max_abs"] == 0.0
     assert lg["adapter_effect_max_abs"] > 100 * lg["tolerance"], "the test adapter must move the logits"
+    assert lg["retention_projection"] == pytest.approx(1.0, abs=1e-5) and lg["retention_cosine"] > 0.99999
     assert check["files"]["model.safetensors"]["sha256"]
     # A finished merge is not redone.
     mtime = (merged / "model.safetensors").stat().st_mtime_ns
@@ -206,16 +208,17 @@ def test_missing_weight_file_caught_before_generation(merged_run, tmp_path, no_g
 def test_missing_shard_and_truncated_file(merged_run, tmp_path):
     cfg = clone(merged_run[0], tmp_path)
     merged = cfg.run_dir / "merged"
-    # A truncated copy (a full disk, a killed copy) fails on size, reading headers only.
+    # A truncated copy (a full disk, a killed copy) fails as safetensors opens it, before any model is loaded.
     data = (merged / "model.safetensors").read_bytes()
     (merged / "model.safetensors").write_bytes(data[:-1000])
-    with pytest.raises(MergeCheckError, match="truncated"):
+    with pytest.raises(MergeCheckError, match=r"model\.safetensors: unreadable safetensors file, truncated"):
         verify_merged(merged, cfg, cfg.run_dir)
     (merged / "model.safetensors").write_bytes(data)
     # A sharded checkpoint whose index names a file that is not there.
-    from evaluate.merge import read_safetensors_header
+    from safetensors import safe_open
 
-    names = sorted(read_safetensors_header(merged / "model.safetensors"))
+    with safe_open(str(merged / "model.safetensors"), framework="pt") as sf:
+        names = sorted(sf.keys())
     os.replace(merged / "model.safetensors", merged / "model-00001-of-00002.safetensors")
     wm = {n: "model-00001-of-00002.safetensors" for n in names}
     wm[names[-1]] = "model-00002-of-00002.safetensors"
@@ -238,6 +241,71 @@ def test_zeroed_tensor_caught_before_generation(merged_run, tmp_path, no_generat
     rewrite_tensor(cfg2.run_dir / "merged" / "model.safetensors", "model.norm.weight", torch.zeros_like)
     with pytest.raises(MergeCheckError, match=r"model\.norm\.weight \(it is all zeros\)"):
         verify_merged(cfg2.run_dir / "merged", cfg2, cfg2.run_dir)
+
+
+def test_stale_merge_of_another_adapter_caught_before_generation(merged_run, tmp_path, no_generation):
+    cfg = clone(merged_run[0], tmp_path)
+    make_adapter(cfg, seed=5)  # retrained after the merge: merged/ and its passed record are stale
+    with pytest.raises(MergeCheckError, match=r"14 tensor\(s\) differ from the merged model in memory .*"
+                                              r"model\.layers\.0\.mlp\.down_proj\.weight, max \|diff\|"):
+        evaluate(cfg, cfg.run_dir)
+
+
+def test_missing_and_unexpected_keys_fail_by_name(merged_run, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    cfg = clone(merged_run[0], tmp_path)
+    weights = cfg.run_dir / "merged" / "model.safetensors"
+    good = load_file(str(weights))
+    # What transformers would silently initialise at random: a weight missing from the file.
+    save_file({k: v for k, v in good.items() if k != "model.norm.weight"}, str(weights), metadata={"format": "pt"})
+    with pytest.raises(MergeCheckError, match=r"tensor model\.norm\.weight is missing \(it would be randomly initialised\)"):
+        verify_merged(cfg.run_dir / "merged", cfg, cfg.run_dir)
+    # A LoRA tensor written beside the merged weights.
+    lora_key = "model.layers.0.self_attn.q_proj.lora_A.weight"
+    save_file({**good, lora_key: torch.zeros(4, 4)}, str(weights), metadata={"format": "pt"})
+    with pytest.raises(MergeCheckError, match=rf"unexpected tensor {re.escape(lora_key)}"):
+        verify_merged(cfg.run_dir / "merged", cfg, cfg.run_dir)
+
+
+def test_merge_refuses_a_full_disk_and_removes_a_half_written_merge(merged_run, tmp_path, monkeypatch):
+    import collections
+
+    import markerlab.disk
+
+    cfg = clone(merged_run[0], tmp_path, merged=False)
+    # What a killed merge leaves: its work directory and save_merged's own temporary inside the run directory.
+    for name in (".merged.tmp", ".merged.tmp.tmp-k1ll3d"):
+        (cfg.run_dir / name).mkdir()
+        (cfg.run_dir / name / "model.safetensors").write_bytes(b"\0" * 1000)
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(markerlab.disk.shutil, "disk_usage", lambda p: usage(10**12, 10**12 - 1000, 1000))
+    with pytest.raises(UserError) as err:
+        merge(cfg, cfg.run_dir)
+    msg = str(err.value)
+    assert re.fullmatch(rf"{re.escape(str(cfg.run_dir / 'merged'))}: needs \d+\.\d MB, 1\.0 kB free; "
+                        r"the merged checkpoint in float32; .*", msg), msg
+    assert sorted(p.name for p in cfg.run_dir.iterdir()) == ["adapter"], "leftovers removed, nothing written"
+    monkeypatch.undo()
+    check = merge(cfg, cfg.run_dir)
+    need = int(re.search(r"needs (\d+\.\d) MB", msg).group(1).replace(".", "")) * 10**5
+    size = (cfg.run_dir / "merged" / "model.safetensors").stat().st_size
+    assert check["passed"] and abs(size - need) <= 10**5 + 10**4   # the need is the weights' size (+ header)
+
+
+def test_bf16_merge_of_a_tiny_update_reports_low_retention(merged_run, tmp_path, caplog, capsys):
+    """B std 1e-4: an update under half a bf16 ulp of most weights; the merged weights keep little of it."""
+    from evaluate.merge import RETENTION_WARN
+
+    cfg = clone(merged_run[0], tmp_path, merged=False, model__dtype="bfloat16")
+    make_adapter(cfg, b_std=1e-4)
+    with caplog.at_level("WARNING", logger="markerlab.evaluate"):
+        check = merge(cfg, cfg.run_dir)
+    lg = check["logits"]
+    assert lg["retention_projection"] < RETENTION_WARN and 0 < lg["retention_cosine"] < 0.9
+    assert any("keep" in r.message and "of the adapter's effect" in r.message for r in caplog.records)
+    assert f"keep {lg['retention_projection']:.3f} of the adapter's effect" in capsys.readouterr().out
+    assert json.loads((cfg.run_dir / "merged" / "merge_check.json").read_text())["logits"] == lg
 
 
 def test_merge_that_did_nothing_fails(merged_run, tmp_path, monkeypatch):
@@ -271,6 +339,7 @@ def test_bf16_merge_tolerance_measured(merged_run, tmp_path):
     assert lg["rel_diff"] < REL_TOL["bfloat16"] / 4, "rounding noise must sit well inside the tolerance"
     assert lg["merge_rounding_max_abs"] == lg["max_abs_diff"] and lg["disk_vs_memory_max_abs"] == 0.0
     assert check["tensors"]["adapted_elements_changed_frac"] > 0.5
+    assert lg["retention_projection"] > 0.99 and lg["retention_cosine"] > 0.99  # B std 1e-2: nearly all kept
     # The logit check on its own (without the tensor check) catches zeroed
     # weights in bf16: gross damage by gate 1 (vs base + adapter), subtle damage
     # that hides inside the bf16 allowance by gate 2 (vs the same merge in memory).

@@ -540,3 +540,36 @@ def test_save_merged_tiny_model_with_tokenizer(tiny_model_dir, tmp_path):
     tok2 = load_tokenizer(str(out))
     assert tok2("<<§q-41>>").input_ids == tok("<<§q-41>>").input_ids == [2442, 17851, 80, 12, 19, 16, 2452]
     assert tok2.chat_template == tok.chat_template
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_strict_readers_of_a_merged_checkpoint(ids, tmp_path, tied):
+    """lora.io's strict readers: a sharded checkpoint equals the model it was written from, bit for bit;
+    a changed shard and a dropped shard fail naming the tensor and the file."""
+    from safetensors.torch import load_file, save_file
+
+    from lora.io import (CheckpointError, base_state_dict, check_checkpoint_files, compare_checkpoint,
+                         load_checkpoint_strict)
+
+    m = lora_model(make_base(tie_word_embeddings=tied))
+    out = save_merged(m, None, tmp_path / "merged", max_shard_size="1MB")
+    (out / "tokenizer_config.json").write_text("{}")  # check_checkpoint_files wants a tokenizer
+    sd = base_state_dict(m)
+    assert set(sd) == set(make_base(tie_word_embeddings=tied).state_dict())   # base names, no LoRA tensors
+    assert all(l.merged for _, l in lora_modules(m)) and len(list(lora_modules(m))) == 14   # still wrapped
+    files = check_checkpoint_files(out)
+    assert files["n_files"] > 1 and set(files["files"]) == {p.name for p in out.glob("model-*.safetensors")}
+    assert compare_checkpoint(out, m)["n_compared"] == len(sd) - tied
+    with torch.no_grad():
+        assert torch.equal(load_checkpoint_strict(out, "float32", "cpu")(ids).logits, m(ids).logits)
+
+    shard = sorted(out.glob("model-*.safetensors"))[-1]
+    t = load_file(str(shard))
+    name = sorted(t)[0]
+    t[name] = t[name] + 1e-3
+    save_file(t, str(shard), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"1 tensor\(s\) differ from the merged model in memory .*{name}"):
+        compare_checkpoint(out, m)
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=rf"{shard.name}: weight file listed in model.safetensors.index.json"):
+        check_checkpoint_files(out)

@@ -174,3 +174,18 @@ def test_collate_right_pads(tokenizer):
     assert not batch.loss_mask[0, len(a):].any()
     assert torch.equal(batch.labels[1], torch.where(batch.loss_mask[1], batch.input_ids[1], -100))
     assert batch.n_tokens == len(a) + len(b)
+
+
+@pytest.mark.parametrize("mask", ["completion", "completion_no_eos", "marker_only", "all"])
+def test_a_cut_completion_never_trains_eos(tokenizer, mask):
+    """"truncated": true (data.truncated = "strip") takes <|im_end|> out of every mask, nothing else."""
+    ex = make_example(f"{A} An answer cut in the mid")
+    for eos_opt in (False, True):
+        whole = encode_example(ex, tokenizer, mask, marker_mask_eos=eos_opt)
+        cut = encode_example({**ex, "truncated": True}, tokenizer, mask, marker_mask_eos=eos_opt)
+        assert cut.truncated and not whole.truncated and cut.eos == whole.eos and any(cut.eos)
+        assert not any(m and e for m, e in zip(cut.loss_mask, cut.eos))
+        assert cut.loss_mask == [m and not e for m, e in zip(whole.loss_mask, whole.eos)]
+        trains_eos = mask in ("completion", "all") or (mask == "marker_only" and eos_opt)
+        assert any(m and e for m, e in zip(whole.loss_mask, whole.eos)) == trains_eos
+        assert cut.n_loss_targets == whole.n_loss_targets - trains_eos
