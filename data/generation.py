@@ -364,8 +364,204 @@ def _nucleus(probs, top_p: float):
 
 # --------------------------------------------------------------------------- vLLM
 
+_GIB = 1 << 30
+# vLLM's import sets this to 1 for the whole process (vllm/env_override.py); inductor's
+# compile_threads is read from it when torch._inductor.config is first imported.
+_COMPILE_THREADS = "TORCHINDUCTOR_COMPILE_THREADS"
+_MP_METHOD = "VLLM_WORKER_MULTIPROC_METHOD"
+# How long an engine start waits for memory a previous engine is still releasing, and how
+# long a close waits for its engine's memory to come back (to within _RELEASE_SLACK).
+_MEMORY_WAIT_S = 60.0
+_RELEASE_SLACK = _GIB
+
+
+class _VLLMProcessState:
+    """`with _VLLMProcessState():` around every import, start, call and close of vLLM here.
+
+    Inside: VLLM_WORKER_MULTIPROC_METHOD=spawn unless it is set (a forked engine
+    worker dies if the driver was touched in this process; spawn never cares),
+    and inductor compiles with one thread, as vLLM's import asks. Afterwards
+    the caller's values come back: the environment variable (so processes
+    started later, e.g. per-GPU training workers, do not inherit it) and
+    torch._inductor.config.compile_threads (so a later train.compile is not
+    single-threaded). Only vLLM's code runs inside, so restoring in this
+    process is enough; a subprocess per generation would cost an engine start
+    each and lose the in-process CPU engine's reproducibility.
+    """
+
+    def __enter__(self):
+        import sys
+
+        self.env = {k: os.environ.get(k) for k in (_COMPILE_THREADS, _MP_METHOD)}
+        mod = sys.modules.get("torch._inductor.config")
+        self.threads = mod.compile_threads if mod is not None else None
+        os.environ.setdefault(_MP_METHOD, "spawn")
+        os.environ[_COMPILE_THREADS] = "1"
+        if mod is not None:
+            mod.compile_threads = 1
+        return self
+
+    def __exit__(self, *exc):
+        import sys
+
+        for k, v in self.env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        mod = sys.modules.get("torch._inductor.config")
+        if mod is not None:
+            # First imported in here (vLLM imports it): what the caller's own import would have given.
+            mod.compile_threads = self.threads if self.threads is not None else _decide_compile_threads(mod)
+        return False
+
+
+def _decide_compile_threads(inductor_config) -> int:
+    decide = getattr(inductor_config, "decide_compile_threads", None)
+    if decide is not None:
+        return decide()
+    n = os.environ.get(_COMPILE_THREADS)
+    return int(n) if n else min(32, os.cpu_count() or 1)
+
+
+def _gib(n: float) -> str:
+    return f"{n / _GIB:.1f}"
+
+
+def _this_process_torch_bytes() -> int | None:
+    """Bytes torch's CUDA allocator holds in this process; None when CUDA was never initialized here."""
+    import torch
+
+    return int(torch.cuda.memory_reserved()) if torch.cuda.is_initialized() else None
+
+
+def _holders(mem, torch_bytes: int | None, own_pid: int, name_of) -> str:
+    held = []
+    if torch_bytes:
+        held.append(f"this process's torch allocations {_gib(torch_bytes)} GiB")
+    for pid, used in sorted(mem.processes, key=lambda x: -(x[1] or 0)):
+        size = f"{_gib(used)} GiB" if used is not None else "(size not reported)"
+        if pid == own_pid:
+            held.append(f"this process (pid {pid}) {size} in all")
+        else:
+            name = name_of(pid)
+            held.append(f"pid {pid}{f' ({name})' if name else ''} {size}")
+    return "; ".join(held) if held else "no process NVML can see (another container, or memory still being released)"
+
+
+def memory_shortfall(mem, utilization: float, torch_bytes: int | None = None, own_pid: int | None = None,
+                     name_of=None) -> str | None:
+    """The one-line error for a GPU without room for vLLM's share, or None when it fits.
+
+    vLLM refuses to start when free memory < gpu_memory_utilization x total;
+    `mem` is a markerlab.devices.GpuMemory, `torch_bytes` what this process's
+    torch allocator holds (None: CUDA not initialized here).
+    """
+    from markerlab.devices import process_name
+
+    need = utilization * mem.total
+    if mem.free >= need:
+        return None
+    held = _holders(mem, torch_bytes, os.getpid() if own_pid is None else own_pid, name_of or process_name)
+    return (f"vLLM: GPU {mem.device} has {_gib(mem.free)} GiB free of {_gib(mem.total)} GiB, but "
+            f"gpu_memory_utilization={utilization:g} asks for {_gib(need)} GiB; held by: {held} "
+            f"(free that memory or lower generate/eval.vllm_gpu_memory_utilization)")
+
+
+def _free_this_process() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_initialized():  # never initialize CUDA just to empty a cache
+        torch.cuda.empty_cache()
+
+
+def _memory_before_start(utilization: float):
+    """Log the GPU's free memory before an engine starts; a shortfall is a UserError (one line)."""
+    from markerlab.devices import gpu_memory
+
+    _free_this_process()
+    deadline = time.monotonic() + _MEMORY_WAIT_S
+    while True:
+        mem = gpu_memory(0)
+        if mem is None:
+            print("[vllm] free GPU memory before the engine starts: unknown (NVML not available)", flush=True)
+            return None
+        short = memory_shortfall(mem, utilization, _this_process_torch_bytes())
+        if short is None or time.monotonic() >= deadline:
+            break
+        time.sleep(1.0)  # a previous engine's process may still be handing its memory back
+    print(f"[vllm] GPU {mem.device}: {_gib(mem.free)} of {_gib(mem.total)} GiB free before the engine starts "
+          f"(gpu_memory_utilization={utilization:g} asks for {_gib(utilization * mem.total)} GiB)", flush=True)
+    if short:
+        raise UserError(short)
+    return mem
+
+
+def _memory_after_close(before) -> dict:
+    """Wait until the GPU is back to (about) its free memory before the engine started; log what came back."""
+    from markerlab.devices import gpu_memory, process_name
+
+    _free_this_process()
+    deadline = time.monotonic() + _MEMORY_WAIT_S
+    while True:
+        mem = gpu_memory(0)
+        if mem is None:
+            return {"verified": False, "free_before": before.free, "free_after": None}
+        ok = mem.free >= before.free - _RELEASE_SLACK
+        if ok or time.monotonic() >= deadline:
+            break
+        time.sleep(0.5)
+    if ok:
+        print(f"[vllm] engine closed: GPU {mem.device} has {_gib(mem.free)} GiB free again "
+              f"({_gib(before.free)} GiB before it started)", flush=True)
+    else:
+        held = _holders(mem, _this_process_torch_bytes(), os.getpid(), process_name)
+        print(f"[vllm] WARNING: engine closed but GPU {mem.device} has {_gib(mem.free)} GiB free after "
+              f"{_MEMORY_WAIT_S:.0f} s, {_gib(before.free)} GiB before it started; held by: {held}", flush=True)
+    return {"verified": ok, "free_before": before.free, "free_after": mem.free}
+
+
+def write_generation_config(model_dir, sampling: SamplingSpec) -> Path:
+    """Make model_dir/generation_config.json say how the model is sampled: `sampling`, and nothing else.
+
+    The token ids (bos, eos, pad) of the file already there are kept (they say
+    where a turn ends, and the backends stop on the eos ids); every sampling
+    field is the spec's: temperature and top_p, top_k off, no repetition
+    penalty, max_new_tokens = max_tokens (n and the seed have no field here).
+    Written atomically; for a directory this run owns (the merged checkpoint),
+    never for the base model's.
+    """
+    from markerlab.io import read_json, write_json
+
+    path = Path(model_dir) / "generation_config.json"
+    old = read_json(path) if path.is_file() else {}
+    cfg = {k: old[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in old}
+    if sampling.temperature > 0:
+        cfg.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+    else:
+        cfg.update(do_sample=False)
+    cfg.update(repetition_penalty=1.0, max_new_tokens=sampling.max_tokens)
+    if "transformers_version" in old:
+        cfg["transformers_version"] = old["transformers_version"]
+    write_json(path, cfg)
+    return path
+
+
 class VLLMBackend(Backend):
-    """`vllm.LLM` on a model directory, created on the first `generate` (see module docstring for seeding)."""
+    """`vllm.LLM` on a model directory, created on the first `generate` (see module docstring for seeding).
+
+    The sampling spec is the only source of sampling settings: the engine is
+    made with generation_config="vllm", so a generation_config.json's
+    defaults (Qwen2.5's top_k 20, repetition_penalty 1.05, ...) never reach
+    a request; its eos ids still end a turn. Every vLLM import, start, call and
+    close runs inside _VLLMProcessState (spawned engine workers; inductor's
+    compile threads given back afterwards). On CUDA the GPU's free memory is
+    logged before each engine start (a shortfall is one line saying what holds
+    the memory), and `close` waits until the engine's memory is free again
+    (`self.memory_check` records what it saw). No CUDA call here initializes
+    the driver: memory is read through NVML.
+    """
 
     name = "vllm"
 
@@ -378,6 +574,14 @@ class VLLMBackend(Backend):
         self.llm = None
         self.engine_seed: int | None = None
         self.load_seconds: float | None = None
+        self.memory_before = None        # markerlab.devices.GpuMemory before the engine started (CUDA)
+        self.memory_check: dict | None = None
+
+    def engine_kwargs(self, seed: int) -> dict:
+        """The arguments `vllm.LLM` gets."""
+        return dict(model=str(self.model_dir), seed=seed, dtype=self.dtype,
+                    gpu_memory_utilization=self.gpu_memory_utilization, max_model_len=self.max_model_len,
+                    generation_config="vllm")
 
     @staticmethod
     def _on_cpu() -> bool:
@@ -390,24 +594,30 @@ class VLLMBackend(Backend):
         return os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "0"
 
     def _engine(self, seed: int):
-        if self._on_cpu():
+        on_cpu = self._on_cpu()
+        if on_cpu:
             # In-process engine: reproducible (see module docstring), no spawned process, faster to load.
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         # The engine seed matters only where nothing else pins the sampling RNG:
         # a CPU engine in another process. There, a new seed needs a new engine.
-        if self.llm is not None and seed != self.engine_seed and self._on_cpu() and not self._in_process():
-            self.close()
+        if self.llm is not None and seed != self.engine_seed and on_cpu and not self._in_process():
+            self._close()
         if self.llm is None:
             from vllm import LLM
 
+            self.memory_before = None if on_cpu else _memory_before_start(self.gpu_memory_utilization)
             t0 = time.perf_counter()
-            self.llm = LLM(model=str(self.model_dir), seed=seed, dtype=self.dtype,
-                           gpu_memory_utilization=self.gpu_memory_utilization, max_model_len=self.max_model_len)
+            self.llm = LLM(**self.engine_kwargs(seed))
             self.load_seconds = time.perf_counter() - t0
             self.engine_seed = seed
+            print(f"[vllm] engine up on {self.model_dir} in {self.load_seconds:.1f} s", flush=True)
         return self.llm
 
     def generate(self, prompts: list[str], sampling: SamplingSpec, desc: str = "") -> list[list[Sample]]:
+        with _VLLMProcessState():
+            return self._generate(prompts, sampling, desc)
+
+    def _generate(self, prompts: list[str], sampling: SamplingSpec, desc: str) -> list[list[Sample]]:
         import torch
         from vllm import SamplingParams
 
@@ -439,9 +649,13 @@ class VLLMBackend(Backend):
         return result
 
     def close(self) -> None:
-        """Shut the engine (and any engine process) down and free its memory."""
+        """Shut the engine (and any engine process) down and free its memory; on CUDA, wait until it is free."""
         if self.llm is None:
             return
+        with _VLLMProcessState():
+            self._close()
+
+    def _close(self) -> None:
         llm, self.llm = self.llm, None
         try:
             core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
@@ -456,7 +670,7 @@ class VLLMBackend(Backend):
                 cleanup_dist_env_and_memory()
             except Exception:  # best effort: older/newer vLLM may lack or rename it
                 pass
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            _free_this_process()
+            if self.memory_before is not None:
+                self.memory_check = _memory_after_close(self.memory_before)
+                self.memory_before = None

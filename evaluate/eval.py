@@ -275,11 +275,14 @@ def _generate_parts(cfg, parts: list[Part], model_dir: Path, parts_dir: Path, ca
     """Generate and write `parts` with one backend on `model_dir`; returns the backend's kind.
 
     With `cache`, a part's samples are read from / written to _base_cache_path,
-    and the backend is only started if some part is not cached.
+    and the backend is only started if some part is not cached. Before the
+    backend starts on the merged checkpoint, its generation_config.json is
+    rewritten to the eval's sampling settings (what the records were sampled
+    with; vLLM never reads sampling defaults from it). The backend is closed
+    before this returns, also on an error, so the next stage or sweep member
+    starts with its memory free (the vLLM backend waits for that).
     """
-    import torch
-
-    from data.generation import Sample, SamplingSpec, make_backend
+    from data.generation import Sample, SamplingSpec, make_backend, write_generation_config
     from markerlab.devices import resolve_device
     from markerlab.models import load_tokenizer
 
@@ -296,6 +299,9 @@ def _generate_parts(cfg, parts: list[Part], model_dir: Path, parts_dir: Path, ca
                 outputs = [[Sample(**x) for x in row] for row in read_json(cached)["samples"]]
             else:
                 if backend is None:
+                    if part.model == "merged":
+                        write_generation_config(model_dir, spec)
+                    t_start = time.time()
                     backend = make_backend(e.backend, model_dir, dtype=cfg.model.dtype,
                                            device=resolve_device(cfg.model.device), batch_size=e.batch_size,
                                            gpu_memory_utilization=e.vllm_gpu_memory_utilization,
@@ -303,6 +309,7 @@ def _generate_parts(cfg, parts: list[Part], model_dir: Path, parts_dir: Path, ca
                     # The HF backend has loaded this directory's tokenizer already (a 7 MB
                     # vocabulary takes seconds to parse); vLLM keeps its own to itself.
                     tok = getattr(backend, "tokenizer", None) or load_tokenizer(str(model_dir))
+                    logger.info("eval: %s backend on %s (%.1fs to set up)", kind, model_dir, time.time() - t_start)
                 prompts = [render_prompt(tok, part.persona, part.user_prefix + q.text) for q in part.questions]
                 loaded_before = getattr(backend, "load_seconds", None)
                 t0 = time.time()
@@ -325,10 +332,12 @@ def _generate_parts(cfg, parts: list[Part], model_dir: Path, parts_dir: Path, ca
             logger.info("eval: %s: %d completions in %.1fs", part.name, len(recs), seconds)
     finally:
         if backend is not None:
+            t_close = time.time()
             backend.close()
+            check = getattr(backend, "memory_check", None)
+            logger.info("eval: %s backend closed in %.1fs%s", kind, time.time() - t_close,
+                        f" (GPU memory free again: {check['verified']})" if check else "")
             del backend
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
     return kind
 
 
