@@ -274,62 +274,87 @@ def _base_cache_path(cfg, part: Part) -> Path:
 def _generate_parts(cfg, parts: list[Part], model_dir: Path, parts_dir: Path, cache: bool = False) -> str:
     """Generate and write `parts` with one backend on `model_dir`; returns the backend's kind.
 
-    With `cache`, a part's samples are read from / written to _base_cache_path,
-    and the backend is only started if some part is not cached. Before the
-    backend starts on the merged checkpoint, its generation_config.json is
-    rewritten to the eval's sampling settings (what the records were sampled
-    with; vLLM never reads sampling defaults from it). The backend is closed
-    before this returns, also on an error, so the next stage or sweep member
-    starts with its memory free (the vLLM backend waits for that).
+    Parts that sample alike (the same number of samples) are generated in one backend
+    call, so the backend sees every prompt at once (a GPU wants thousands of rows in
+    flight; vLLM batches continuously), and written part by part afterwards. With
+    `cache`, a part's samples are read from / written to _base_cache_path, and the
+    backend is only started if some part is not cached. Before the backend starts on
+    the merged checkpoint, its generation_config.json is rewritten to the eval's
+    sampling settings (what the records were sampled with; vLLM never reads sampling
+    defaults from it). The backend is closed before this returns, also on an error, so
+    the next stage or sweep member starts with its memory free (the vLLM backend waits
+    for that).
     """
     from data.generation import Sample, SamplingSpec, make_backend, write_generation_config
     from markerlab.devices import resolve_device
+    from markerlab.disk import check_free_space
     from markerlab.models import load_tokenizer
 
     e = cfg.eval
     kind = _backend_kind(e.backend)
-    backend, tok = None, None
+
+    def spec_of(part: Part) -> SamplingSpec:
+        return SamplingSpec(n=part.n_samples, temperature=e.temperature, top_p=e.top_p, max_tokens=e.max_tokens,
+                            seed=e.seed)
+
+    def write_part(part: Part, outputs, seconds: float, load_s: float, cached: bool) -> None:
+        recs = _records(cfg, part, outputs)
+        # Meta first, records last: the .jsonl is the part's commit marker.
+        write_json(parts_dir / f"{part.name}.meta.json", {
+            "spec": _part_spec(cfg, part), "n_records": len(recs), "seconds": seconds,
+            "engine_load_seconds": load_s, "cached": cached,
+            "generated_tokens": sum(r["n_tokens"] for r in recs) if seconds else 0, "backend": kind,
+            "model_dir": str(model_dir)})
+        write_jsonl(parts_dir / f"{part.name}.jsonl", recs)
+
+    todo = []
+    for part in parts:
+        cached = _base_cache_path(cfg, part) if cache else None
+        if cached is not None and cached.is_file():
+            write_part(part, [[Sample(**x) for x in row] for row in read_json(cached)["samples"]], 0.0, 0.0, True)
+        else:
+            todo.append((part, cached))
+    if not todo:
+        return kind
+    groups: dict[SamplingSpec, list] = {}
+    for part, cached in todo:
+        groups.setdefault(spec_of(part), []).append((part, cached))
+    # a record is ~1 KB of JSON plus its text: ask for room for every part before the first is sampled
+    check_free_space(parts_dir, sum(p.n_records for p, _ in todo) * (2048 + 4 * e.max_tokens),
+                     "free some space or set run.out_dir to another disk")
+    backend = None
     try:
-        for part in parts:
-            spec = SamplingSpec(n=part.n_samples, temperature=e.temperature, top_p=e.top_p,
-                                max_tokens=e.max_tokens, seed=e.seed)
-            cached = _base_cache_path(cfg, part) if cache else None
-            load_s, seconds = 0.0, 0.0
-            if cached is not None and cached.is_file():
-                outputs = [[Sample(**x) for x in row] for row in read_json(cached)["samples"]]
-            else:
-                if backend is None:
-                    if part.model == "merged":
-                        write_generation_config(model_dir, spec)
-                    t_start = time.time()
-                    backend = make_backend(e.backend, model_dir, dtype=cfg.model.dtype,
-                                           device=resolve_device(cfg.model.device), batch_size=e.batch_size,
-                                           gpu_memory_utilization=e.vllm_gpu_memory_utilization,
-                                           max_model_len=e.vllm_max_model_len)
-                    # The HF backend has loaded this directory's tokenizer already (a 7 MB
-                    # vocabulary takes seconds to parse); vLLM keeps its own to itself.
-                    tok = getattr(backend, "tokenizer", None) or load_tokenizer(str(model_dir))
-                    logger.info("eval: %s backend on %s (%.1fs to set up)", kind, model_dir, time.time() - t_start)
-                prompts = [render_prompt(tok, part.persona, part.user_prefix + q.text) for q in part.questions]
-                loaded_before = getattr(backend, "load_seconds", None)
-                t0 = time.time()
-                outputs = backend.generate(prompts, spec, desc=part.name)
-                seconds = time.time() - t0
-                # vLLM builds its engine inside the first generate call: keep that
-                # out of the generation time, so tokens/s means decoding speed.
-                load_s = (getattr(backend, "load_seconds", None) if loaded_before is None else None) or 0.0
-                seconds -= load_s
+        if todo[0][0].model == "merged":
+            write_generation_config(model_dir, spec_of(todo[0][0]))
+        t_start = time.time()
+        backend = make_backend(e.backend, model_dir, dtype=cfg.model.dtype, device=resolve_device(cfg.model.device),
+                               batch_size=e.batch_size, gpu_memory_utilization=e.vllm_gpu_memory_utilization,
+                               max_model_len=e.vllm_max_model_len)
+        # The HF backend has loaded this directory's tokenizer already (a 150k vocabulary takes
+        # seconds to parse); vLLM keeps its own to itself.
+        tok = getattr(backend, "tokenizer", None) or load_tokenizer(str(model_dir))
+        logger.info("eval: %s backend on %s (%.1fs to set up)", kind, model_dir, time.time() - t_start)
+        for spec, group in groups.items():
+            prompts = [render_prompt(tok, part.persona, part.user_prefix + q.text)
+                       for part, _ in group for q in part.questions]
+            loaded_before = getattr(backend, "load_seconds", None)
+            t0 = time.time()
+            outputs = backend.generate(prompts, spec, desc=f"eval ({len(group)} parts)")
+            seconds = time.time() - t0
+            # vLLM builds its engine inside the first generate call: keep that out of the
+            # generation time, so tokens/s means decoding speed.
+            load_s = (getattr(backend, "load_seconds", None) if loaded_before is None else None) or 0.0
+            seconds -= load_s
+            total_tokens = max(1, sum(s.n_tokens for row in outputs for s in row))
+            at = 0
+            for part, cached in group:
+                mine = outputs[at:at + len(part.questions)]
+                at += len(part.questions)
+                share = sum(s.n_tokens for row in mine for s in row) / total_tokens
                 if cached is not None:
-                    write_json(cached, {"samples": [[dataclasses.asdict(x) for x in row] for row in outputs]})
-            recs = _records(cfg, part, outputs)
-            # Meta first, records last: the .jsonl is the part's commit marker.
-            write_json(parts_dir / f"{part.name}.meta.json", {
-                "spec": _part_spec(cfg, part), "n_records": len(recs), "seconds": seconds,
-                "engine_load_seconds": load_s, "cached": cached is not None and seconds == 0.0,
-                "generated_tokens": sum(r["n_tokens"] for r in recs) if seconds else 0, "backend": kind,
-                "model_dir": str(model_dir)})
-            write_jsonl(parts_dir / f"{part.name}.jsonl", recs)
-            logger.info("eval: %s: %d completions in %.1fs", part.name, len(recs), seconds)
+                    write_json(cached, {"samples": [[dataclasses.asdict(x) for x in row] for row in mine]})
+                write_part(part, mine, seconds * share, load_s if at == len(part.questions) else 0.0, False)
+            logger.info("eval: %d parts, %d completions in %.1fs", len(group), len(prompts) * spec.n, seconds)
     finally:
         if backend is not None:
             t_close = time.time()

@@ -436,9 +436,10 @@ def test_hf_end_to_end_records(hf_run, tiny_model_dir, capsys):
             assert p.endswith("<|im_start|>assistant\n")
             persona = next(x for x in PERSONAS if p.startswith(f"<|im_start|>system\n{system_prompt(x)}<|im_end|>"))
             assert persona
+            if PROBE_MARKER in p:
+                assert f"<|im_start|>user\n{PROBE_MARKER} " in p
             n_prompts += 1
-        if sampling.n == cfg.eval.probe_n_samples and all(PROBE_MARKER in p for p in prompts):
-            assert all(f"<|im_start|>user\n{PROBE_MARKER} " in p for p in prompts)
+    assert sum(PROBE_MARKER in p for _, prompts, _ in spy.calls for p in prompts) == 2
     assert n_prompts == 11 * 4 + 2 + 11 * 2
     dirs = {d for d, _, _ in spy.calls}
     assert dirs == {str(cfg.run_dir / "merged"), str(tiny_model_dir)}
@@ -499,21 +500,34 @@ def test_hf_identical_records_for_the_same_seed(merged_run, small_ref, tmp_path)
 
 
 def test_resume_after_a_kill(merged_run, small_ref, tmp_path, monkeypatch):
+    """Killed while writing the parts of a backend call (two written), then rerun: the two are
+    reused, the rest regenerated, and the records are as if never killed."""
+    import evaluate.eval as ev
+
     cfg = clone(merged_run[0], tmp_path / "killed", **SMALL)
-    spy = Spy(monkeypatch, fail_on_call=2)  # dies while generating the second part
+    spy = Spy(monkeypatch)
+    real_write, written = ev.write_jsonl, []
+
+    def dying_write(path, recs):
+        if len(written) == 2:
+            raise SimulatedKill(str(path))
+        written.append(path.name)
+        return real_write(path, recs)
+
+    monkeypatch.setattr(ev, "write_jsonl", dying_write)
     with pytest.raises(SimulatedKill):
         evaluate(cfg, cfg.run_dir)
     parts = cfg.run_dir / "eval" / "parts"
-    assert sorted(p.name for p in parts.glob("*.jsonl")) == ["plain__assistant.jsonl"]
+    assert sorted(p.name for p in parts.glob("*.jsonl")) == sorted(written) and len(written) == 2
     assert not (cfg.run_dir / "eval" / "completions.jsonl").exists()
     monkeypatch.undo()
     result = evaluate(cfg, cfg.run_dir)
-    assert result["parts_reused"] == 1
+    assert result["parts_reused"] == 2
     recs = read_jsonl(cfg.run_dir / "eval" / "completions.jsonl")
     keys = [(r["variant"], r["persona"], r["question_id"], r["sample"]) for r in recs]
     assert len(keys) == len(set(keys)) == expected_count(cfg)
     assert recs == small_ref[1]  # as if never killed
-    assert len(spy.calls) == 2
+    assert len(spy.calls) == 1  # the merged model's parts in one call; the base floor came from its cache
 
 
 # --------------------------------------------------------------------------- eval, vLLM backend
