@@ -1,14 +1,38 @@
 """Config loading: every problem at once, overrides, round trip, every shipped config."""
 
+import json
 import tomllib
 from pathlib import Path
 
 import pytest
 
+from markerlab import config as C
 from markerlab.config import Config, ConfigError, config_from_dict, load_config, parse_override
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = sorted((REPO / "configs").rglob("*.toml"))
+CONFIGS = REPO / "configs"
+ALL_TOML = sorted(CONFIGS.rglob("*.toml"))
+# Every shipped config resolved by the code before configs inherited from bases
+# (tests/fixtures/resolved_configs.json, "section.key" -> value; a sweep member is
+# stored as its member file, relative to configs/, and the keys in which it differs).
+BEFORE = json.loads((REPO / "tests" / "fixtures" / "resolved_configs.json").read_text())
+
+
+def _bases() -> set[Path]:
+    """Files that other shipped configs extend: building blocks, not runnable on their own."""
+    out = set()
+    for p in ALL_TOML:
+        ext = tomllib.loads(p.read_text()).get("extends")
+        if isinstance(ext, str):
+            out.add((p.parent / ext).resolve())
+    return out
+
+
+SHIPPED = [p for p in ALL_TOML if p.resolve() not in _bases()]
+
+
+def flat(cfg) -> dict:
+    return {f"{s}.{k}": v for s, t in cfg.to_dict().items() for k, v in t.items()}
 
 
 def test_unknown_key_wrong_type_bad_value_reported_together(tmp_path):
@@ -75,3 +99,35 @@ def test_frozen():
     c = Config()
     with pytest.raises(Exception):
         c.train.lr = 1.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("rel", sorted(BEFORE))
+def test_resolved_configs_are_unchanged(rel):
+    """Each shipped config (and each sweep member) resolves key for key as it did before bases.
+
+    Keys that stopped being keys (markerlab.config.REMOVED_KEYS) are the only exception.
+    """
+    removed = set(getattr(C, "REMOVED_KEYS", {}))
+    path = CONFIGS / rel
+    assert path.is_file(), f"{rel} was shipped before and is gone"
+    cfg = load_config(path)
+    before = BEFORE[rel]
+    if "members" not in before:
+        assert cfg.sweep is None
+        want = {k: v for k, v in before["resolved"].items() if k not in removed}
+        got = flat(cfg)
+        assert {k: got.get(k, "<missing>") for k in want} == want
+        return
+    # A sweep: its own run and sweep keys, then every member, in order.
+    want = {k: v for k, v in before["resolved"].items() if k.split(".")[0] in ("run", "sweep")}
+    got = flat(cfg)
+    assert {k: got.get(k, "<missing>") for k in want} == want
+    from trainer.run import sweep_members
+
+    members = sweep_members(cfg, [])
+    assert len(members) == len(before["members"])
+    for m, rec in zip(members, before["members"]):
+        base = BEFORE[rec["file"]]["resolved"]
+        want = {k: v for k, v in {**base, **rec["differs"]}.items() if k not in removed}
+        got = flat(m)
+        assert {k: got.get(k, "<missing>") for k in want} == want, m.run.name
