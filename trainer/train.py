@@ -120,8 +120,9 @@ def train(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
     longest = sorted((len(e) for e in encoded), reverse=True)[:t.micro_batch_size]
     fast = setup_fast_path(model, t, device, max_tokens=sum(longest))
     params = trainable_parameters(model)
+    # fused AdamW on CUDA, foreach on the CPU: what the removed train.fused_adamw switch chose
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay,
-                                  **adamw_options(t.fused_adamw, device))
+                                  **({"fused": True} if device.type == "cuda" else {"foreach": True}))
 
     # ---- resume from the newest checkpoint, if any
     fingerprint = data_fingerprint(encoded, cfg, total)
