@@ -378,3 +378,19 @@ def test_files_that_are_not_utf8_are_one_line(finished_run, tmp_path):
     p = subprocess.run([sys.executable, "-m", "data.inspect", str(inspect_dir), "--index", "0"], cwd=REPO,
                        capture_output=True, text=True, timeout=300)
     assert one_line_error(p).startswith(f"{inspect_dir / 'data' / 'train.jsonl'}:2: not UTF-8 text")
+
+
+def test_a_run_finished_before_outputs_were_recorded_is_adopted(finished_run, tmp_path):
+    """A manifest without output records (older markerlab) counts its existing files as done, and records them."""
+    reference, _ = finished_run
+    run_dir = clone(reference, tmp_path)
+    path = run_dir / "manifest.json"
+    manifest = json.loads(path.read_text())
+    for entry in manifest["stages"].values():
+        entry.pop("outputs"), entry.pop("inputs")
+    path.write_text(json.dumps(manifest))
+    p = run_cli(TINY, *small(tmp_path))
+    assert p.stdout.count("already done, skipped") == 6
+    adopted = json.loads(path.read_text())["stages"]
+    assert adopted["train"]["outputs"]["adapter/adapter_model.safetensors"]["sha256"] == \
+        sha(run_dir / "adapter/adapter_model.safetensors")

@@ -278,7 +278,8 @@ def stage_state(stage: Stage, rd: RunDir, manifest: Manifest) -> tuple[str, str]
                 return "todo", ""
         elif not all((rd.root / p).exists() for p in _LEGACY_OUTPUTS[stage.name]):
             return "todo", ""
-        entry["outputs"] = {rd.rel(p): _record(p, kind) for p, kind in stage.outputs(rd, entry["result"]).items()}
+        found = stage.outputs(rd, entry.get("result", {}))
+        entry["outputs"] = {rd.rel(p): _record(p, kind) for p, kind in found.items() if p.is_file()}
         entry["inputs"] = {}
         manifest.save()
         return "done", ""
