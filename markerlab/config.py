@@ -177,7 +177,7 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class SweepConfig:
-    members: list = _f([], "member config files, relative to the sweep file")
+    members: list = _f([], "member config files, relative to the file that lists them")
     vary: dict = _f({}, "'section.key' = [values]: every member runs once per combination")
     parallel: str = _f("auto", "auto = one worker per visible GPU, else sequential",
                        choices=("auto", "sequential", "per_gpu"))
@@ -431,7 +431,8 @@ def read_chain(path: str | Path) -> tuple[dict, list[Path]]:
     """(the tables of `path` over every file it extends, the files base first).
 
     Tables merge key by key within a section (a nested table such as sweep.vary
-    is one value: the later file's replaces the earlier's).
+    is one value: the later file's replaces the earlier's). sweep.members listed
+    by a base in another directory are rewritten relative to `path`.
     """
     path = Path(path)
     files, raws = [], []
@@ -452,6 +453,12 @@ def read_chain(path: str | Path) -> tuple[dict, list[Path]]:
             raise UserError(f"{path}: extends = {base!r}: {nxt} " +
                             ("is a directory, expected a TOML file" if nxt.is_dir() else "not found"))
         path = nxt
+    leaf = files[0].parent
+    for f, raw in zip(files, raws):  # member files are relative to the file that lists them
+        members = raw.get("sweep", {}).get("members") if isinstance(raw.get("sweep"), dict) else None
+        if f.parent != leaf and isinstance(members, list):
+            raw["sweep"]["members"] = [os.path.relpath(f.parent / m, leaf) if isinstance(m, str) else m
+                                       for m in members]
     merged: dict = {}
     for raw in reversed(raws):
         for sec, table in raw.items():
