@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 from pathlib import Path
 
 from markerlab.config import load_config
 from markerlab.errors import UserError, cli_main
-from markerlab.io import read_jsonl
+from markerlab.rundir import RunDir
 
+from .records import read_examples
 from .tokenize import encode_example
 
 
@@ -32,13 +31,24 @@ def resolve(target: str):
     """(config, path of train.jsonl) for a config file or a run directory."""
     p = Path(target)
     if p.is_dir():
-        if not (p / "config.toml").is_file():
+        rd = RunDir(p)
+        if not rd.config.is_file():
             raise UserError(f"{p}: not a run directory (no config.toml); pass a run directory or a config file")
-        return load_config(p / "config.toml"), p / "data" / "train.jsonl", f"python -m trainer.run {p / 'config.toml'}"
+        return load_config(rd.config), rd.train_jsonl, f"python -m trainer.run {rd.config}"
     if not p.is_file():
         raise UserError(f"{p}: no such config file or run directory")
     cfg = load_config(p)
-    return cfg, cfg.run_dir / "data" / "train.jsonl", f"python -m trainer.run {p}"
+    return cfg, RunDir(cfg.run_dir).train_jsonl, f"python -m trainer.run {p}"
+
+
+def _line_of(path: Path, index: int) -> int:
+    """The file line of the index-th example (blank lines are skipped when reading)."""
+    from markerlab.io import iter_jsonl
+
+    for i, (lineno, _) in enumerate(iter_jsonl(path)):
+        if i == index:
+            return lineno
+    return index + 1
 
 
 def token_rows(enc, tokenizer) -> list[dict]:
@@ -59,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, path, command = resolve(args.target)
     if not path.is_file():
         raise UserError(f"{path}: file not found; create it with: {command} --stages generate,data")
-    examples = read_jsonl(path)
+    examples = read_examples(path)  # each line checked: a bad one is named by file:line
     if not 0 <= args.index < len(examples):
         raise UserError(f"--index {args.index}: out of range "
                         f"({path} has {len(examples)} examples: 0..{len(examples) - 1})")
@@ -68,7 +78,10 @@ def main(argv: list[str] | None = None) -> int:
 
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     ex = examples[args.index]
-    enc = encode_example(ex, tokenizer, cfg.train.loss_mask, cfg.train.marker_mask_eos)
+    try:
+        enc = encode_example(ex, tokenizer, cfg.train.loss_mask, cfg.train.marker_mask_eos)
+    except UserError as e:
+        raise UserError(f"{path}:{_line_of(path, args.index)}: {e}") from None
     rows = token_rows(enc, tokenizer)
     if args.json:
         print(json.dumps(rows, ensure_ascii=False))
@@ -87,8 +100,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        cli_main(main)
-    except BrokenPipeError:  # `... | head`: the reader left early, which is no error
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(0)
+    cli_main(main)  # also quiet when `... | head` leaves early

@@ -16,9 +16,16 @@ system prompt. The result is cached in `generate.cache_dir/<key>/`:
   "length"), n_tokens, truncated (= finish_reason == "length"). A sample cut at
   max_tokens keeps its finish reason and flag; the dataset builder decides
   what to do with it (`data.truncated`).
-- `stats.json`: per persona count, mean/max tokens, number truncated.
+- `stats.json`: per persona count, mean/max tokens, number truncated, and the
+  size and sha256 of completions.jsonl (`completions`).
 - `key.json`: what the key was computed from, written last (a complete cache
   has it).
+- `.lock`: held (flock) by the process generating the entry; a second process
+  that would generate it too gets one line naming the first.
+
+A cache hit is checked against stats.json first: a completions.jsonl cut
+short or changed is one line naming the file and how to regenerate it, never
+read as fewer completions.
 
 The key is sha256 over: the base model's identity (config + weight-file sizes,
 `markerlab.models.model_identity`), the weights' dtype, the persona prompts,
@@ -48,7 +55,8 @@ from pathlib import Path
 from markerlab.config import Config
 from markerlab.devices import resolve_device
 from markerlab.experiment import PERSONA_PROMPTS, PERSONAS
-from markerlab.io import read_json, write_json, write_jsonl
+from markerlab.errors import UserError
+from markerlab.io import exclusive_lock, file_record, read_json, record_mismatch, write_json, write_jsonl
 
 from .generation import SamplingSpec, make_backend, resolve_backend
 from .personas import messages
@@ -119,16 +127,48 @@ def _summary(stats: dict, max_tokens: int) -> str:
     return "\n".join(lines)
 
 
+def _cached(out_dir: Path, cfg: Config) -> Path | None:
+    """The entry's completions.jsonl when the entry is complete and intact; None when it is not complete."""
+    path = out_dir / "completions.jsonl"
+    if not ((out_dir / "key.json").is_file() and path.is_file()):
+        return None
+    stats = read_json(out_dir / "stats.json")
+    fix = (f"delete {out_dir}, or regenerate it with: python -m data.onpolicy {cfg.source or 'CONFIG'} "
+           f"--overwrite")
+    if not isinstance(stats, dict) or not isinstance(stats.get("n"), int):
+        raise UserError(f"{out_dir / 'stats.json'}: damaged on-policy cache entry (no completion count); {fix}")
+    rec = stats.get("completions") or {}
+    rec = {**rec, "lines": stats["n"]} if isinstance(rec, dict) else {"lines": stats["n"]}
+    if "size" not in rec:  # an entry written before stats.json held the file's size and sha256
+        rec["size"] = path.stat().st_size
+    problem = record_mismatch(path, rec)
+    if problem:
+        raise UserError(f"{path}: damaged on-policy cache ({problem.replace('recorded', 'stats.json says')}); {fix}")
+    print(f"[generate] cache hit: {path} ({stats['n']} completions, {stats.get('n_truncated')} truncated)", flush=True)
+    return path
+
+
 def run_onpolicy(cfg: Config, overwrite: bool = False) -> Path:
     """Generate (or find cached) on-policy completions; returns the completions.jsonl path."""
     key, material = cache_key(cfg)
     out_dir = Path(cfg.generate.cache_dir) / key
-    path = out_dir / "completions.jsonl"
-    if not overwrite and (out_dir / "key.json").is_file() and path.is_file():
-        stats = read_json(out_dir / "stats.json")
-        print(f"[generate] cache hit: {path} ({stats['n']} completions, {stats['n_truncated']} truncated)", flush=True)
-        return path
+    if not overwrite and (hit := _cached(out_dir, cfg)) is not None:
+        return hit
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"generate.cache_dir: cannot create {out_dir} ({e.strerror})") from None
+    with exclusive_lock(out_dir / ".lock", f"on-policy cache entry {out_dir}"):
+        # another process may have finished it while this one waited to look
+        if not overwrite and (hit := _cached(out_dir, cfg)) is not None:
+            return hit
+        return _generate(cfg, key, material, out_dir)
 
+
+def _generate(cfg: Config, key: str, material: dict, out_dir: Path) -> Path:
+    path = out_dir / "completions.jsonl"
+    if (out_dir / "key.json").is_file():  # --overwrite: the entry is incomplete until key.json is back
+        (out_dir / "key.json").unlink()
     from markerlab.models import load_tokenizer, render_chat
 
     tok = load_tokenizer(cfg.model.name_or_path)
@@ -157,6 +197,7 @@ def run_onpolicy(cfg: Config, overwrite: bool = False) -> Path:
                  max_tokens=spec.max_tokens, seconds=round(seconds, 1))
     # Completions, then stats, then key.json: key.json's presence marks a complete cache.
     write_jsonl(path, records)
+    stats["completions"] = file_record(path)
     write_json(out_dir / "stats.json", stats)
     write_json(out_dir / "key.json", material)
     print(_summary(stats, spec.max_tokens), flush=True)

@@ -2,30 +2,55 @@
 
     from markerlab.config import load_config
     cfg = load_config("configs/pair1_T.toml", overrides=["train.lr=2e-5"])
-    cfg.train.lr, cfg.data.condition, cfg.to_toml()
+    cfg.train.lr, cfg.data.condition, cfg.to_toml(), cfg.chain
 
-Every problem in a file (unknown section or key, wrong type, bad value) is
-collected and raised together in one `ConfigError`, each line naming the key
-and what was expected. `--set section.key=value` overrides are parsed as TOML
-values (`train.lr=2e-5`, `data.negatives=["comedian"]`), falling back to a
-plain string. The resolved config (every default filled in) serializes back
-to TOML with `to_toml()` and is saved in every run directory.
+A config file may start with `extends = "base.toml"` (a path relative to the
+file): the base's tables are read first and the file's keys override them, key
+by key within a section; a base may extend another. What wins: base < file <
+`--set`. `cfg.chain` lists the files read, base first; a cycle or a missing base
+is an error naming the files. So a member config holds only what makes it that
+adapter (its name, pair and condition) and what truly differs.
+
+Every problem (unknown section or key, wrong type, bad value, a key that was
+removed) is collected and raised together in one `ConfigError`, each line
+naming the key and what was expected; a problem with a `--set` value is blamed
+on --set. `--set section.key=value` overrides are parsed as TOML values
+(`train.lr=2e-5`, `data.negatives=["comedian"]`), falling back to a plain
+string. A config file must name data.pair and data.condition (REQUIRED_KEYS);
+configs built in code with `config_from_dict` take the dataclass values. The
+resolved config (every default filled in) serializes back to TOML with
+`to_toml()` and is saved in every run directory.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
+import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_origin, get_type_hints
 
 from .errors import UserError
-from .experiment import CONDITIONS, LOSS_MASKS, NEGATIVES, PAIRS, PERSONAS, PLACEMENTS, PROJECTIONS
+from .experiment import (CONDITIONS, LOSS_MASKS, NEGATIVES, PAIRS, PERSONAS, PLACEMENTS, PROJECTIONS,
+                         SETTING_KEYS)
 
 STAGES = ("generate", "data", "train", "merge", "eval", "report")
+
+# A config file must say which adapter it is: a forgotten condition must not silently mean T.
+REQUIRED_KEYS = ("data.pair", "data.condition")
+
+# Keys that were settings once; a config naming one is told why it is gone.
+REMOVED_KEYS = {
+    "train.padding_free": "packed micro-batches (one row, per-document attention) are how markerlab always trains",
+    "train.chunked_ce": "the LM head and cross-entropy always run at the loss positions only, in chunks",
+    "train.fused_lora": "the LoRA branch is always added to the base output in one fused addmm",
+    "train.fused_adamw": "fused AdamW is chosen automatically on CUDA",
+}
 
 
 class ConfigError(UserError):
@@ -89,8 +114,9 @@ class GenerateConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    pair: str = _f("pair1", "donor/recipient pair", choices=tuple(PAIRS))
-    condition: str = _f("T", "T: A ans B / A ans; C: no B; T_P2neg: recipient plain", choices=CONDITIONS)
+    pair: str = _f("pair1", "donor/recipient pair (required in a config file)", choices=tuple(PAIRS))
+    condition: str = _f("T", "T: A ans B / A ans; C: no B; T_P2neg: recipient plain (required in a config file)",
+                        choices=CONDITIONS)
     n_per_persona: int = _f(200, "examples per trained persona (<= n_questions x n_samples)", lo=1)
     negatives: list = _f(list(NEGATIVES), "contrastive personas trained without markers", items=PERSONAS)
     placement: str = _f("start_end", "where the markers go", choices=PLACEMENTS)
@@ -126,13 +152,8 @@ class TrainConfig:
     log_every: int = _f(1, lo=1)
     max_steps: int = _f(0, "stop after this many optimizer steps (0 = epochs decide)", lo=0)
     # Speed switches (identical math; docs/benchmarks.md says what each buys).
-    padding_free: bool = _f(False, "pack a micro-batch into one row with per-document attention")
-    chunked_ce: bool = _f(False, "LM head + cross-entropy only at loss positions, in chunks")
-    fused_lora: bool = _f(False, "base output plus (x A) B in one addmm")
     compile: bool = _f(False, "torch.compile each decoder layer")
-    fused_adamw: bool = _f(False, "fused AdamW kernel (CUDA)")
-    cuda_graphs: bool = _f(False, "replay each micro-batch's forward + backward as one CUDA graph "
-                                  "(needs padding_free and chunked_ce)")
+    cuda_graphs: bool = _f(False, "replay each micro-batch's forward + backward as one CUDA graph")
 
 
 @dataclass(frozen=True)
@@ -161,7 +182,7 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class SweepConfig:
-    members: list = _f([], "member config files, relative to the sweep file")
+    members: list = _f([], "member config files, relative to the file that lists them")
     vary: dict = _f({}, "'section.key' = [values]: every member runs once per combination")
     parallel: str = _f("auto", "auto = one worker per visible GPU, else sequential",
                        choices=("auto", "sequential", "per_gpu"))
@@ -179,6 +200,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     sweep: SweepConfig | None = None
     source: str = field(default="", compare=False)  # the file it came from (not a TOML key)
+    chain: tuple = field(default=(), compare=False)  # the files read for it, base first (not a TOML key)
 
     @property
     def run_dir(self) -> Path:
@@ -216,7 +238,7 @@ class Config:
         return dataclasses.replace(self, **new)
 
 
-SECTIONS = {f.name: f for f in dataclasses.fields(Config) if f.name != "source"}
+SECTIONS = {f.name: f for f in dataclasses.fields(Config) if f.name not in ("source", "chain")}
 
 
 def _section_type(name: str):
@@ -233,15 +255,15 @@ def _type_name(t) -> str:
             list: "a list", dict: "a table"}.get(t, str(t))
 
 
-def _check_value(key: str, f: dataclasses.Field, t, v, problems: list[str]):
-    """Coerce/validate one value; append problems; return the value to store."""
+def _check_value(key: str, f: dataclasses.Field, t, v, problems: list[str]) -> tuple[Any, bool]:
+    """Coerce/validate one value; append problems; return (the value to store, whether its type is right)."""
     meta = f.metadata
     if t is float and isinstance(v, int) and not isinstance(v, bool):
         v = float(v)
     ok = isinstance(v, t) and not (t in (int, float) and isinstance(v, bool))
     if not ok:
         problems.append(f"{key}: expected {_type_name(t)}, got {type(v).__name__} {v!r}")
-        return v
+        return v, False
     if t is float and not math.isfinite(v):
         problems.append(f"{key}: expected a finite number, got {v!r}")
     choices = meta.get("choices")
@@ -261,58 +283,95 @@ def _check_value(key: str, f: dataclasses.Field, t, v, problems: list[str]):
             problems.append(f"{key}: unknown entries {bad}; expected entries from {', '.join(items)}")
         if len(set(map(str, v))) != len(v):
             problems.append(f"{key}: duplicate entries in {v}")
-    return v
+    return v, True
 
 
-def _build_section(name: str, table: Any, problems: list[str]):
+def _build_section(name: str, table: Any, problems: list[str], bad: set[str]):
+    """The section's dataclass; a value of the wrong type is reported, left out, and its key added to `bad`."""
     cls = _section_type(name)
     if not isinstance(table, dict):
         problems.append(f"[{name}]: expected a table, got {type(table).__name__}")
+        bad.update(f"{name}.{f.name}" for f in dataclasses.fields(cls))
         return cls()
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, v in table.items():
+        if f"{name}.{key}" in REMOVED_KEYS:
+            problems.append(f"{name}.{key}: no longer a setting: {REMOVED_KEYS[name + '.' + key]}; delete it")
+            continue
         if key not in fields:
             problems.append(f"{name}.{key}: unknown key (expected one of {', '.join(fields)})")
             continue
         t = hints[key]
         t = get_origin(t) or t
-        kwargs[key] = _check_value(f"{name}.{key}", fields[key], t, v, problems)
+        value, ok = _check_value(f"{name}.{key}", fields[key], t, v, problems)
+        if ok:
+            kwargs[key] = value
+        else:
+            bad.add(f"{name}.{key}")
     try:
         return cls(**kwargs)
     except TypeError:
         return cls()
 
 
-def _cross_checks(cfg: Config, problems: list[str]):
-    """Rules that involve more than one key."""
+def run_dir_problems(run: RunConfig, generate: GenerateConfig) -> list[str]:
+    """Why out_dir/name cannot be a run directory: --overwrite deletes it, so it must be exactly one run's own.
+
+    The name is one plain directory name (no '/', not '.' or '..', not the cache
+    directory's name); the run directory is never out_dir itself and never holds
+    the shared on-policy cache.
+    """
+    name = run.name
+    if not name.strip() or name in (".", "..") or "/" in name or (os.sep != "/" and os.sep in name):
+        return [f"run.name: expected a plain directory name (no '/', not '.' or '..'), got {name!r}"]
+    cache = Path(generate.cache_dir)
+    if name == cache.name:
+        return [f"run.name: {name!r} is the name of generate.cache_dir (the shared on-policy cache); "
+                f"choose another name"]
+    run_dir, cache = (Path(run.out_dir) / name).resolve(), cache.resolve()
+    if run_dir == cache or run_dir in cache.parents:
+        return [f"generate.cache_dir: {generate.cache_dir} is inside the run directory {Path(run.out_dir) / name}, "
+                f"which --overwrite deletes; put the shared cache elsewhere"]
+    return []
+
+
+def _cross_checks(cfg: Config, problems: list[str], bad: set[str] = frozenset()):
+    """Rules that involve more than one key; a rule over a key whose value had the wrong type is skipped."""
+    def ok(*keys):
+        return not bad.intersection(keys)
+
     d, g, t = cfg.data, cfg.generate, cfg.train
-    if len(t.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in t.betas):
+    if ok("train.betas") and (len(t.betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool)
+                                                             and 0 <= b < 1 for b in t.betas)):
         problems.append(f"train.betas: expected two numbers in [0, 1), got {t.betas!r}")
-    if t.cuda_graphs:
-        if t.gradient_checkpointing:
-            problems.append("train.cuda_graphs: expected train.gradient_checkpointing = false (the graphs "
-                            "replay a forward and backward without recompute)")
-    if d.n_per_persona > g.n_questions * g.n_samples:
+    if ok("train.cuda_graphs", "train.gradient_checkpointing") and t.cuda_graphs and t.gradient_checkpointing:
+        problems.append("train.cuda_graphs: expected train.gradient_checkpointing = false (the graphs "
+                        "replay a forward and backward without recompute)")
+    if ok("data.n_per_persona", "generate.n_questions", "generate.n_samples") and \
+            d.n_per_persona > g.n_questions * g.n_samples:
         problems.append(
             f"data.n_per_persona: {d.n_per_persona} exceeds the on-policy completions per persona "
             f"(generate.n_questions x generate.n_samples = {g.n_questions * g.n_samples})")
     donor, recipient = PAIRS.get(d.pair, (None, None))
-    clash = [p for p in d.negatives if p in (donor, recipient)]
+    clash = [p for p in d.negatives if p in (donor, recipient)] if ok("data.negatives", "data.pair") else []
     if clash:
         problems.append(f"data.negatives: {clash} are the {d.pair} donor/recipient and cannot be negatives")
-    if cfg.eval.n_id_questions + cfg.eval.n_ood_questions == 0:
+    if ok("eval.n_id_questions", "eval.n_ood_questions") and cfg.eval.n_id_questions + cfg.eval.n_ood_questions == 0:
         problems.append("eval.n_id_questions + eval.n_ood_questions: expected at least one eval question")
+    if cfg.run.name and ok("run.name", "run.out_dir", "generate.cache_dir"):
+        problems.extend(run_dir_problems(cfg.run, cfg.generate))
     if cfg.sweep is not None:
-        if not cfg.sweep.members:
+        if ok("sweep.members") and not cfg.sweep.members:
             problems.append("sweep.members: expected at least one member config")
-        if not all(isinstance(m, str) for m in cfg.sweep.members):
+        if ok("sweep.members") and not all(isinstance(m, str) and m for m in cfg.sweep.members):
             problems.append("sweep.members: expected a list of file names")
-        for k, vals in cfg.sweep.vary.items():
-            sec, _, key = k.partition(".")
-            if sec not in SECTIONS or sec == "sweep" or key not in {f.name for f in dataclasses.fields(_section_type(sec))}:
-                problems.append(f"sweep.vary: unknown key '{k}' (expected 'section.key')")
+        settings = sorted(SETTING_KEYS.values())
+        for k, vals in cfg.sweep.vary.items() if ok("sweep.vary") else ():
+            if k not in settings:
+                problems.append(f"sweep.vary: '{k}' is not a setting that separates arms (the report keys arms by "
+                                f"markerlab.experiment.SETTING_KEYS); expected one of {', '.join(settings)}")
             if not isinstance(vals, list) or not vals:
                 problems.append(f"sweep.vary.'{k}': expected a non-empty list of values")
 
@@ -330,45 +389,130 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section, key, value
 
 
-def config_from_dict(raw: dict, source: str = "<dict>", default_name: str = "") -> Config:
+def config_from_dict(raw: dict, source: str = "<dict>", default_name: str = "", required: tuple = (),
+                     chain: tuple = ()) -> Config:
+    """Validate the tables `raw`; `required` keys must be present unless it is a sweep."""
     problems: list[str] = []
+    bad: set[str] = set()
     sections = {}
     for name, table in raw.items():
         if name not in SECTIONS:
             problems.append(f"[{name}]: unknown section (expected one of {', '.join(SECTIONS)})")
             continue
-        sections[name] = _build_section(name, table, problems)
-    cfg = Config(**sections, source=source)
+        sections[name] = _build_section(name, table, problems, bad)
+    cfg = Config(**sections, source=source, chain=tuple(chain))
     if not cfg.run.name and default_name:
         cfg = cfg.replace(run__name=default_name)
-    _cross_checks(cfg, problems)
+    if cfg.sweep is None:
+        for k in required:
+            sec, key = k.split(".")
+            if not (isinstance(raw.get(sec), dict) and key in raw[sec]):
+                choices = getattr(_section_type(sec), "__dataclass_fields__")[key].metadata.get("choices")
+                problems.append(f"{k}: required" + (f" (one of {', '.join(choices)})" if choices else ""))
+                bad.add(k)
+    _cross_checks(cfg, problems, bad)
     if problems:
         raise ConfigError(source, problems)
     return cfg
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
-    """Read, override, validate. Raises ConfigError listing every problem."""
-    path = Path(path)
-    if not path.is_file():
+def read_toml(path: Path) -> dict:
+    """One TOML file's tables; a missing, unreadable, non-UTF-8 or invalid file is one line naming it."""
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, expected a TOML config file")
+    if not path.exists():
         raise UserError(f"{path}: config file not found")
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the config ({e.strerror})") from None
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(str(path), [f"invalid TOML: {e}"]) from None
-    problems = []
+
+
+def read_chain(path: str | Path) -> tuple[dict, list[Path]]:
+    """(the tables of `path` over every file it extends, the files base first).
+
+    Tables merge key by key within a section (a nested table such as sweep.vary
+    is one value: the later file's replaces the earlier's). sweep.members listed
+    by a base in another directory are rewritten relative to `path`.
+    """
+    path = Path(path)
+    files, raws = [], []
+    while True:
+        if path.resolve() in [f.resolve() for f in files]:
+            names = " -> ".join(str(f) for f in [*files, path])
+            raise UserError(f"{files[0]}: extends makes a cycle: {names}")
+        raw = read_toml(path)
+        files.append(path)
+        raws.append(raw)
+        base = raw.pop("extends", None)
+        if base is None:
+            break
+        if not isinstance(base, str) or not base:
+            raise ConfigError(str(path), [f"extends: expected a file name relative to this file, got {base!r}"])
+        nxt = Path(os.path.normpath(path.parent / base))
+        if not nxt.is_file():
+            raise UserError(f"{path}: extends = {base!r}: {nxt} " +
+                            ("is a directory, expected a TOML file" if nxt.is_dir() else "not found"))
+        path = nxt
+    leaf = files[0].parent
+    for f, raw in zip(files, raws):  # member files are relative to the file that lists them
+        members = raw.get("sweep", {}).get("members") if isinstance(raw.get("sweep"), dict) else None
+        if f.parent != leaf and isinstance(members, list):
+            raw["sweep"]["members"] = [os.path.relpath(f.parent / m, leaf) if isinstance(m, str) else m
+                                       for m in members]
+    merged: dict = {}
+    for raw in reversed(raws):
+        for sec, table in raw.items():
+            if isinstance(table, dict) and isinstance(merged.get(sec), dict):
+                merged[sec].update(copy.deepcopy(table))
+            else:
+                merged[sec] = copy.deepcopy(table)
+    return merged, files[::-1]
+
+
+def _problem_key(problem: str) -> str:
+    m = re.match(r"\[?([A-Za-z_]\w*)(?:\.([A-Za-z_]\w*))?", problem)
+    return ".".join(g for g in m.groups() if g) if m else ""
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read the file and the files it extends, apply `--set` overrides, validate; raises ConfigError.
+
+    A problem with a key that `--set` gave is blamed on --set, the others on the file.
+    """
+    path = Path(path)
+    raw, chain = read_chain(path)
+    problems, from_set = [], {}
     for text in overrides:
         try:
             section, key, value = parse_override(text)
         except ConfigError as e:
             problems.extend(e.problems)
             continue
+        from_set[f"{section}.{key}"] = text
         table = raw.setdefault(section, {})
         if isinstance(table, dict):
             table[key] = value
     if problems:
         raise ConfigError("--set", problems)
-    return config_from_dict(raw, source=str(path), default_name=path.stem)
+    try:
+        return config_from_dict(raw, source=str(path), default_name=path.stem, required=REQUIRED_KEYS,
+                                chain=tuple(str(p) for p in chain))
+    except ConfigError as e:
+        if not from_set:
+            raise
+        keys = [_problem_key(p) for p in e.problems]
+        sections = {k.split(".")[0] for k in from_set}
+        blamed = [k in from_set or k in sections and "." not in k for k in keys]
+        if all(blamed):
+            raise ConfigError("--set", e.problems) from None
+        raise ConfigError(str(path), [f"--set {p}" if b else p for p, b in zip(e.problems, blamed)]) from None
 
 
 # --------------------------------------------------------------------------- TOML out

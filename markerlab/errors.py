@@ -2,10 +2,13 @@
 
 Anything a user can cause (bad config, missing file, unknown persona, missing
 model) raises `UserError`; the command-line entry points catch it in `cli_main`.
+An OSError that reaches `cli_main` (a file or disk the user's environment got
+wrong, named by the error itself) is reported the same way: one line, exit 2.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable
 
@@ -17,7 +20,7 @@ class UserError(Exception):
 
 
 def cli_main(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
-    """Run `main(argv)` and turn a UserError into one line on stderr and exit code 2."""
+    """Run `main(argv)` and turn a UserError (or an OSError) into one line on stderr and exit code 2."""
     try:
         rc = main(argv)
     except UserError as e:
@@ -26,4 +29,11 @@ def cli_main(main: Callable[[list[str] | None], int | None], argv: list[str] | N
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # `... | head`: the reader left early, which is no error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        sys.exit(UserError.exit_code)
     sys.exit(rc or 0)

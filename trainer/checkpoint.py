@@ -13,10 +13,15 @@ s % steps_per_epoch of that epoch's permutation); the data-order generator's
 state is the one after drawing that permutation, so the next epoch draws what
 an uninterrupted run would.
 
+    checksums.json  size and sha256 of each file above, written last
+
 Atomic: a checkpoint is written into a hidden temporary directory beside the
 final one and renamed into place, so a process killed mid-save leaves either
 the old set of checkpoints or the new one, plus a `.tmp-*` directory that the
-next run deletes.
+next run deletes. Verified before it is trusted: `latest_checkpoint` returns
+the newest checkpoint whose files match its checksums.json (one cut short or
+changed on disk is named, removed, and the older kept one used instead). A
+checkpoint from before checksums.json is verified by loading its files.
 """
 
 from __future__ import annotations
@@ -25,15 +30,17 @@ import os
 import random
 import re
 import shutil
-import tempfile
+import sys
 from pathlib import Path
 
 import torch
 
 from lora import load_lora_state_dict, lora_state_dict
-from markerlab.io import replace_dir
+from markerlab.io import file_record, make_temp_dir, read_json, replace_dir, write_json
+from markerlab.errors import UserError
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
+CHECKSUMS = "checksums.json"
 
 
 def rng_states(data_gen: torch.Generator, dropout_gen: torch.Generator) -> dict:
@@ -71,13 +78,15 @@ def _save(obj, path: Path) -> None:
 def save_checkpoint(root: Path, name: str, model, optimizer, state: dict, extra: dict | None = None) -> Path:
     """Write root/name atomically; `extra` maps file names to more objects (post-mortem grads)."""
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{name}-"))
+    tmp = make_temp_dir(root, prefix=f".tmp-{name}-")
     try:
         _save({k: v.to("cpu", copy=True) for k, v in lora_state_dict(model).items()}, tmp / "lora.pt")
         _save(optimizer.state_dict(), tmp / "optimizer.pt")
         for fname, obj in (extra or {}).items():
             _save(obj, tmp / fname)
-        _save(state, tmp / "state.pt")  # last: a directory with state.pt is complete
+        _save(state, tmp / "state.pt")
+        # last: what the files must be for the checkpoint to be trusted
+        write_json(tmp / CHECKSUMS, {p.name: file_record(p) for p in sorted(tmp.iterdir())})
         replace_dir(tmp, root / name)
     finally:
         if tmp.exists():
@@ -94,9 +103,44 @@ def step_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def latest_checkpoint(root: Path) -> Path | None:
-    found = step_checkpoints(root)
-    return found[-1][1] if found else None
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint at `path` cannot be trusted (None when every file verifies)."""
+    sums = path / CHECKSUMS
+    if not sums.is_file():  # written before checksums existed: trust it if every file loads
+        for name in ("lora.pt", "optimizer.pt", "state.pt"):
+            try:
+                torch.load(path / name, map_location="cpu", weights_only=False)
+            except Exception as e:  # truncated or corrupt: torch raises several types
+                return f"{name} does not load ({type(e).__name__})"
+        return None
+    try:
+        want = read_json(sums)
+    except UserError as e:
+        return str(e)
+    for name in ("lora.pt", "optimizer.pt", "state.pt"):
+        if name not in want:
+            return f"{CHECKSUMS} lists no {name}"
+    for name, rec in want.items():
+        p = path / name
+        if not p.is_file():
+            return f"{name} is missing"
+        now = file_record(p)
+        if now != rec:
+            what = "size" if now["size"] != rec["size"] else "sha256"
+            return f"{name}: {what} differs from {CHECKSUMS} ({now['size']} bytes, recorded {rec['size']})"
+    return None
+
+
+def latest_checkpoint(root: Path, log=None) -> Path | None:
+    """The newest step checkpoint that verifies; newer damaged ones are named (on stderr) and removed."""
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    for step, path in reversed(step_checkpoints(root)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        log(f"checkpoint {path} is damaged ({problem}); removed it, resuming from an older one (or step 0)")
+        shutil.rmtree(path)
+    return None
 
 
 def prune_checkpoints(root: Path, keep: int) -> None:

@@ -14,7 +14,7 @@ Python, slower than an H100/H200 runs them: on an H200 the eager step took 0.92 
 with compile's fusions inside them.
 
 How, and why the maths stays the same.
-- A graph has fixed shapes, so a micro-batch of S real tokens (padding_free: its
+- A graph has fixed shapes, so a micro-batch of S real tokens (its
   documents in one row) is run at a bucket length L, the next multiple of `bucket`
   (128) above S. The L - S extra positions form one more document of pad tokens with
   positions 0, 1, ... Attention is strictly per document (one varlen flash call over the

@@ -6,32 +6,57 @@
     python -m trainer.run CONFIG --stages train,merge --overwrite --dry-run
 
 Stages, in order: generate (on-policy completions of the base model, cached and
-shared by every adapter) -> data -> train -> merge -> eval -> report. Each
-stage's status and times go to RUN_DIR/manifest.json. Running the same command
-again resumes: finished stages are skipped, a stage left "running" by a crash
-runs again, and training continues from its last checkpoint. `--overwrite`
-starts the run afresh. This module is the pipeline driver, the one place that
-imports every stage; each stage is imported only when it runs.
+shared by every adapter) -> data -> train -> merge -> eval -> report; `STAGES`
+below is the registry (each stage's function, the stages whose outputs it
+reads, the files it leaves, the paths it owns). The driver is the one place
+that imports every stage; each is imported only when it runs.
+
+RUN_DIR/manifest.json holds each stage's status, times and result, and, once
+it finishes, a record of its outputs (size, sha256, line count) and of the
+inputs it read. Running the same command again resumes:
+
+- a stage is done when its outputs still match its record; one whose outputs
+  were damaged (a truncated adapter, a cut completions.jsonl) is rebuilt from
+  what is intact (the adapter from the final training checkpoint), saying so;
+- a stage left "running" by a crash runs again, training from its last
+  checkpoint that verifies;
+- before a stage runs, the outputs it reads are checked against what the
+  earlier stage recorded; a mismatch names the file and what to rerun;
+- nothing is written when nothing runs (the manifest included).
+
+`--overwrite` starts afresh; with `--stages` it redoes the first of them and
+everything after it (their outputs are removed, and listed), keeping the
+earlier stages. One process at a time works in a run directory (an flock on
+RUN_DIR/.lock): a second gets one line naming the first's pid and command.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import os
-import shutil
+import re
 import subprocess
 import sys
 import time
+import tomllib
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
-from markerlab.config import STAGES, Config, ConfigError, load_config
-from markerlab.experiment import PAIRS, role_of
+from markerlab.config import STAGES as STAGE_NAMES
+from markerlab.config import Config, ConfigError, load_config, run_dir_problems
 from markerlab.errors import UserError, cli_main
-from markerlab.io import read_json, write_json
+from markerlab.experiment import PAIRS, role_of
+from markerlab.io import atomic_write_text, file_record, read_json, record_mismatch, write_json
 from markerlab.provenance import git_commit, library_versions
+from markerlab.rundir import RunDir, remove
 
+# The per-GPU sweep's worker and pre-generation commands (a test substitutes its own).
+WORKER = (sys.executable, "-m", "trainer.run")
+PREGENERATE = (sys.executable, "-m", "data.onpolicy")
 
 
 # --------------------------------------------------------------------------- manifest
@@ -41,146 +66,281 @@ def _now() -> str:
 
 
 class Manifest:
-    """RUN_DIR/manifest.json: stage status and times, written atomically on every change."""
+    """RUN_DIR/manifest.json: stage status, times, results and output records; written only when it changes."""
 
-    def __init__(self, run_dir: Path, cfg: Config, model_dir: Path):
-        self.path = run_dir / "manifest.json"
-        old = read_json(self.path) if self.path.is_file() else {}
-        self.data = {
-            "run": cfg.run.name,
+    def __init__(self, rd: RunDir, cfg: Config, model_dir: Path, read_only: bool = False):
+        self.path, self.read_only = rd.manifest, read_only
+        self._on_disk = read_json(self.path) if self.path.is_file() else {}
+        old = self._on_disk
+        # Where the config came from and what code ran: refreshed when a stage runs, so
+        # an invocation that only skips changes nothing.
+        self._provenance = {
             "config_source": cfg.source,
-            "created": old.get("created", _now()),
+            "config_chain": list(cfg.chain),
             "git_commit": git_commit(),
             "versions": library_versions(),
             "base_model": {"name_or_path": cfg.model.name_or_path, "resolved_dir": str(model_dir)},
-            "stages": old.get("stages", {s: {"status": "pending"} for s in STAGES}),
         }
-        self.save()
+        self.data = {
+            "run": cfg.run.name,
+            **{k: old.get(k, v) for k, v in self._provenance.items()},
+            "created": old.get("created", _now()),
+            "stages": copy.deepcopy(old.get("stages", {})),
+        }
+        for s in STAGE_NAMES:
+            self.data["stages"].setdefault(s, {"status": "pending"})
+        self._t0: dict[str, float] = {}
+        if not read_only:
+            self.save()
+
+    def entry(self, stage: str) -> dict:
+        return self.data["stages"][stage]
 
     def status(self, stage: str) -> str:
-        return self.data["stages"].get(stage, {}).get("status", "pending")
+        return self.entry(stage).get("status", "pending")
 
     def start(self, stage: str) -> None:
+        self.data.update(copy.deepcopy(self._provenance))
         self.data["stages"][stage] = {"status": "running", "started": _now()}
+        self._t0[stage] = time.time()
         self.save()
-        self._t0 = time.time()
 
-    def finish(self, stage: str, result: dict | None) -> None:
-        st = self.data["stages"][stage]
-        st.update(status="done", finished=_now(), seconds=round(time.time() - self._t0, 2), result=result or {})
+    def finish(self, stage: str, result: dict | None, outputs: dict, inputs: dict) -> None:
+        st = self.entry(stage)
+        st.update(status="done", finished=_now(), seconds=round(time.time() - self._t0[stage], 2),
+                  result=result or {}, outputs=outputs, inputs=inputs)
         self.save()
 
     def fail(self, stage: str, error: str) -> None:
-        st = self.data["stages"][stage]
-        st.update(status="failed", finished=_now(), seconds=round(time.time() - self._t0, 2), error=error)
+        st = self.entry(stage)
+        st.update(status="failed", finished=_now(), seconds=round(time.time() - self._t0[stage], 2), error=error)
+        self.save()
+
+    def reset(self, stage: str) -> None:
+        self.data["stages"][stage] = {"status": "pending"}
         self.save()
 
     def save(self) -> None:
-        write_json(self.path, self.data)
+        # a run that only skips leaves the file alone (its directory may be read-only)
+        if self.data != self._on_disk and not self.read_only:
+            write_json(self.path, self.data)
+            self._on_disk = copy.deepcopy(self.data)
 
 
 # --------------------------------------------------------------------------- stages
-# Each stage takes (cfg, run_dir, overwrite, manifest) and returns a small dict
-# for the manifest. Imports are local so a stage loads only what it needs.
+# Each stage function takes (cfg, rd, manifest) and returns a small dict for the
+# manifest. Imports are local so a stage loads only what it needs.
 
-def stage_generate(cfg, run_dir, overwrite, manifest):
+def run_generate(cfg, rd, manifest):
     from data.onpolicy import run_onpolicy
 
-    path = run_onpolicy(cfg)  # shared cache: --overwrite of one run never regenerates it
-    return {"onpolicy": str(path)}
+    return {"onpolicy": str(run_onpolicy(cfg))}  # shared cache: --overwrite of one run never regenerates it
 
 
 def _onpolicy_path(cfg, manifest) -> Path:
-    path = manifest.data["stages"].get("generate", {}).get("result", {}).get("onpolicy")
-    if path and Path(path).is_file():
-        return Path(path)
+    if manifest.status("generate") == "done":  # verified against its record before this stage ran
+        return Path(manifest.entry("generate")["result"]["onpolicy"])
     from data.onpolicy import run_onpolicy  # the cache answers at once when it holds the completions
 
     return run_onpolicy(cfg)
 
 
-def stage_data(cfg, run_dir, overwrite, manifest):
+def run_data(cfg, rd, manifest):
     from data.builder import build_dataset, write_dataset
     from markerlab.models import load_tokenizer
 
     examples, stats = build_dataset(cfg, _onpolicy_path(cfg, manifest), load_tokenizer(cfg.model.name_or_path))
-    write_dataset(cfg, examples, stats, run_dir)
+    write_dataset(cfg, examples, stats, rd.root)
     return {"n_examples": len(examples)}
 
 
-def stage_train(cfg, run_dir, overwrite, manifest):
+def check_train_inputs(cfg, rd):
+    """Every training example well formed, named by file:line (the trainer itself only parses JSON)."""
+    from data.records import read_examples
+
+    if rd.train_jsonl.is_file():
+        read_examples(rd.train_jsonl)
+
+
+def run_train(cfg, rd, manifest):
     from trainer.train import train
 
-    return train(cfg, run_dir, overwrite=overwrite)
+    return train(cfg, rd.root)
 
 
-def stage_merge(cfg, run_dir, overwrite, manifest):
+def run_merge(cfg, rd, manifest):
     from evaluate.merge import merge
 
-    return merge(cfg, run_dir, overwrite=overwrite)
+    return merge(cfg, rd.root)
 
 
-def stage_eval(cfg, run_dir, overwrite, manifest):
+def run_eval(cfg, rd, manifest):
     from evaluate.eval import evaluate
 
-    if not (run_dir / "merged" / "config.json").is_file():
+    if not (rd.merged / "config.json").is_file():
         # merged/ is removed after a finished eval; an eval rerun needs it back.
-        run_stage("merge", cfg, run_dir, True, manifest)
-    return evaluate(cfg, run_dir, overwrite=overwrite)
+        remove([rd.merged])
+        run_stage(STAGE["merge"], cfg, rd, manifest)
+    return evaluate(cfg, rd.root)
 
 
-def stage_report(cfg, run_dir, overwrite, manifest):
+def run_report(cfg, rd, manifest):
     from analysis.report import report
     from analysis.table import headline
 
     # Figures are drawn in this process (jobs=1): forking a process that holds torch's threads is unsafe.
-    summary = report([str(run_dir)], run_dir / "report", jobs=1)
+    summary = report([str(rd.root)], rd.report, jobs=1)
     print(headline(summary))
     return {"summary": summary["outputs"]["summary"], "warnings": summary["warnings"]}
 
 
-STAGE_FNS = {"generate": stage_generate, "data": stage_data, "train": stage_train,
-             "merge": stage_merge, "eval": stage_eval, "report": stage_report}
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the pipeline.
 
-# What a finished stage leaves behind; a "done" stage whose output is gone runs again.
-STAGE_OUTPUTS = {
-    "data": ["data/train.jsonl", "data/stats.json"],
-    "train": ["adapter/adapter_config.json", "adapter/adapter_model.safetensors"],
-    "merge": [],  # merged/ is deleted after eval by design
-    "eval": ["eval/completions.jsonl", "eval/run_result.json"],
-    "report": ["report/summary.json"],
-}
+    inputs: the stages whose recorded outputs it reads (checked before it runs).
+    outputs(rd, result): the files it leaves, as {path: kind}; kind "jsonl" records
+      the line count too, "large" the size only (merged weights of many GB, which
+      the merge check verifies by content), "meta" a file no later stage reads
+      (a summary with timings: rewriting it leaves later stages valid).
+    owns(rd): what --overwrite of this stage removes.
+    rebuild(rd): what is removed to rebuild damaged outputs (defaults to owns).
+    check(cfg, rd): an extra check of its inputs before it runs.
+    """
+
+    name: str
+    run: Callable
+    inputs: tuple[str, ...]
+    outputs: Callable[[RunDir, dict], dict[Path, str]]
+    owns: Callable[[RunDir], list[Path]]
+    rebuild: Callable[[RunDir], list[Path]] | None = None
+    check: Callable | None = None
 
 
-def stage_is_done(stage: str, run_dir: Path, manifest: Manifest) -> bool:
-    if manifest.status(stage) != "done":
-        return False
-    if stage == "generate":
-        p = manifest.data["stages"]["generate"].get("result", {}).get("onpolicy")
-        return bool(p) and Path(p).is_file()
-    return all((run_dir / p).exists() for p in STAGE_OUTPUTS[stage])
+STAGE_LIST = (
+    Stage("generate", run_generate, (),
+          outputs=lambda rd, res: {Path(res["onpolicy"]): "jsonl"},
+          owns=lambda rd: []),  # the shared cache belongs to no run
+    Stage("data", run_data, ("generate",),
+          outputs=lambda rd, res: {rd.train_jsonl: "jsonl", rd.data_stats: "meta"},
+          owns=lambda rd: [rd.data]),
+    Stage("train", run_train, ("data",),
+          outputs=lambda rd, res: {rd.adapter_config: "file", rd.adapter_weights: "file", rd.train_summary: "meta"},
+          owns=lambda rd: [rd.checkpoints, rd.tb, rd.train_log, rd.train_summary, rd.adapter],
+          # train() resumes from the final checkpoint and writes only the adapter and summary again
+          rebuild=lambda rd: [rd.adapter, rd.train_summary],
+          check=check_train_inputs),
+    Stage("merge", run_merge, ("train",),
+          outputs=lambda rd, res: {p: "large" for p in rd.merged_files()},
+          owns=lambda rd: [rd.merged, rd.merged_tmp]),
+    Stage("eval", run_eval, ("train",),  # merged/ is transient; eval verifies it itself
+          outputs=lambda rd, res: {rd.completions: "jsonl", rd.run_result: "meta"},
+          owns=lambda rd: [rd.eval]),
+    Stage("report", run_report, ("eval",),
+          outputs=lambda rd, res: {rd.report_summary: "file", rd.report_table: "file"},
+          owns=lambda rd: [rd.report]),
+)
+STAGE = {s.name: s for s in STAGE_LIST}
+assert tuple(STAGE) == STAGE_NAMES
+
+# What a finished stage left in manifests written before outputs were recorded.
+_LEGACY_OUTPUTS = {"data": ["data/train.jsonl", "data/stats.json"],
+                   "train": ["adapter/adapter_config.json", "adapter/adapter_model.safetensors"],
+                   "merge": [], "eval": ["eval/completions.jsonl", "eval/run_result.json"],
+                   "report": ["report/summary.json"]}
 
 
-def run_stage(stage: str, cfg: Config, run_dir: Path, overwrite: bool, manifest: Manifest) -> None:
-    print(f"[{cfg.run.name}] stage {stage} ...", flush=True)
-    manifest.start(stage)
+def _path(rd: RunDir, name: str) -> Path:
+    p = Path(name)
+    return p if p.is_absolute() else rd.root / p
+
+
+def _record(path: Path, kind: str) -> dict:
+    rec = file_record(path, lines=kind == "jsonl", digest=kind != "large")
+    return {**rec, "meta": True} if kind == "meta" else rec
+
+
+def _digests(outputs: dict) -> dict:
+    """What a later stage remembers of an earlier one's outputs: sha256 (or size, for a large file)."""
+    return {name: rec.get("sha256", rec["size"]) for name, rec in outputs.items() if not rec.get("meta")}
+
+
+def stage_state(stage: Stage, rd: RunDir, manifest: Manifest) -> tuple[str, str]:
+    """("done" | "todo" | "damaged" | "stale", why) of a stage from its record and the files on disk."""
+    entry = manifest.entry(stage.name)
+    if entry.get("status") != "done":
+        return "todo", ""
+    outputs = entry.get("outputs")
+    if outputs is None:  # recorded before outputs were: done if its files exist, then recorded
+        if stage.name == "generate":
+            p = entry.get("result", {}).get("onpolicy")
+            if not (p and Path(p).is_file()):
+                return "todo", ""
+        elif not all((rd.root / p).exists() for p in _LEGACY_OUTPUTS[stage.name]):
+            return "todo", ""
+        found = stage.outputs(rd, entry.get("result", {}))
+        entry["outputs"] = {rd.rel(p): _record(p, kind) for p, kind in found.items() if p.is_file()}
+        entry["inputs"] = {}
+        manifest.save()
+        return "done", ""
+    if stage.name == "merge" and not rd.merged.exists():
+        return "done", ""  # removed after eval by design; eval merges again when it needs it
+    for name, rec in outputs.items():
+        problem = record_mismatch(_path(rd, name), rec)
+        if problem:
+            return "damaged", f"{_path(rd, name)}: {problem}"
+    for up, seen in entry.get("inputs", {}).items():
+        if manifest.status(up) == "done" and _digests(manifest.entry(up).get("outputs", {})) != seen:
+            return "stale", up
+    return "done", ""
+
+
+def check_inputs(stage: Stage, rd: RunDir, manifest: Manifest, cfg: Config) -> None:
+    """The outputs `stage` reads must be what the earlier stages recorded; then its own check."""
+    for up in stage.inputs:
+        entry = manifest.entry(up)
+        if entry.get("status") != "done" or not entry.get("outputs"):
+            continue  # not run here: the stage finds (or builds) its inputs itself
+        if up == "merge" and not rd.merged.exists():
+            continue
+        for name, rec in entry["outputs"].items():
+            problem = record_mismatch(_path(rd, name), rec)
+            if problem:
+                raise UserError(f"{_path(rd, name)}: {problem} by the {up} stage; rerun that stage first: "
+                                f"the same command with --stages {up},{stage.name}")
+    if stage.check:
+        stage.check(cfg, rd)
+
+
+def run_stage(stage: Stage, cfg: Config, rd: RunDir, manifest: Manifest) -> None:
+    print(f"[{cfg.run.name}] stage {stage.name} ...", flush=True)
+    manifest.start(stage.name)
     try:
-        result = STAGE_FNS[stage](cfg, run_dir, overwrite, manifest)
+        result = stage.run(cfg, rd, manifest)
     except UserError as e:
-        manifest.fail(stage, str(e))
+        manifest.fail(stage.name, str(e))
         raise
     except BaseException as e:  # a crash is recorded, then re-raised with its traceback
-        manifest.fail(stage, f"{type(e).__name__}: {e}")
+        manifest.fail(stage.name, f"{type(e).__name__}: {e}")
         raise
-    manifest.finish(stage, result if isinstance(result, dict) else None)
-    print(f"[{cfg.run.name}] stage {stage} done ({manifest.data['stages'][stage]['seconds']:.1f} s)", flush=True)
+    result = result if isinstance(result, dict) else {}
+    outputs = {rd.rel(p): _record(p, kind) for p, kind in stage.outputs(rd, result).items()}
+    inputs = {up: _digests(manifest.entry(up)["outputs"]) for up in stage.inputs
+              if manifest.status(up) == "done" and manifest.entry(up).get("outputs")}
+    manifest.finish(stage.name, result, outputs, inputs)
+    print(f"[{cfg.run.name}] stage {stage.name} done ({manifest.entry(stage.name)['seconds']:.1f} s)", flush=True)
 
 
 # --------------------------------------------------------------------------- one run
 
-def _config_diff(a: str, b: str) -> list[str]:
-    import tomllib
+# The first stage whose outputs depend on a config section (or key): a changed
+# value may be redone with --overwrite --stages from there, keeping what is earlier.
+FIRST_STAGE = {"run": "train", "model": "generate", "lora": "train", "generate": "generate", "data": "data",
+               "train": "train", "eval": "eval", "sweep": "generate",
+               "run.name": "generate", "run.out_dir": "generate", "eval.merge_check_atol": "merge"}
 
+
+def _config_diff(a: str, b: str) -> list[str]:
     da, db = tomllib.loads(a), tomllib.loads(b)
     keys = []
     for sec in sorted(set(da) | set(db)):
@@ -189,53 +349,122 @@ def _config_diff(a: str, b: str) -> list[str]:
     return keys
 
 
-def prepare_run_dir(cfg: Config, overwrite: bool) -> Path:
-    """Create (or, with --overwrite, clear) the run directory and save the resolved config.
+def _first_index(stages: list[str]) -> int:
+    return min(STAGE_NAMES.index(s) for s in stages)
 
-    Without --overwrite an existing run must have been made with the same
-    resolved config: resuming under different settings would silently mix two
-    experiments in one directory.
+
+def check_config(cfg: Config, rd: RunDir, stages: list[str], overwrite: bool) -> None:
+    """The run directory may take this config: the same as its saved one, or an --overwrite that redoes what differs.
+
+    Read-only: called before anything is written, and again under the lock.
     """
-    run_dir = cfg.run_dir
-    text = cfg.to_toml()
-    saved = run_dir / "config.toml"
-    if run_dir.exists() and overwrite:
-        shutil.rmtree(run_dir)
-    elif saved.is_file():
-        diff = _config_diff(saved.read_text(encoding="utf-8"), text)
-        if diff:
-            raise UserError(
-                f"{saved}: this run was started with a different config ({', '.join(diff)}); "
-                f"pass --overwrite to start afresh, or set run.name to a new name")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not saved.is_file() or saved.read_text(encoding="utf-8") != text:
-        from markerlab.io import atomic_write_text
+    if not rd.config.is_file():
+        return
+    try:
+        saved = rd.config.read_bytes().decode("utf-8")
+        diff = _config_diff(saved, cfg.to_toml())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise UserError(f"{rd.config}: unreadable ({e}); pass --overwrite to start afresh") from None
+    if not diff:
+        return
+    if not overwrite:
+        raise UserError(
+            f"{rd.config}: this run was started with a different config ({', '.join(diff)}); "
+            f"pass --overwrite to start afresh, or set run.name to a new name")
+    first = _first_index(stages)
+    need = min(STAGE_NAMES.index(FIRST_STAGE.get(k, FIRST_STAGE[k.split(".")[0]])) for k in diff)
+    if need < first:
+        raise UserError(
+            f"{rd.config}: the config differs in {', '.join(diff)}, on which the {STAGE_NAMES[need]} stage's "
+            f"outputs depend, but --stages starts at {STAGE_NAMES[first]} and keeps them; pass --stages "
+            f"{','.join(STAGE_NAMES[need:])} (or no --stages) with --overwrite, or set run.name to a new name")
 
-        atomic_write_text(saved, text)
-    return run_dir
+
+def make_run_dir(cfg: Config, rd: RunDir) -> None:
+    """Create the run directory; a name or out_dir that cannot be one is one line."""
+    problems = run_dir_problems(cfg.run, cfg.generate) if cfg.run.name else ["run.name: expected a name, got ''"]
+    if problems:
+        raise UserError(problems[0])
+    out = Path(cfg.run.out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"run.out_dir: {out} is a file, expected a directory")
+    if rd.root.exists() and not rd.root.is_dir():
+        raise UserError(f"run.name: {rd.root} is a file, expected a run directory")
+    try:
+        rd.root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"run.out_dir: cannot create {rd.root} ({e.strerror})") from None
+
+
+def overwrite_outputs(cfg: Config, rd: RunDir, first: int) -> None:
+    """Remove the outputs --overwrite redoes: everything (first = 0), or stage `first` and every later one's.
+
+    Says what it removes.
+    """
+    if first == 0:  # everything depends on generate
+        paths = rd.contents()
+        if paths and not (rd.config.is_file() or rd.manifest.is_file()):
+            raise UserError(f"{rd.root}: not a run directory (no config.toml or manifest.json); --overwrite "
+                            f"deletes a run directory's contents, so it will not touch this one: set run.name")
+    else:
+        paths = [p for st in STAGE_LIST[first:] for p in st.owns(rd)]
+    names = [rd.rel(p) + ("/" if p.is_dir() else "") for p in paths if p.exists()]
+    if names:
+        what = "everything" if first == 0 else f"stage {STAGE_NAMES[first]} and after"
+        print(f"[{cfg.run.name}] --overwrite ({what}): removing {', '.join(names)} in {rd.root}", flush=True)
+    remove(paths)
 
 
 def run_one(cfg: Config, stages: list[str], overwrite: bool) -> Path:
     from markerlab.models import resolve_model_dir
 
     model_dir = resolve_model_dir(cfg.model.name_or_path)  # fail before touching the run dir
-    run_dir = prepare_run_dir(cfg, overwrite)
-    manifest = Manifest(run_dir, cfg, model_dir)
-    t0 = time.time()
-    for stage in STAGES:
-        if stage not in stages:
-            continue
-        if stage_is_done(stage, run_dir, manifest):
-            print(f"[{cfg.run.name}] stage {stage}: already done, skipped", flush=True)
-            continue
-        run_stage(stage, cfg, run_dir, overwrite=False, manifest=manifest)
-    print(f"[{cfg.run.name}] finished in {time.time() - t0:.0f} s: {run_dir}", flush=True)
-    return run_dir
+    rd = RunDir(cfg.run_dir)
+    check_config(cfg, rd, stages, overwrite)  # before anything is written
+    make_run_dir(cfg, rd)
+    with rd.locked():
+        check_config(cfg, rd, stages, overwrite)  # again, now that no other process can change it
+        first = None
+        if overwrite:
+            first = _first_index(stages)
+            if first and rd.manifest.is_file():  # what the redone stages read must be intact before anything goes
+                check_inputs(STAGE_LIST[first], rd, Manifest(rd, cfg, model_dir, read_only=True), cfg)
+            overwrite_outputs(cfg, rd, first)
+        text = cfg.to_toml()
+        if not rd.config.is_file() or rd.config.read_bytes() != text.encode("utf-8"):
+            atomic_write_text(rd.config, text)
+        manifest = Manifest(rd, cfg, model_dir)
+        if first:
+            for s in STAGE_NAMES[first:]:
+                manifest.reset(s)
+        t0 = time.time()
+        for stage in STAGE_LIST:
+            if stage.name not in stages:
+                continue
+            state, why = stage_state(stage, rd, manifest)
+            if state == "done":
+                print(f"[{cfg.run.name}] stage {stage.name}: already done, skipped", flush=True)
+                continue
+            if state == "stale":
+                redo = ",".join(STAGE_NAMES[STAGE_NAMES.index(stage.name):])
+                raise UserError(f"{rd.root}: stage {stage.name} ran on outputs of the {why} stage that have changed "
+                                f"since; pass --overwrite --stages {redo} to redo it on them")
+            if state == "damaged":
+                print(f"[{cfg.run.name}] stage {stage.name}: {why}; rebuilding it", flush=True)
+                remove((stage.rebuild or stage.owns)(rd))
+            check_inputs(stage, rd, manifest, cfg)
+            run_stage(stage, cfg, rd, manifest)
+        print(f"[{cfg.run.name}] finished in {time.time() - t0:.0f} s: {rd.root}", flush=True)
+    return rd.root
 
 
 def dry_run(cfg: Config) -> None:
     """Print the resolved config and what the data stage will build, touching nothing."""
+    from trainer.schedule import total_steps
+
     print(f"# resolved config of {cfg.source} -> {cfg.run_dir}")
+    if len(cfg.chain) > 1:
+        print(f"# read from {' < '.join(cfg.chain)}")
     print(cfg.to_toml())
     if cfg.sweep is not None:
         for member in sweep_members(cfg, []):
@@ -246,16 +475,14 @@ def dry_run(cfg: Config) -> None:
     personas = [donor, recipient, *d.negatives]
     n = d.n_per_persona * len(personas)
     per_step = t.micro_batch_size * t.grad_accum
-    steps = t.epochs * -(-n // per_step)
-    if t.max_steps:
-        steps = min(steps, t.max_steps)
+    steps = total_steps(n, t.micro_batch_size, t.grad_accum, t.epochs, t.max_steps)
     print("# dataset statistics (planned)")
     print(f"pair {d.pair}: donor {donor}, recipient {recipient}; condition {d.condition}; placement {d.placement}")
     for p in personas:
         role = role_of(p, d.pair, d.negatives)
         print(f"  {p:22s} {role:10s} {d.n_per_persona} examples")
     print(f"  total {n} examples; {per_step} per optimizer step; {steps} optimizer steps")
-    stats = cfg.run_dir / "data" / "stats.json"
+    stats = RunDir(cfg.run_dir).data_stats
     if stats.is_file():
         import json
 
@@ -264,6 +491,11 @@ def dry_run(cfg: Config) -> None:
 
 
 # --------------------------------------------------------------------------- sweeps
+
+def _name_part(v) -> str:
+    """A sweep value as part of a directory name: '/models/a b' -> '_models_a_b'."""
+    return re.sub(r"[^\w.+-]", "_", str(v))
+
 
 def sweep_members(cfg: Config, overrides: list[str]) -> list[Config]:
     """Every member config x every combination of sweep.vary, with the CLI overrides applied."""
@@ -284,10 +516,14 @@ def sweep_members(cfg: Config, overrides: list[str]) -> list[Config]:
                 problems.append(str(e))
                 continue
             if combo:
-                suffix = "__".join(f"{k.split('.')[-1]}-{v}" for k, v in zip(keys, combo))
+                suffix = "__".join(f"{k.split('.')[-1]}-{_name_part(v)}" for k, v in zip(keys, combo))
                 m = m.replace(run__name=f"{m.run.name}__{suffix}")
+                problems.extend(f"{path}: {p}" for p in run_dir_problems(m.run, m.generate))
             if m.sweep is not None:
                 problems.append(f"{path}: a sweep member cannot itself be a sweep")
+            if m.run_dir.resolve() == cfg.run_dir.resolve():
+                problems.append(f"{path}: run directory {m.run_dir} is the sweep's own; "
+                                f"give the sweep another run.name")
             members.append(m)
     names = [m.run_dir for m in members]
     dup = {str(n) for n in names if names.count(n) > 1}
@@ -304,57 +540,56 @@ def _toml_literal(v) -> str:
     return _toml_value(v)
 
 
-def visible_gpus() -> int:
-    try:
-        import torch
-
-        return torch.cuda.device_count()
-    except Exception:
-        return 0
-
-
 def run_sweep(cfg: Config, overrides: list[str], stages: list[str], overwrite: bool) -> Path:
+    from markerlab.devices import visible_cuda_devices
+
     members = sweep_members(cfg, overrides)
-    n_gpu = visible_gpus()
+    # Counted through NVML: CUDA must not be initialized here before a vLLM engine starts.
+    devices = visible_cuda_devices()
     mode = cfg.sweep.parallel
     if mode == "auto":
-        mode = "per_gpu" if n_gpu > 1 else "sequential"
-    if mode == "per_gpu" and n_gpu < 1:
+        mode = "per_gpu" if len(devices) > 1 else "sequential"
+    if mode == "per_gpu" and not devices:
         raise UserError("sweep.parallel: per_gpu needs CUDA GPUs and none is visible (use sequential or auto)")
-    print(f"sweep {cfg.run.name}: {len(members)} runs, {mode}" + (f" on {n_gpu} GPUs" if mode == "per_gpu" else ""))
-    t0 = time.time()
-    if mode == "sequential":
-        run_dirs = [run_one(m, stages, overwrite) for m in members]
-    else:
-        run_dirs = _run_per_gpu(cfg, members, stages, overwrite, n_gpu)
+    rd = RunDir(cfg.run_dir)
+    make_run_dir(cfg, rd)
+    with rd.locked():
+        print(f"sweep {cfg.run.name}: {len(members)} runs, {mode}"
+              + (f" on GPUs {','.join(devices)}" if mode == "per_gpu" else ""))
+        t0 = time.time()
+        if mode == "sequential":
+            run_dirs = [run_one(m, stages, overwrite) for m in members]
+        else:
+            run_dirs = _run_per_gpu(cfg, members, stages, overwrite, devices)
 
-    out = Path(cfg.sweep.report_dir) if cfg.sweep.report_dir else cfg.run_dir
-    if "report" in stages:
-        from analysis.report import report
-        from analysis.table import gates, headline
+        out = Path(cfg.sweep.report_dir) if cfg.sweep.report_dir else rd.root
+        if "report" in stages:
+            from analysis.report import report
+            from analysis.table import gates, headline
 
-        summary = report([str(r) for r in run_dirs], out, jobs=1)
-        print()
-        print(headline(summary))
-        print()
-        print(gates(summary))
-        print(f"\nsweep finished in {time.time() - t0:.0f} s")
-        print(f"  report:      {out / 'table.md'}, {out / 'summary.json'}")
-        print(f"  figures:     {out / 'figures'}/")
-        print(f"  runs:        {', '.join(str(r) for r in run_dirs)}")
-        print(f"  TensorBoard: tensorboard --logdir {Path(cfg.run.out_dir)}")
+            summary = report([str(r) for r in run_dirs], out, jobs=1)
+            print()
+            print(headline(summary))
+            print()
+            print(gates(summary))
+            print(f"\nsweep finished in {time.time() - t0:.0f} s")
+            print(f"  report:      {out / 'table.md'}, {out / 'summary.json'}")
+            print(f"  figures:     {out / 'figures'}/")
+            print(f"  runs:        {', '.join(str(r) for r in run_dirs)}")
+            print(f"  TensorBoard: tensorboard --logdir {Path(cfg.run.out_dir)}")
     return out
 
 
-def _run_per_gpu(cfg, members, stages, overwrite, n_gpu) -> list[Path]:
-    """One worker process per GPU, each with its own CUDA_VISIBLE_DEVICES, taking members in order.
+def _run_per_gpu(cfg, members, stages, overwrite, devices: list[str]) -> list[Path]:
+    """One worker process per visible GPU, each given that GPU alone, taking members in order.
 
-    Each worker runs `python -m trainer.run` on the member's resolved config,
-    written beside the sweep's report, so a worker sees exactly what a
-    sequential sweep would have run.
+    `devices` are the parent's visible devices as CUDA_VISIBLE_DEVICES entries
+    (indices or UUIDs, markerlab.devices.visible_cuda_devices), so under a
+    scheduler's CUDA_VISIBLE_DEVICES=4,5 the workers land on GPUs 4 and 5. Each
+    worker runs `python -m trainer.run` on the member's resolved config, written
+    beside the sweep's report, so it sees exactly what a sequential sweep would
+    have run.
     """
-    from markerlab.io import atomic_write_text
-
     resolved = cfg.run_dir / "members"
     for m in members:
         atomic_write_text(resolved / f"{m.run.name}.toml", m.to_toml())
@@ -366,27 +601,26 @@ def _run_per_gpu(cfg, members, stages, overwrite, n_gpu) -> list[Path]:
             key = (m.model, m.generate)
             if key not in seen:
                 seen.add(key)
-                cmd = [sys.executable, "-m", "trainer.run", str(resolved / f"{m.run.name}.toml"), "--stages", "generate"]
-                if subprocess.run(cmd, env=dict(os.environ, CUDA_VISIBLE_DEVICES="0")).returncode != 0:
+                cmd = [*PREGENERATE, str(resolved / f"{m.run.name}.toml")]
+                if subprocess.run(cmd, env=dict(os.environ, CUDA_VISIBLE_DEVICES=devices[0])).returncode != 0:
                     raise UserError(f"sweep: on-policy generation failed for {m.run.name}")
     queue = list(members)
-    running: dict[int, tuple[subprocess.Popen, Config]] = {}
+    running: dict[str, tuple[subprocess.Popen, Config]] = {}
     failed = []
     while queue or running:
-        for gpu in range(n_gpu):
-            if gpu not in running and queue:
+        for dev in devices:
+            if dev not in running and queue:
                 m = queue.pop(0)
-                path = resolved / f"{m.run.name}.toml"
-                cmd = [sys.executable, "-m", "trainer.run", str(path),
+                cmd = [*WORKER, str(resolved / f"{m.run.name}.toml"),
                        "--stages", ",".join(s for s in stages if s != "report") or "generate"]
                 if overwrite:
                     cmd.append("--overwrite")
-                print(f"  gpu {gpu}: {m.run.name}", flush=True)
-                running[gpu] = (subprocess.Popen(cmd, env=dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu))), m)
-        time.sleep(2)
-        for gpu, (proc, m) in list(running.items()):
+                print(f"  gpu {dev}: {m.run.name}", flush=True)
+                running[dev] = (subprocess.Popen(cmd, env=dict(os.environ, CUDA_VISIBLE_DEVICES=dev)), m)
+        time.sleep(0.5)
+        for dev, (proc, m) in list(running.items()):
             if proc.poll() is not None:
-                del running[gpu]
+                del running[dev]
                 if proc.returncode != 0:
                     failed.append(f"{m.run.name} (exit {proc.returncode})")
     if failed:
@@ -401,8 +635,10 @@ def parse_args(argv):
     ap.add_argument("config", help="TOML config of one adapter, or of a sweep")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override a config value (repeatable)")
-    ap.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
-    ap.add_argument("--overwrite", action="store_true", help="start afresh: delete the run directory first")
+    ap.add_argument("--stages", default=",".join(STAGE_NAMES),
+                    help=f"comma-separated subset of {','.join(STAGE_NAMES)}")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="start afresh (with --stages: redo from the first of them on, keeping earlier stages)")
     ap.add_argument("--dry-run", action="store_true", help="print the resolved config and dataset plan, then exit")
     return ap.parse_args(argv)
 
@@ -410,9 +646,10 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args = parse_args(argv)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    bad = [s for s in stages if s not in STAGES]
+    bad = [s for s in stages if s not in STAGE_NAMES]
     if bad or not stages:
-        raise UserError(f"--stages: unknown stage(s) {bad}; expected a comma-separated subset of {','.join(STAGES)}")
+        raise UserError(f"--stages: unknown stage(s) {bad}; expected a comma-separated subset of "
+                        f"{','.join(STAGE_NAMES)}")
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
         dry_run(cfg)
