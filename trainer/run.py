@@ -105,7 +105,10 @@ def stage_data(cfg, run_dir, overwrite, manifest):
 
     examples, stats = build_dataset(cfg, _onpolicy_path(cfg, manifest), load_tokenizer(cfg.model.name_or_path))
     write_dataset(cfg, examples, stats, run_dir)
-    return {"n_examples": len(examples)}
+    from data.probe import build_probe_set  # the leakage probe's documents (None when train.probe_every = 0)
+
+    probe = build_probe_set(cfg, run_dir)
+    return {"n_examples": len(examples), "probe_set": str(probe) if probe else None}
 
 
 def stage_train(cfg, run_dir, overwrite, manifest):
