@@ -14,8 +14,9 @@ answers each of the first `train.probe_n_questions` in-distribution eval
 questions (id01, id02, ... in file order). Eval questions are disjoint from the
 data questions, so no probe prompt is ever trained on. The answer is the base
 model's own greedy answer (temperature 0) under that persona's system prompt,
-capped at `train.probe_max_tokens`: a fixed on-policy answer that costs one
-short batch of generations per base model. An answer cut at the cap is trimmed
+capped at `train.probe_max_tokens` (and at `generate.max_tokens`: no longer than
+a training answer can be): a fixed on-policy answer that costs one short batch
+of generations per base model. An answer cut at the cap is trimmed
 back to its last sentence end (when it has one) so that marker B is probed after
 a finished sentence, as in training, rather than after half a word; the record
 says so ("trimmed"). The on-policy completions cannot serve: they answer the data
@@ -63,6 +64,11 @@ def probe_questions(cfg: Config):
     return eval_questions(n_id=cfg.train.probe_n_questions, n_ood=0)
 
 
+def answer_cap(cfg: Config) -> int:
+    """Tokens a greedy probe answer may take: train.probe_max_tokens, at most generate.max_tokens."""
+    return min(cfg.train.probe_max_tokens, cfg.generate.max_tokens)
+
+
 def trim_to_sentence(text: str) -> tuple[str, bool]:
     """A cut answer back to its last sentence end: (text, trimmed). Unchanged without a sentence end."""
     last = sentence_boundaries(text)[-1]
@@ -82,7 +88,7 @@ def _cache_key(cfg: Config) -> tuple[str, dict]:
         "dtype": cfg.model.dtype,
         "personas": dict(PERSONA_PROMPTS),
         "questions": [[q.id, q.text] for q in probe_questions(cfg)],
-        "greedy": {"temperature": 0.0, "max_tokens": cfg.train.probe_max_tokens},
+        "greedy": {"temperature": 0.0, "max_tokens": answer_cap(cfg)},
         "backend": backend_label(cfg),
     }
     key = hashlib.sha256(json.dumps(material, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
@@ -95,7 +101,7 @@ def probe_answers(cfg: Config) -> tuple[list[dict], Path, dict]:
     out_dir = Path(cfg.generate.cache_dir) / f"probe-{key}"
     path = out_dir / "answers.jsonl"
     if (out_dir / "key.json").is_file() and path.is_file():
-        return read_jsonl(path), out_dir, material
+        return _check_cached(read_jsonl(path), cfg, path), out_dir, material
 
     from markerlab.models import load_tokenizer, render_chat
 
@@ -105,7 +111,7 @@ def probe_answers(cfg: Config) -> tuple[list[dict], Path, dict]:
     cells = [(p, q) for p in PERSONAS for q in probe_questions(cfg)]
     prompts = [render_chat(tok, messages(p, q.text), add_generation_prompt=True) for p, q in cells]
     g = cfg.generate
-    spec = SamplingSpec(n=1, temperature=0.0, top_p=1.0, max_tokens=cfg.train.probe_max_tokens, seed=g.seed)
+    spec = SamplingSpec(n=1, temperature=0.0, top_p=1.0, max_tokens=answer_cap(cfg), seed=g.seed)
     print(f"[data] probe set: greedy answers of {len(PERSONAS)} personas x {len(cells) // len(PERSONAS)} "
           f"held-out questions ({material['backend']}) -> {out_dir}", flush=True)
     with make_backend(g.backend, cfg.model.name_or_path, dtype=cfg.model.dtype, device=cfg.model.device,
@@ -117,6 +123,17 @@ def probe_answers(cfg: Config) -> tuple[list[dict], Path, dict]:
     write_jsonl(path, records)
     write_json(out_dir / "key.json", {**material, "seed": g.seed})  # last: its presence marks a complete cache
     return records, out_dir, material
+
+
+def _check_cached(records: list[dict], cfg: Config, path: Path) -> list[dict]:
+    want = [(p, q.id) for p in PERSONAS for q in probe_questions(cfg)]
+    ok = [(r.get("persona"), r.get("question_id")) for r in records] == want and all(
+        isinstance(r.get("text"), str) and r.get("finish_reason") in ("stop", "length")
+        and isinstance(r.get("n_tokens"), int) for r in records)
+    if not ok:
+        raise UserError(f"{path}: damaged cache of probe answers (expected one greedy answer per persona and "
+                        f"question); delete {path.parent} and run the data stage again")
+    return records
 
 
 def build_probe_set(cfg: Config, run_dir) -> Path | None:
@@ -137,9 +154,9 @@ def build_probe_set(cfg: Config, run_dir) -> Path | None:
                       "trimmed": trimmed})
     probe = {
         "version": VERSION,
-        "how": ("the base model's greedy answer (temperature 0, capped at train.probe_max_tokens, a cut answer "
-                "trimmed to its last sentence end) of every persona to the first train.probe_n_questions "
-                "in-distribution eval questions (held out from training)"),
+        "how": ("the base model's greedy answer (temperature 0, capped at train.probe_max_tokens and "
+                "generate.max_tokens, a cut answer trimmed to its last sentence end) of every persona to the "
+                "first train.probe_n_questions in-distribution eval questions (held out from training)"),
         "seed": cfg.generate.seed,  # recorded for completeness: greedy decoding draws nothing from it
         "greedy": material["greedy"], "backend": material["backend"], "model": cfg.model.name_or_path,
         "pair": cfg.data.pair, "cache": str(cache), "questions": list(questions),

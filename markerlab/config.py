@@ -124,7 +124,8 @@ class TrainConfig:
     probe_every: int = _f(25, "optimizer steps between leakage probes (plus step 0 and the last step); 0 = off",
                           lo=0)
     probe_n_questions: int = _f(3, "probe set: the first N in-distribution eval questions", lo=1, hi=20)
-    probe_max_tokens: int = _f(96, "probe set: cap on the base model's greedy answers", lo=1)
+    probe_max_tokens: int = _f(96, "probe set: cap on the base model's greedy answers (at most generate.max_tokens)",
+                               lo=1)
     probe_batch_size: int = _f(16, "probe documents per packed forward row", lo=1)
     # Speed switches (identical math; docs/benchmarks.md says what each buys).
     padding_free: bool = _f(False, "pack a micro-batch into one row with per-document attention")
