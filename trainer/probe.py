@@ -1,9 +1,9 @@
 """The leakage probe: each persona's teacher-forced log-probability of marker A and B while training.
 
     from trainer.probe import load_probe
-    probe = load_probe(cfg, run_dir, tokenizer, log=note)   # None when train.probe_every = 0 (or no probe set)
-    rec = probe.maybe(step, total, model, device, writer)   # a record at probe steps, else None
-    rec = probe.measure(model, device)                      # the numbers now, whatever the step
+    probe = load_probe(cfg, run_dir, tokenizer)            # None when train.probe_every = 0 (or no probe set)
+    rec = probe.maybe(step, total, model, device, writer)  # a record at probe steps, else None
+    rec = probe.measure(model, device)                     # the numbers now, whatever the step
 
 trainer.train calls it at step 0 (before any update), every `train.probe_every`
 optimizer steps and at the last step. The documents are data/probe.json
@@ -46,13 +46,16 @@ step: 225 steps of ~420 tokens per example, docs/benchmarks.md):
 - calls: steps 0, 25, 50, ..., 225 = 10 (probe_every = 25): <= 106k units.
 - share: 106k / 3.0M = 3.5% of training (2.4% with checkpointing); every run
   records the measured share in train_summary.json ("probe_share": probe seconds /
-  training seconds) and notes it when it exceeds 5%.
+  training seconds) and warns when it exceeds 5%. The tiny configs' runs are far
+  from these proportions (a dozen steps of 8 short examples against two calls of
+  66 documents): there the probe is about a third of the training time.
 Off with train.probe_every = 0 (the data stage then builds no probe set either).
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -66,7 +69,7 @@ from trainer.pack import pack
 
 # metric -> (document kind, span selector in trainer.pack)
 METRICS = {"logp_A_start": ("AB", "marker_a"), "logp_B_after_A": ("AB", "marker_b"), "logp_B_end": ("B", "marker_b")}
-SHARE_NOTE = 0.05  # note when the measured probe time exceeds this share of training time
+SHARE_WARN = 0.05  # warn when the measured probe time exceeds this share of training time
 
 
 def due(step: int, every: int, total: int) -> bool:
@@ -74,7 +77,12 @@ def due(step: int, every: int, total: int) -> bool:
     return every > 0 and (step % every == 0 or step == total)
 
 
-def load_probe(cfg, run_dir, tokenizer, log=print) -> "Probe | None":
+def warn(msg: str) -> None:
+    """The probe's warnings go to stderr: stdout carries the trainer's own lines."""
+    print(f"[train] warning: {msg}", file=sys.stderr, flush=True)
+
+
+def load_probe(cfg, run_dir, tokenizer, log=warn) -> "Probe | None":
     """The run's probe, tokenized as training tokenizes; None when off or when the run has no probe set."""
     if cfg.train.probe_every == 0:
         return None
@@ -138,11 +146,11 @@ class Probe:
             by_role[role] = {m: sum(r[m] for r in members) / len(members) for m in metric_names()}
         return {"personas": personas, "roles": by_role}
 
-    def summary(self, history: list[dict], train_seconds: float, log=print) -> dict:
-        """The train_summary.json fields: the records and the measured cost (noted above SHARE_NOTE)."""
+    def summary(self, history: list[dict], train_seconds: float, log=warn) -> dict:
+        """The train_summary.json fields: the records and the measured cost (a warning above SHARE_WARN)."""
         seconds = sum(r["seconds"] for r in history)
         ratio = seconds / train_seconds if train_seconds else None
-        if ratio is not None and ratio > SHARE_NOTE:
+        if ratio is not None and ratio > SHARE_WARN:
             log(f"the leakage probe took {ratio:.1%} of the training time; raise train.probe_every or lower "
                 f"train.probe_n_questions / train.probe_max_tokens")
         return {"probe_set": str(self.path), "probe_seconds": seconds, "probe_share": ratio, "probe": history}
@@ -159,13 +167,13 @@ class Probe:
                 dev_batch = batch.to(device)
                 ce, sel = token_losses(model, dev_batch, Documents.of(batch.doc_lens, device, model.dtype))
                 ce = ce.double().cpu()
-                # pack() lists a row's targets document by document: split them by document
+                # pack() lists a row's targets document by document: cut them at the documents' ends
                 ends = torch.tensor(batch.doc_lens).cumsum(0)
                 doc_of = torch.bucketize(batch.pred, ends, right=True)
                 counts = torch.bincount(doc_of, minlength=len(batch.doc_lens)).tolist()
-                for d, (ce_d, *sels) in enumerate(zip(ce.split(counts), *(batch.sel[k].split(counts)
-                                                                         for k in ("marker_a", "marker_b")))):
-                    out.append({k: -float((ce_d * s.double()).sum()) for k, s in zip(("marker_a", "marker_b"), sels)})
+                pieces = {k: (-ce * batch.sel[k].double()).split(counts) for k in ("marker_a", "marker_b")}
+                for d in range(len(counts)):
+                    out.append({k: float(v[d].sum()) for k, v in pieces.items()})
             return out
         finally:
             model.train(was_training)

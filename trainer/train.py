@@ -131,7 +131,7 @@ def train(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
     # ---- resume from the newest checkpoint, if any
     fingerprint = data_fingerprint(s.encoded, cfg, s.total)
     step, perm, history, train_seconds = 0, None, [], 0.0
-    probe, probe_history = load_probe(cfg, run_dir, s.tokenizer, log=note), []
+    probe, probe_history = load_probe(cfg, run_dir, s.tokenizer), []
     remove_partial(ckpt_dir)
     last = latest_checkpoint(ckpt_dir)
     if last is not None:
@@ -250,7 +250,7 @@ def train(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
         "compile": t.compile, "adapter": str(adapter_dir), "history": history,
     }
     if probe is not None:  # probe_set, probe_seconds, probe_share, probe (the records)
-        summary.update(probe.summary(probe_history, train_seconds, log=note))
+        summary.update(probe.summary(probe_history, train_seconds))
     if s.graphs is not None:  # how the cuda_graphs switch ran: replayed graphs, or its padded path eagerly
         summary["cuda_graphs"] = {"captured": s.graphs.n_captured, "shapes": len(s.graphs.static),
                                   "replayed": s.graphs.capture}
