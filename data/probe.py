@@ -56,7 +56,6 @@ from .questions import eval_questions
 
 PROBE_FILE = "probe.json"     # in run_dir/data/
 VERSION = 1                   # bump when the file's format or the answers' meaning changes
-KINDS = ("AB", "B")           # the two documents of an item (module docstring)
 
 
 def probe_questions(cfg: Config):
