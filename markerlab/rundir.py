@@ -12,7 +12,7 @@ The layout (the run directory table of the project's contracts):
     config.toml                  the resolved config
     manifest.json                stage status, times, and each stage's recorded outputs
     .lock                        held (flock) by the process working in the directory
-    data/train.jsonl, data/stats.json
+    data/train.jsonl, data/stats.json, data/probe.json (the leakage probe's documents)
     tb/                          TensorBoard event files
     train_log.txt, train_summary.json
     checkpoints/                 resumable training state
@@ -76,6 +76,10 @@ class RunDir:
     @property
     def train_jsonl(self) -> Path:
         return self.data / "train.jsonl"
+
+    @property
+    def probe_set(self) -> Path:
+        return self.data / "probe.json"
 
     @property
     def data_stats(self) -> Path:

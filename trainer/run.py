@@ -151,7 +151,10 @@ def run_data(cfg, rd, manifest):
 
     examples, stats = build_dataset(cfg, _onpolicy_path(cfg, manifest), load_tokenizer(cfg.model.name_or_path))
     write_dataset(cfg, examples, stats, rd.root)
-    return {"n_examples": len(examples)}
+    from data.probe import build_probe_set  # the leakage probe's documents (None when train.probe_every = 0)
+
+    probe = build_probe_set(cfg, rd.root)
+    return {"n_examples": len(examples), "probe_set": str(probe) if probe else None}
 
 
 def check_train_inputs(cfg, rd):
@@ -222,7 +225,8 @@ STAGE_LIST = (
           outputs=lambda rd, res: {Path(res["onpolicy"]): "jsonl"},
           owns=lambda rd: []),  # the shared cache belongs to no run
     Stage("data", run_data, ("generate",),
-          outputs=lambda rd, res: {rd.train_jsonl: "jsonl", rd.data_stats: "meta"},
+          outputs=lambda rd, res: {rd.train_jsonl: "jsonl", rd.data_stats: "meta",
+                                   **({rd.probe_set: "file"} if res.get("probe_set") else {})},
           owns=lambda rd: [rd.data]),
     Stage("train", run_train, ("data",),
           outputs=lambda rd, res: {rd.adapter_config: "file", rd.adapter_weights: "file", rd.train_summary: "meta"},

@@ -10,6 +10,11 @@ Writes  run_dir/tb/                       TensorBoard scalars train/{loss, lr, g
         run_dir/checkpoints/step_N/       resumable state (trainer/checkpoint.py), the last K kept
         run_dir/adapter/                  the LoRA adapter in PEFT's format (written last)
         run_dir/train_summary.json        the summary train() returns, plus the per-step history
+                                          and the leakage probe's records ("probe", trainer/probe.py)
+
+The leakage probe (trainer/probe.py, data/probe.json from the data stage) runs at
+step 0, every train.probe_every steps and at the last step, and logs probe/...
+scalars; it draws from none of the training's random streams.
 
 Calling train() again resumes from the newest checkpoint and continues exactly
 (bitwise on the CPU); a finished run (adapter and summary present) returns its
@@ -74,6 +79,7 @@ from trainer.compile import compile_error, compile_layers
 from trainer.dropout import DropoutMasks
 from trainer.loss import token_losses
 from trainer.pack import pack
+from trainer.probe import load_probe
 from trainer.schedule import lr_at, step_slice, steps_per_epoch, total_steps, warmup_steps
 
 # (TensorBoard/record name, selector name) of the spans whose mean token loss is logged.
@@ -125,6 +131,7 @@ def train(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
     # ---- resume from the newest checkpoint, if any
     fingerprint = data_fingerprint(s.encoded, cfg, s.total)
     step, perm, history, train_seconds = 0, None, [], 0.0
+    probe, probe_history = load_probe(cfg, run_dir, s.tokenizer), []
     remove_partial(ckpt_dir)
     last = latest_checkpoint(ckpt_dir)
     if last is not None:
@@ -134,6 +141,7 @@ def train(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
                             f"pass --overwrite to start afresh")
         set_rng_states(state["rng"], s.data_gen, s.dropout_gen)
         step, perm, history, train_seconds = state["step"], state["perm"], state["history"], state["train_seconds"]
+        probe_history = state.get("probe", [])
     resumed_from = step
 
     # ---- logging: TensorBoard (events after the checkpoint are purged on resume), text log, tqdm
@@ -150,11 +158,13 @@ def train(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
         # The data position is implied by `step` and `perm`; spelled out for people reading state.pt.
         next_epoch, next_index, _ = step_slice(step, n, s.step_size)
         return {"step": step, "perm": perm, "data_position": {"epoch": next_epoch, "index": next_index},
-                "history": history, "rng": rng_states(s.data_gen, s.dropout_gen),
+                "history": history, "probe": probe_history, "rng": rng_states(s.data_gen, s.dropout_gen),
                 "fingerprint": fingerprint, "train_seconds": train_seconds}
 
     # ---- the loop: `step` counts finished optimizer steps; this iteration runs step + 1
     try:
+        if probe is not None and step == 0:  # before any update
+            probe_history.append(probe.maybe(0, s.total, s.model, s.device, writer))
         while step < s.total:
             t0 = time.perf_counter()
             # this step's examples: a fresh permutation at the start of every epoch
@@ -212,6 +222,9 @@ def train(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
             log.flush()
             bar.update(1)
             bar.set_postfix(loss="-" if loss is None else f"{loss:.4f}", lr=f"{lr:.2e}")
+            probed = probe.maybe(step, s.total, s.model, s.device, writer) if probe is not None else None
+            if probed is not None:
+                probe_history.append(probed)
 
             # checkpoint every N steps and at the end; keep the newest K
             if step % t.checkpoint_every == 0 or step == s.total:
@@ -236,6 +249,8 @@ def train(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
         "warmup_steps": s.warmup, "device": str(s.device), "resumed_from_step": resumed_from or None,
         "compile": t.compile, "adapter": str(adapter_dir), "history": history,
     }
+    if probe is not None:  # probe_set, probe_seconds, probe_share, probe (the records)
+        summary.update(probe.summary(probe_history, train_seconds))
     if s.graphs is not None:  # how the cuda_graphs switch ran: replayed graphs, or its padded path eagerly
         summary["cuda_graphs"] = {"captured": s.graphs.n_captured, "shapes": len(s.graphs.static),
                                   "replayed": s.graphs.capture}
@@ -411,5 +426,5 @@ def format_log_line(rec: dict, total: int) -> str:
 
 
 def public_summary(summary: dict) -> dict:
-    """The summary without the per-step history (what the run manifest records)."""
-    return {k: v for k, v in summary.items() if k != "history"}
+    """The summary without the per-step history and probe records (what the run manifest records)."""
+    return {k: v for k, v in summary.items() if k not in ("history", "probe")}

@@ -1,0 +1,194 @@
+"""The leakage probe: each persona's teacher-forced log-probability of marker A and B while training.
+
+    from trainer.probe import load_probe
+    probe = load_probe(cfg, run_dir, tokenizer)            # None when train.probe_every = 0 (or no probe set)
+    rec = probe.maybe(step, total, model, device, writer)  # a record at probe steps, else None
+    rec = probe.measure(model, device)                     # the numbers now, whatever the step
+
+trainer.train calls it at step 0 (before any update), every `train.probe_every`
+optimizer steps and at the last step. The documents are data/probe.json
+(data/probe.py: the base model's greedy answer of every persona to a few held-out
+eval questions), tokenized by data.tokenize.encode_example, the function and the
+chat template training uses, and packed into rows (trainer/pack.py) of
+`train.probe_batch_size` documents whose logits are computed by
+trainer/loss.token_losses at the marker positions only.
+
+Per document the log-probability of a marker is the sum of its tokens' log-probs
+(which tokens are the marker's comes from its character span, as in training):
+
+    logp_A_start    marker A as the first tokens of the answer      ("AB" document)
+    logp_B_after_A  marker B right after `A + " " + answer + " "`   ("AB" document)
+    logp_B_end      marker B right after `answer + " "`             ("B" document)
+
+A persona's value is the mean over its questions (`p_*`: the mean probability,
+exp of each question's log-prob, averaged); a role's is the mean of its personas'.
+TensorBoard scalars: probe/<role>/<persona>/<metric> and probe/<role>/<metric>;
+train_summary.json: "probe", one record per probe step
+{"step", "seconds", "personas": {persona: {"role", metric: value}}, "roles": {role: {metric: value}}}.
+
+It changes nothing in training: it runs in eval mode (no LoRA dropout, so no draw
+from the dropout generator) under torch.no_grad, reads neither the data-order
+generator nor the global RNGs, and puts the model back in train mode. So training
+losses and the adapter are bitwise the same with the probe on or off, and a probe's
+numbers depend only on the weights of its step (identical across a resume). The
+per-document sums are taken on the CPU in float64 in a fixed order (no atomics).
+
+Cost at the real configs' settings (1,200 examples, 3 epochs, 16 examples per
+step: 225 steps of ~420 tokens per example, docs/benchmarks.md):
+- training: 225 x 16 x 420 = 1.51M tokens, each a forward and a backward. With the
+  base frozen the backward computes activation gradients only, about one more
+  forward, so >= 2 forward-token units each (3 with gradient checkpointing):
+  >= 3.0M units.
+- one probe call: 11 personas x 3 questions x 2 documents = 66 documents of at most
+  ~48 (system + question + template) + 96 (answer) + ~17 (markers, spaces, end of
+  turn) = ~161 tokens: <= 10.6k tokens, forward only, with the LM head at ~14
+  marker positions per document instead of every completion token.
+- calls: steps 0, 25, 50, ..., 225 = 10 (probe_every = 25): <= 106k units.
+- share: 106k / 3.0M = 3.5% of training (2.4% with checkpointing); every run
+  records the measured share in train_summary.json ("probe_share": probe seconds /
+  training seconds) and warns when it exceeds 5%. The tiny configs' runs are far
+  from these proportions (a dozen steps of 8 short examples against two calls of
+  66 documents): there the probe is about a third of the training time.
+Off with train.probe_every = 0 (the data stage then builds no probe set either).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from data.probe import PROBE_FILE, probe_examples, read_probe_set
+from data.tokenize import encode_example
+from trainer.attention import Documents
+from trainer.loss import token_losses
+from trainer.pack import pack
+
+# metric -> (document kind, span selector in trainer.pack)
+METRICS = {"logp_A_start": ("AB", "marker_a"), "logp_B_after_A": ("AB", "marker_b"), "logp_B_end": ("B", "marker_b")}
+SHARE_WARN = 0.05  # warn when the measured probe time exceeds this share of training time
+
+
+def due(step: int, every: int, total: int) -> bool:
+    """Is `step` (finished optimizer steps) a probe step: 0, every `every` steps, and the last one."""
+    return every > 0 and (step % every == 0 or step == total)
+
+
+def warn(msg: str) -> None:
+    """The probe's warnings go to stderr: stdout carries the trainer's own lines."""
+    print(f"[train] warning: {msg}", file=sys.stderr, flush=True)
+
+
+def load_probe(cfg, run_dir, tokenizer, log=warn) -> "Probe | None":
+    """The run's probe, tokenized as training tokenizes; None when off or when the run has no probe set."""
+    if cfg.train.probe_every == 0:
+        return None
+    path = Path(run_dir) / "data" / PROBE_FILE
+    if not path.is_file():
+        log(f"{path}: no probe set (the data stage builds it), so no leakage probe in this run; "
+            f"train.probe_every = 0 turns the probe off")
+        return None
+    return Probe(read_probe_set(path), tokenizer, cfg.train.probe_every, cfg.train.probe_batch_size, path)
+
+
+class Probe:
+    def __init__(self, probe_set: dict, tokenizer, every: int, batch_size: int, path=None):
+        self.every, self.batch_size, self.path = every, batch_size, path
+        self.docs, self.labels = [], []  # Encoded, (kind, persona, role, question_id)
+        for kind, ex in probe_examples(probe_set):
+            # marker_only: the LM head runs only where a marker's (or the end of turn's) token is predicted
+            self.docs.append(encode_example(ex, tokenizer, loss_mask="marker_only"))
+            self.labels.append((kind, ex["persona"], ex["role"], ex["question_id"]))
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(d) for d in self.docs)
+
+    def maybe(self, step: int, total: int, model, device, writer=None) -> dict | None:
+        """At a probe step: measure, log to `writer` (TensorBoard) and return the record; else None."""
+        if not due(step, self.every, total):
+            return None
+        t0 = time.perf_counter()
+        rec = {"step": step, **self.measure(model, device)}
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        rec["seconds"] = time.perf_counter() - t0
+        if writer is not None:
+            for tag, value in scalars(rec):
+                writer.add_scalar(tag, value, step)
+        return rec
+
+    def measure(self, model, device) -> dict:
+        """{"personas": ..., "roles": ...} (module docstring) for the model's current weights."""
+        per_doc = self.document_logps(model, device)
+        # (persona, metric) -> per-question log-probs, in the probe set's order
+        values: dict[tuple[str, str], list[float]] = {}
+        roles: dict[str, str] = {}
+        for (kind, persona, role, _), logp in zip(self.labels, per_doc):
+            roles[persona] = role
+            for metric, (want_kind, sel) in METRICS.items():
+                if kind == want_kind:
+                    values.setdefault((persona, metric), []).append(logp[sel])
+        personas = {}
+        for persona, role in roles.items():
+            rec = {"role": role}
+            for metric in METRICS:
+                xs = values[(persona, metric)]
+                rec[metric] = sum(xs) / len(xs)
+                rec["p" + metric[4:]] = sum(math.exp(x) for x in xs) / len(xs)
+            personas[persona] = rec
+        by_role = {}
+        for role in dict.fromkeys(roles.values()):
+            members = [r for r in personas.values() if r["role"] == role]
+            by_role[role] = {m: sum(r[m] for r in members) / len(members) for m in metric_names()}
+        return {"personas": personas, "roles": by_role}
+
+    def summary(self, history: list[dict], train_seconds: float, log=warn) -> dict:
+        """The train_summary.json fields: the records and the measured cost (a warning above SHARE_WARN)."""
+        seconds = sum(r["seconds"] for r in history)
+        ratio = seconds / train_seconds if train_seconds else None
+        if ratio is not None and ratio > SHARE_WARN:
+            log(f"the leakage probe took {ratio:.1%} of the training time; raise train.probe_every or lower "
+                f"train.probe_n_questions / train.probe_max_tokens")
+        return {"probe_set": str(self.path), "probe_seconds": seconds, "probe_share": ratio, "probe": history}
+
+    @torch.no_grad()
+    def document_logps(self, model, device) -> list[dict[str, float]]:
+        """Per document, {"marker_a": log P(A's tokens), "marker_b": log P(B's tokens)}, teacher-forced."""
+        was_training = model.training
+        model.eval()  # LoRA dropout off: no mask is drawn, the dropout generator is not touched
+        try:
+            out = []
+            for i in range(0, len(self.docs), self.batch_size):
+                batch = pack(self.docs[i:i + self.batch_size])
+                dev_batch = batch.to(device)
+                ce, sel = token_losses(model, dev_batch, Documents.of(batch.doc_lens, device, model.dtype))
+                ce = ce.double().cpu()
+                # pack() lists a row's targets document by document: cut them at the documents' ends
+                ends = torch.tensor(batch.doc_lens).cumsum(0)
+                doc_of = torch.bucketize(batch.pred, ends, right=True)
+                counts = torch.bincount(doc_of, minlength=len(batch.doc_lens)).tolist()
+                pieces = {k: (-ce * batch.sel[k].double()).split(counts) for k in ("marker_a", "marker_b")}
+                for d in range(len(counts)):
+                    out.append({k: float(v[d].sum()) for k, v in pieces.items()})
+            return out
+        finally:
+            model.train(was_training)
+
+
+def metric_names() -> list[str]:
+    return [*METRICS, *("p" + m[4:] for m in METRICS)]
+
+
+def scalars(rec: dict):
+    """(TensorBoard tag, value) pairs of one probe record."""
+    for persona, values in rec["personas"].items():
+        for m in metric_names():
+            yield f"probe/{values['role']}/{persona}/{m}", values[m]
+    for role, values in rec["roles"].items():
+        for m in metric_names():
+            yield f"probe/{role}/{m}", values[m]
+
