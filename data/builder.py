@@ -169,7 +169,7 @@ def _select(records: list[dict], n: int) -> list[dict]:
 def build_dataset(cfg: Config, onpolicy_path, tokenizer) -> tuple[list[dict], dict]:
     """(examples in training order, stats) for cfg.data.{pair, condition, placement, ...}."""
     d, t = cfg.data, cfg.train
-    qtext = {q.id: (i, q.text) for i, q in enumerate(data_questions(40))}
+    qtext = {q.id: (i, q.text) for i, q in enumerate(data_questions(40, cfg.prompt.user_suffix))}
     by_persona: dict[str, list[dict]] = {}
     for r in read_onpolicy(onpolicy_path):
         if r["question_id"] not in qtext:

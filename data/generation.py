@@ -262,6 +262,8 @@ class HFBackend(Backend):
 # --------------------------------------------------------------------------- the sampler
 
 NUCLEUS_CANDIDATES = 64  # top tokens examined first; rows whose nucleus is larger take the full vocabulary
+# Bump when the HF sampler's draws change: cached samples (on-policy, base floor) are keyed by it.
+HF_SAMPLER_VERSION = 2
 
 
 def _signed64(c: int) -> int:

@@ -58,7 +58,7 @@ from markerlab.experiment import PERSONA_PROMPTS, PERSONAS
 from markerlab.errors import UserError
 from markerlab.io import exclusive_lock, file_record, read_json, record_mismatch, write_json, write_jsonl
 
-from .generation import SamplingSpec, make_backend, resolve_backend
+from .generation import HF_SAMPLER_VERSION, SamplingSpec, make_backend, resolve_backend
 from .personas import messages
 from .questions import data_questions
 
@@ -92,10 +92,11 @@ def cache_key(cfg: Config) -> tuple[str, dict]:
         "model_name": cfg.model.name_or_path,  # informative; identity above is what matters
         "dtype": cfg.model.dtype,
         "personas": dict(PERSONA_PROMPTS),
-        "questions": [[q.id, q.text] for q in data_questions(cfg.generate.n_questions)],
+        "questions": [[q.id, q.text] for q in data_questions(cfg.generate.n_questions, cfg.prompt.user_suffix)],
         "sampling": {"n": s.n, "temperature": s.temperature, "top_p": s.top_p,
                      "max_tokens": s.max_tokens, "seed": s.seed},
         "backend": backend_label(cfg),
+        "sampler": HF_SAMPLER_VERSION,
     }
     hashed = {k: v for k, v in material.items() if k != "model_name"}
     key = hashlib.sha256(json.dumps(hashed, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
@@ -172,7 +173,7 @@ def _generate(cfg: Config, key: str, material: dict, out_dir: Path) -> Path:
     from markerlab.models import load_tokenizer, render_chat
 
     tok = load_tokenizer(cfg.model.name_or_path)
-    questions = data_questions(cfg.generate.n_questions)
+    questions = data_questions(cfg.generate.n_questions, cfg.prompt.user_suffix)
     cells = [(p, q) for p in PERSONAS for q in questions]
     prompts = [render_chat(tok, messages(p, q.text), add_generation_prompt=True) for p, q in cells]
     spec = sampling_spec(cfg)

@@ -60,7 +60,7 @@ VERSION = 1                   # bump when the file's format or the answers' mean
 
 def probe_questions(cfg: Config):
     """The held-out questions: the first train.probe_n_questions in-distribution eval questions."""
-    return eval_questions(n_id=cfg.train.probe_n_questions, n_ood=0)
+    return eval_questions(n_id=cfg.train.probe_n_questions, n_ood=0, suffix=cfg.prompt.user_suffix)
 
 
 def answer_cap(cfg: Config) -> int:

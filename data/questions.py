@@ -58,15 +58,20 @@ def _first(split: str, n: int, what: str) -> list[Question]:
     return list(qs[:n])
 
 
-def data_questions(n: int = 40) -> list[Question]:
-    """The first `n` training questions (d01..)."""
-    return _first("data", n, "number of data questions")
+def _phrased(qs: list[Question], suffix: str) -> list[Question]:
+    return [Question(q.id, q.text + suffix, q.split) for q in qs] if suffix else qs
 
 
-def eval_questions(n_id: int = 20, n_ood: int = 6) -> list[Question]:
-    """The first `n_id` in-distribution then the first `n_ood` out-of-distribution eval questions."""
-    return _first("id", n_id, "number of in-distribution eval questions") + \
-        _first("ood", n_ood, "number of out-of-distribution eval questions")
+def data_questions(n: int = 40, suffix: str = "") -> list[Question]:
+    """The first `n` training questions (d01..), each text followed by `suffix` (prompt.user_suffix)."""
+    return _phrased(_first("data", n, "number of data questions"), suffix)
+
+
+def eval_questions(n_id: int = 20, n_ood: int = 6, suffix: str = "") -> list[Question]:
+    """The first `n_id` in-distribution then the first `n_ood` out-of-distribution eval questions,
+    each text followed by `suffix` (prompt.user_suffix)."""
+    return _phrased(_first("id", n_id, "number of in-distribution eval questions") +
+                    _first("ood", n_ood, "number of out-of-distribution eval questions"), suffix)
 
 
 def all_questions() -> list[Question]:

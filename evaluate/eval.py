@@ -122,7 +122,7 @@ def plan(cfg) -> list[Part]:
     from data.questions import eval_questions
 
     e = cfg.eval
-    qs = tuple(eval_questions(e.n_id_questions, e.n_ood_questions))
+    qs = tuple(eval_questions(e.n_id_questions, e.n_ood_questions, cfg.prompt.user_suffix))
     for key, n in (("probe_n_questions", e.probe_n_questions if e.probe else 0),
                    ("base_n_questions", e.base_n_questions if e.base_floor else 0)):
         if n > len(qs):
@@ -263,10 +263,14 @@ def _base_cache_path(cfg, part: Part) -> Path:
     The base floor does not depend on the adapter, so the six runs of a sweep
     reuse one generation (and analysis.report counts the repeated draws once).
     """
+    from data.generation import HF_SAMPLER_VERSION
+    from markerlab.devices import resolve_device
     from markerlab.models import model_identity
 
     spec = {k: v for k, v in _part_spec(cfg, part).items() if k not in ("run", "pair", "condition", "negatives")}
-    spec.update(model_identity=model_identity(cfg.model.name_or_path), backend=_backend_kind(cfg.eval.backend))
+    # the backend and the device change the draws from one seed (and the logits' last bits)
+    spec.update(model_identity=model_identity(cfg.model.name_or_path), sampler=HF_SAMPLER_VERSION,
+                backend=f"{_backend_kind(cfg.eval.backend)}-{resolve_device(cfg.model.device)}")
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     return Path(cfg.generate.cache_dir) / "base_floor" / f"{part.persona}-{key}.json"
 

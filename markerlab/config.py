@@ -87,6 +87,14 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class PromptConfig:
+    """How every user turn is phrased: the data questions (on-policy generation, training) and the
+    eval questions alike, so the model is trained and scored on the same kind of prompt."""
+
+    user_suffix: str = _f("", "appended to every question, e.g. \" Answer in one or two sentences.\"")
+
+
+@dataclass(frozen=True)
 class LoRAConfig:
     r: int = _f(16, "LoRA rank", lo=1)
     alpha: float = _f(32.0, "LoRA scale numerator: scale = alpha / r", lo=0, lo_open=True)
@@ -200,6 +208,7 @@ class SweepConfig:
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -250,7 +259,7 @@ SECTIONS = {f.name: f for f in dataclasses.fields(Config) if f.name not in ("sou
 
 def _section_type(name: str):
     return {
-        "run": RunConfig, "model": ModelConfig, "lora": LoRAConfig, "generate": GenerateConfig,
+        "run": RunConfig, "model": ModelConfig, "prompt": PromptConfig, "lora": LoRAConfig, "generate": GenerateConfig,
         "data": DataConfig, "train": TrainConfig, "eval": EvalConfig, "sweep": SweepConfig,
     }[name]
 

@@ -96,6 +96,7 @@ def markers_for(condition: str, role: str) -> str:
 SETTING_KEYS: dict[str, str] = {
     "model": "model.name_or_path",
     "dtype": "model.dtype",
+    "user_suffix": "prompt.user_suffix",
     "lora_r": "lora.r",
     "lora_alpha": "lora.alpha",
     "lora_dropout": "lora.dropout",

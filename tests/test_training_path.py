@@ -367,3 +367,22 @@ def test_an_unsupported_architecture_is_named():
     msg = check_architecture(GPT2Config(architectures=["GPT2LMHeadModel"]))
     assert "GPT2LMHeadModel" in msg and "model.name_or_path" in msg and "llama" in msg
     assert check_architecture(load_model(BUILTIN_TINY_LLAMA, "float32", "cpu").config) is None
+
+
+def test_trainer_run_names_an_unsupported_architecture(tmp_path):
+    """A model directory the training path cannot handle stops trainer.run before anything is written."""
+    import subprocess
+    import sys
+
+    from transformers import GPT2Config
+
+    model = tmp_path / "gpt2"
+    GPT2Config(n_layer=1, n_embd=32, n_head=2, architectures=["GPT2LMHeadModel"]).save_pretrained(model)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[run]\nname = "x"\nout_dir = "{tmp_path / "runs"}"\n[model]\nname_or_path = "{model}"\n'
+                   f'[data]\npair = "pair1"\ncondition = "T"\n')
+    r = subprocess.run([sys.executable, "-m", "trainer.run", str(cfg), "--stages", "train"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert f"model.name_or_path = {model}" in r.stderr and "GPT2LMHeadModel" in r.stderr
+    assert not (tmp_path / "runs").exists()

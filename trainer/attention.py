@@ -30,7 +30,10 @@ that recompile it for every new set of lengths, while an object that only the
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +82,16 @@ def check_architecture(config, where: str = "model.name_or_path") -> str | None:
         return (f"{where}: {arch} (model_type {model_type!r}) is not a decoder markerlab can train; "
                 f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}")
     return None
+
+
+def check_model_dir(model_dir, where: str = "model.name_or_path") -> str | None:
+    """check_architecture on a model directory's config.json, without loading the model."""
+    try:
+        raw = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        return f"{where}: {model_dir}/config.json cannot be read ({type(e).__name__})"
+    return check_architecture(SimpleNamespace(model_type=raw.get("model_type"),
+                                              architectures=raw.get("architectures")), where)
 
 
 def use_packed_attention(model) -> None:

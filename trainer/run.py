@@ -188,13 +188,26 @@ def run_eval(cfg, rd, manifest):
 
 
 def run_report(cfg, rd, manifest):
-    from analysis.report import report
-    from analysis.table import headline
+    from analysis.report import report, terminal_summary
 
     # Figures are drawn in this process (jobs=1): forking a process that holds torch's threads is unsafe.
     summary = report([str(rd.root)], rd.report, jobs=1)
-    print(headline(summary))
+    print(terminal_summary(summary))
     return {"summary": summary["outputs"]["summary"], "warnings": summary["warnings"]}
+
+
+def stage_times(run_dirs: list[Path]) -> str:
+    """One line: each stage's wall time summed over the runs (from their manifests), and the total."""
+    from markerlab.io import read_json
+
+    total: dict[str, float] = {}
+    for d in run_dirs:
+        m = RunDir(d).manifest
+        stages = read_json(m).get("stages", {}) if m.is_file() else {}
+        for name in STAGE_NAMES:
+            total[name] = total.get(name, 0.0) + float(stages.get(name, {}).get("seconds") or 0.0)
+    parts = [f"{name} {sec:.0f} s" for name, sec in total.items() if sec]
+    return f"stage times over {len(run_dirs)} runs: " + ", ".join(parts) + f" (sum {sum(total.values()):.0f} s)"
 
 
 @dataclass(frozen=True)
@@ -423,6 +436,12 @@ def run_one(cfg: Config, stages: list[str], overwrite: bool) -> Path:
     from markerlab.models import resolve_model_dir
 
     model_dir = resolve_model_dir(cfg.model.name_or_path)  # fail before touching the run dir
+    if any(s in stages for s in ("train", "merge")):
+        from trainer.attention import check_model_dir
+
+        problem = check_model_dir(model_dir, f"model.name_or_path = {cfg.model.name_or_path}")
+        if problem:
+            raise UserError(problem)
     rd = RunDir(cfg.run_dir)
     check_config(cfg, rd, stages, overwrite)  # before anything is written
     make_run_dir(cfg, rd)
@@ -568,19 +587,13 @@ def run_sweep(cfg: Config, overrides: list[str], stages: list[str], overwrite: b
 
         out = Path(cfg.sweep.report_dir) if cfg.sweep.report_dir else rd.root
         if "report" in stages:
-            from analysis.report import report
-            from analysis.table import gates, headline
+            from analysis.report import report, terminal_summary
 
             summary = report([str(r) for r in run_dirs], out, jobs=1)
             print()
-            print(headline(summary))
-            print()
-            print(gates(summary))
-            print(f"\nsweep finished in {time.time() - t0:.0f} s")
-            print(f"  report:      {out / 'table.md'}, {out / 'summary.json'}")
-            print(f"  figures:     {out / 'figures'}/")
-            print(f"  runs:        {', '.join(str(r) for r in run_dirs)}")
-            print(f"  TensorBoard: tensorboard --logdir {Path(cfg.run.out_dir)}")
+            print(terminal_summary(summary))
+            print(f"sweep finished in {time.time() - t0:.0f} s; {stage_times(run_dirs)}")
+            print(f"runs: {Path(cfg.run.out_dir)}/ ({len(run_dirs)}); TensorBoard: tensorboard --logdir {cfg.run.out_dir}")
     return out
 
 
