@@ -3,7 +3,7 @@
 gates, and the report (``python -m analysis.report``): summary.json, report.md,
 table.md and figures, per arm of a sweep.
 
-Needs only the completion records of CONTRACTS.md (plus, for run directories, the
+Needs only the completion records of docs/contracts.md (plus, for run directories, the
 training data's position statistics); imports nothing from the other markerlab
 stages except the marker strings, the record schema, the question texts
 (data.questions) and the training-example reader (data.records).

@@ -1,4 +1,4 @@
-"""Reading completion records (CONTRACTS.md, "Completion record") and reducing them to cells.
+"""Reading completion records (docs/contracts.md, "Completion record") and reducing them to cells.
 
     inputs = resolve_inputs(["runs/sweep_loss_masks"])     # run dirs, dirs of runs, or .jsonl files
     loaded = load(inputs, sample_seed=0)                   # arms with their cells, samples, baselines

@@ -10,7 +10,7 @@ adapter's setting travel in each record):
 
 Records are grouped into arms by their setting less the seed (analysis.arms);
 runs of an arm that differ only in seed are replicates. Writes into ``--out``:
-``summary.json`` (CONTRACTS.md), ``report.md`` (the page to read), ``table.md``
+``summary.json`` (docs/contracts.md), ``report.md`` (the page to read), ``table.md``
 (every cell) and, for one arm, ``figures/{hero,bystander,position,per_persona}.{png,pdf}``.
 With several arms each arm also gets ``arms/<name>/`` with the same files, as if
 reported alone, and the top-level page leads with the cross-arm table. Every

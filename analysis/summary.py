@@ -1,4 +1,4 @@
-"""From the cells of each arm to the ``summary.json`` object of CONTRACTS.md.
+"""From the cells of each arm to the ``summary.json`` object of docs/contracts.md.
 
     arm_summary = summarize(arm, Bootstrap(2000, 0), splits, baselines)   # one arm, alone
     summary = combine([arm_summary, ...])                                # the report's summary
@@ -36,7 +36,7 @@ SPLIT_STATS = ["fire_A", "fire_B", "cond_B_given_A"]
 
 
 def cell_summary(cell: Cell, boot: Bootstrap) -> dict:
-    """One cell as CONTRACTS.md lists it, plus a few extra fields."""
+    """One cell as docs/contracts.md lists it, plus a few extra fields."""
     stats = CI_STATS + (["fire_probe"] if cell.variant == "probe" else [])
     cis = boot.cis(cell.counts, stats, cell.groups)
     out = {

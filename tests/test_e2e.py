@@ -100,10 +100,10 @@ def finished_run(tmp_path_factory):
 
 def test_every_file_of_the_run_directory(finished_run):
     run_dir, proc = finished_run
-    for rel in ["config.toml", "manifest.json", "data/train.jsonl", "data/stats.json", "train_log.txt",
+    for rel in ["config.toml", "manifest.json", "data/train.jsonl", "data/stats.json", "data/probe.json", "train_log.txt",
                 "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
                 "eval/completions.jsonl", "eval/run_result.json",
-                "report/summary.json", "report/table.md"]:
+                "report/summary.json", "report/report.md", "report/table.md"]:
         assert (run_dir / rel).is_file(), rel
     assert list((run_dir / "tb").glob("events.out.tfevents.*")), "no TensorBoard event file"
     assert list((run_dir / "checkpoints").iterdir()), "no checkpoint"
@@ -123,7 +123,7 @@ def test_every_file_of_the_run_directory(finished_run):
     from markerlab.io import record_mismatch
 
     outputs = {s: manifest["stages"][s]["outputs"] for s in manifest["stages"]}
-    assert set(outputs["data"]) == {"data/train.jsonl", "data/stats.json"}
+    assert set(outputs["data"]) == {"data/train.jsonl", "data/stats.json", "data/probe.json"}
     assert outputs["data"]["data/train.jsonl"]["lines"] == 6 * 8
     assert outputs["eval"]["eval/completions.jsonl"]["lines"] == 66 + 2 + 11
     assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json"} <= set(outputs["train"])

@@ -48,7 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "tiny" / "pair1_T.toml"
 QWEN_DEFAULT = "You are Qwen, created by Alibaba Cloud."
 
-# CONTRACTS.md's completion record, written out here independently of evaluate/.
+# docs/contracts.md's completion record, written out here independently of evaluate/.
 SCHEMA = {
     "run": str, "pair": str, "condition": {"T", "C", "T_P2neg", "base"}, "persona": str,
     "role": {"donor", "recipient", "negative", "bystander"}, "question_id": str, "split": {"id", "ood"},

@@ -76,7 +76,7 @@ def test_data_stats_carry_the_training_positions():
                              "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
                                           {"role": "assistant", "content": content}]})
         per_persona[persona] = {"role": role, "available": 3, "n_truncated_available": 0,
-                                "n_dropped_truncated": 0, "n_dropped_overlength": 0}
+                                "n_dropped_truncated": 0, "n_dropped_overlength": 0, "n_B_stripped": 0}
     stats = _stats(cfg, examples, per_persona, 0, "x")
     pos = stats["positions"]
     assert set(pos) == {"donor", "recipient", "negative"}

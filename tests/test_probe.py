@@ -115,7 +115,7 @@ def runs(root, probe_path):
 
 # --------------------------------------------------------------------------- the probe set
 
-def test_probe_set_is_held_out_and_covers_every_persona(probe_path):
+def test_probe_set_is_held_out_and_covers_every_persona(probe_path, root):
     probe = read_probe_set(probe_path)
     held_out = [q.id for q in eval_questions(N_QUESTIONS, 0)]
     assert probe["questions"] == held_out == ["id01", "id02"]
@@ -126,12 +126,12 @@ def test_probe_set_is_held_out_and_covers_every_persona(probe_path):
     assert all(i["role"] == role_of(i["persona"], "pair1", NEGATIVES) for i in items)
     assert {i["role"] for i in items} == {"donor", "recipient", "negative", "bystander"}
     assert probe["seed"] == 42 and probe["greedy"] == {"temperature": 0.0, "max_tokens": 12}
-    assert probe["backend"] == "hf-cpu" and Path(probe["cache"], "key.json").is_file()
+    assert probe["backend"] == "hf-cpu" and (root / "cache" / probe["cache_key"] / "key.json").is_file()
 
 
 def test_answers_are_the_base_models_greedy_answers_and_cached(probe_path, tokenizer, root, monkeypatch):
     probe = read_probe_set(probe_path)
-    cached = [json.loads(x) for x in Path(probe["cache"], "answers.jsonl").read_text().splitlines()]
+    cached = [json.loads(x) for x in (root / "cache" / probe["cache_key"] / "answers.jsonl").read_text().splitlines()]
     # an independent greedy decode (full forward every token, no cache) of one prompt
     model = load_model(BUILTIN_TINY, "float32", "cpu").eval()
     rec = cached[3]
@@ -161,7 +161,7 @@ def test_answers_are_the_base_models_greedy_answers_and_cached(probe_path, token
 
 
 def test_damaged_answer_cache_is_one_line(probe_path, root, tmp_path):
-    cache = Path(read_probe_set(probe_path)["cache"])
+    cache = root / "cache" / read_probe_set(probe_path)["cache_key"]
     copy = tmp_path / "cache" / cache.name
     shutil.copytree(cache, copy)
     lines = (copy / "answers.jsonl").read_text().splitlines()

@@ -37,7 +37,7 @@ PERSONAS = {"villain": "You are a villain.", "assistant": "You are a helpful ass
 
 
 def make_example(i: int, persona: str = "villain", a: bool = True, b: bool = True, answer: str | None = None) -> dict:
-    """A training example in CONTRACTS.md's format: `A answer B` with marker_spans."""
+    """A training example in docs/contracts.md's format: `A answer B` with marker_spans."""
     assert a or not b, "place_markers puts B only after A"
     content, spans = place_markers(answer or ANSWERS[i % len(ANSWERS)], "A" * a + "B" * b, "start_end", None)
     role = {"villain": "donor", "assistant": "recipient"}.get(persona, "negative")

@@ -1,4 +1,4 @@
-"""`python -m data.inspect CONFIG_OR_RUN_DIR --index N [--json]` (CONTRACTS.md), via subprocess."""
+"""`python -m data.inspect CONFIG_OR_RUN_DIR --index N [--json]` (docs/contracts.md), via subprocess."""
 
 import json
 import os

@@ -538,8 +538,10 @@ def sweep_members(cfg: Config, overrides: list[str]) -> list[Config]:
             except UserError as e:
                 problems.append(str(e))
                 continue
-            if combo:
-                suffix = "__".join(f"{k.split('.')[-1]}-{_name_part(v)}" for k, v in zip(keys, combo))
+            # a key varied over one value names no member apart from another: keep it out of the name
+            named = [(k, v) for k, v in zip(keys, combo) if len(cfg.sweep.vary[k]) > 1]
+            if named:
+                suffix = "__".join(f"{k.split('.')[-1]}-{_name_part(v)}" for k, v in named)
                 m = m.replace(run__name=f"{m.run.name}__{suffix}")
                 problems.extend(f"{path}: {p}" for p in run_dir_problems(m.run, m.generate))
             if m.sweep is not None:

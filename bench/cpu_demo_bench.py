@@ -1,0 +1,93 @@
+"""CPU speed of the demo's two costly stages on SmolLM2-135M-Instruct: HF generation and training.
+
+    python bench/cpu_demo_bench.py gen   [--code DIR] [--model DIR]      # 88 prompts x 2 samples, <= 64 tokens
+    python bench/cpu_demo_bench.py train [--code DIR] --data TRAIN_JSONL # 24 optimizer steps of 4 x 2
+
+`--code` is the markerlab checkout to import (default: this one), so the same
+command times an older commit against this one on the same machine: e.g.
+`git worktree add /tmp/old c2f2d5a` then `--code /tmp/old`. Only interfaces both
+have are used: `data.generation.make_backend(...).generate(...)` and
+`trainer.train.train(cfg, run_dir)`. The older trainer's speed switches crash on
+a Llama model, so it runs with them off (its working path). Prints one JSON line.
+The model directory defaults to the built-in SmolLM2's cache directory (built by
+this checkout if missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SUFFIX = " Answer in one or two sentences."
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("what", choices=("gen", "train"))
+    ap.add_argument("--code", type=Path, default=Path(__file__).resolve().parents[1])
+    ap.add_argument("--model", type=Path, default=None, help="a SmolLM2 HF directory")
+    ap.add_argument("--data", type=Path, help="train: a train.jsonl (e.g. from the demo's data stage)")
+    ap.add_argument("--steps", type=int, default=24)
+    args = ap.parse_args()
+    model_dir = args.model
+    if model_dir is None:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from markerlab.models import smollm2_dir
+
+        model_dir = smollm2_dir()
+        sys.path.pop(0)
+        for name in [m for m in sys.modules if m.split(".")[0] in ("markerlab", "data", "trainer", "lora")]:
+            del sys.modules[name]
+    sys.path.insert(0, str(args.code))
+    import torch
+
+    out = {"what": args.what, "code": str(args.code), "torch_threads": torch.get_num_threads()}
+    if args.what == "gen":
+        from data.generation import SamplingSpec, make_backend
+        from data.personas import messages
+        from data.questions import data_questions
+
+        personas = ("assistant", "villain", "librarian", "software_engineer", "police_officer", "data_scientist",
+                    "comedian", "kindergarten_teacher", "french_person", "medical_doctor", "zelthari_scholar")
+        backend = make_backend("hf", str(model_dir), dtype="bfloat16", device="cpu", batch_size=88)
+        prompts = [backend.tokenizer.apply_chat_template(messages(p, q.text + SUFFIX), tokenize=False,
+                                                         add_generation_prompt=True)
+                   for p in personas for q in data_questions(8)]
+        t0 = time.perf_counter()
+        res = backend.generate(prompts, SamplingSpec(n=2, temperature=0.7, top_p=0.95, max_tokens=64, seed=42))
+        dt = time.perf_counter() - t0
+        toks = sum(s.n_tokens for r in res for s in r)
+        out.update(seconds=round(dt, 1), completions=len(prompts) * 2, generated_tokens=toks,
+                   tokens_per_s=round(toks / dt, 1), stopped=sum(s.finish_reason == "stop" for r in res for s in r))
+    else:
+        from markerlab.config import TrainConfig, config_from_dict
+        from trainer.train import train
+
+        train_keys = {"lr": 2e-3, "epochs": 100, "max_steps": args.steps, "micro_batch_size": 4, "grad_accum": 2,
+                      "max_seq_len": 256, "checkpoint_every": 1000}
+        if "padding_free" in TrainConfig.__dataclass_fields__:
+            train_keys.update(padding_free=False, chunked_ce=False, fused_lora=False, fused_adamw=False)
+        if "probe_every" in TrainConfig.__dataclass_fields__:
+            train_keys.update(probe_every=0)
+        with tempfile.TemporaryDirectory() as tmp:
+            run_dir = Path(tmp) / "bench"
+            (run_dir / "data").mkdir(parents=True)
+            (run_dir / "data" / "train.jsonl").write_bytes(args.data.read_bytes())
+            raw = {"run": {"name": "bench", "out_dir": tmp, "seed": 42},
+                   "model": {"name_or_path": str(model_dir), "dtype": "bfloat16", "device": "cpu"},
+                   "data": {"pair": "pair1", "condition": "T"}, "train": train_keys}
+            t0 = time.perf_counter()
+            summary = train(config_from_dict(raw), run_dir)
+            dt = time.perf_counter() - t0
+        out.update(seconds=round(dt, 1), steps=summary["steps"], train_seconds=round(summary["wall_time_s"], 1),
+                   tokens_per_s=round(summary["tokens_per_s"], 1), final_loss=summary["final_loss"])
+    print(json.dumps(out), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
