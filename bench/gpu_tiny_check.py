@@ -13,7 +13,7 @@ differ only in device and precision) as:
     cuda-bf16-gc  the same with gradient checkpointing and LoRA dropout 0.05 (must run, finite)
     cuda-bf16-graphs  cuda-bf16 with train.cuda_graphs: trainer.train() replaying captured
                   graphs (within 3e-2 of the CPU)
-    cuda-bf16-compile / cuda-bf16-graphs-compile  the same with train.compile (inductor)
+    cuda-bf16-graphs-compile  the same with train.compile (inductor): the real configs' switches
     llama-*     the same on the built-in tiny Llama (tied head, no attention bias): the one
                 training path on a second architecture
 
@@ -210,8 +210,6 @@ def main() -> int:
             "cuda-bf16-gc": run("cuda-bf16-gc", examples, root, args.steps, "cuda", "bfloat16", dropout=0.05, gc=True),
             "cuda-bf16-graphs": run("cuda-bf16-graphs", examples, root, args.steps, "cuda", "bfloat16",
                                     switches={"cuda_graphs": True}),
-            "cuda-bf16-compile": run("cuda-bf16-compile", examples, root, args.steps, "cuda", "bfloat16",
-                                     switches={"compile": True}),
             "cuda-bf16-graphs-compile": run("cuda-bf16-graphs-compile", examples, root, args.steps, "cuda",
                                             "bfloat16", switches={"cuda_graphs": True, "compile": True}),
             "llama-cpu-fp32": run("llama-cpu-fp32", examples, root, args.steps, "cpu", "float32",

@@ -251,6 +251,9 @@ def train(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
     }
     if probe is not None:  # probe_set, probe_seconds, probe_share, probe (the records)
         summary.update(probe.summary(probe_history, train_seconds))
+    if s.device.type == "cuda":  # this call's peak (a resumed run counts from the resume)
+        summary["cuda_peak_gib"] = {"allocated": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                                    "reserved": round(torch.cuda.max_memory_reserved() / 2**30, 2)}
     if s.graphs is not None:  # how the cuda_graphs switch ran: replayed graphs, or its padded path eagerly
         summary["cuda_graphs"] = {"captured": s.graphs.n_captured, "shapes": len(s.graphs.static),
                                   "replayed": s.graphs.capture}
