@@ -134,7 +134,7 @@ class Manifest:
 def run_generate(cfg, rd, manifest):
     from data.onpolicy import run_onpolicy
 
-    return {"onpolicy": str(run_onpolicy(cfg))}  # shared cache: --overwrite of one run never regenerates it
+    return {"onpolicy": str(run_onpolicy(cfg).resolve())}  # shared cache: --overwrite of one run never regenerates it
 
 
 def _onpolicy_path(cfg, manifest) -> Path:
@@ -235,7 +235,7 @@ class Stage:
 
 STAGE_LIST = (
     Stage("generate", run_generate, (),
-          outputs=lambda rd, res: {Path(res["onpolicy"]): "jsonl"},
+          outputs=lambda rd, res: {Path(res["onpolicy"]).resolve(): "jsonl"},
           owns=lambda rd: []),  # the shared cache belongs to no run
     Stage("data", run_data, ("generate",),
           outputs=lambda rd, res: {rd.train_jsonl: "jsonl", rd.data_stats: "meta",
