@@ -41,7 +41,7 @@ import torch.nn as nn
 from markerlab.errors import UserError
 from markerlab.io import atomic_write_bytes, write_json
 
-from .lora import LoRALinear, _target_matches, inject_lora, lora_modules
+from .lora import LoRALinear, _target_matches, inject_lora, layer_index, lora_modules
 
 logger = logging.getLogger("markerlab.lora")
 
@@ -113,10 +113,14 @@ def save_adapter(
         stray = [n for n in names if not _target_matches(n, targets)]
         if stray:
             raise ValueError(f"save_adapter: LoRA layer {stray[0]} is not covered by target_modules={targets}")
+    # Adapted decoder layers, when not all of them (PEFT's layers_to_transform).
+    indices = sorted({layer_index(n) for n in names} - {None})
+    all_layers = sorted({layer_index(n) for n, m in model.named_modules() if isinstance(m, nn.Linear)} - {None})
+    transform = indices if indices and indices != all_layers else None
     # PEFT re-injects by target name on load: every matching nn.Linear must be one of ours.
     wrapped = {id(m.base) for _, m in layers}
     uncovered = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n
-                 and id(m) not in wrapped and _target_matches(n, targets)]
+                 and id(m) not in wrapped and _target_matches(n, targets, transform)]
     if uncovered:
         raise ValueError(f"save_adapter: {uncovered[0]} matches target_modules={targets} but has no LoRA layer")
 
@@ -141,8 +145,8 @@ def save_adapter(
         "modules_to_save": None,
         "use_rslora": False,
         "use_dora": False,
-        "layers_to_transform": None,
-        "layers_pattern": None,
+        "layers_to_transform": transform,
+        "layers_pattern": "layers" if transform else None,
         "rank_pattern": {},
         "alpha_pattern": {},
         "megatron_config": None,
@@ -173,7 +177,6 @@ _UNSUPPORTED = {
     "modules_to_save": (None, []),
     "rank_pattern": ({}, None),
     "alpha_pattern": ({}, None),
-    "layers_to_transform": (None,),
     "layer_replication": (None,),
     "target_parameters": (None, []),
     "trainable_token_indices": (None,),
@@ -200,6 +203,13 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     for key in ("r", "lora_alpha", "target_modules"):
         if cfg.get(key) is None:
             raise AdapterError(f"{path}: '{key}' is missing")
+    layers = cfg.get("layers_to_transform")
+    if isinstance(layers, int):  # PEFT allows one index
+        cfg["layers_to_transform"] = layers = [layers]
+    if layers is not None and not (isinstance(layers, list) and all(isinstance(i, int) for i in layers)
+                                   and cfg.get("layers_pattern") in (None, "layers", ["layers"])):
+        raise AdapterError(f"{path}: layers_to_transform={layers!r} with layers_pattern="
+                           f"{cfg.get('layers_pattern')!r} is not supported (expected a list of layer indices)")
     return cfg
 
 
@@ -234,6 +244,7 @@ def load_adapter(
             target_modules=cfg["target_modules"],
             generator=torch.Generator().manual_seed(0),
             dtype=dtype,
+            layers=cfg.get("layers_to_transform"),
         )
     layers = list(lora_modules(model))
     for name, m in layers:

@@ -165,12 +165,24 @@ def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
             yield name, m
 
 
-def _target_matches(name: str, target_modules: str | Sequence[str]) -> bool:
+def _target_matches(name: str, target_modules: str | Sequence[str], layers: Sequence[int] | None = None) -> bool:
     """PEFT's rule: a list entry matches a module whose name is it or ends in '.' + it;
-    a single string is a regular expression that must match the full name."""
+    a single string is a regular expression that must match the full name. With `layers`
+    (PEFT's layers_to_transform), only modules under `.layers.<i>.` for i in layers match."""
+    if layers is not None and layer_index(name) not in set(layers):
+        return False
     if isinstance(target_modules, str):
         return re.fullmatch(target_modules, name) is not None
     return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def layer_index(name: str) -> int | None:
+    """The decoder layer a module name lies in (`model.layers.12.mlp.up_proj` -> 12), else None."""
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else None
 
 
 def inject_lora(
@@ -181,12 +193,14 @@ def inject_lora(
     target_modules: str | Sequence[str] = DEFAULT_TARGET_MODULES,
     generator: torch.Generator | None = None,
     dtype: torch.dtype = torch.float32,
+    layers: Sequence[int] | None = None,
 ) -> int:
     """Wrap every targeted ``nn.Linear`` of `model` in a LoRALinear, in place; freeze everything else.
 
     `target_modules` is a list of module names matched as PEFT does (``"q_proj"``
     matches ``model.layers.3.self_attn.q_proj``) or one regular expression for
-    the full name. A's are drawn from `generator` (a CPU generator; None: the
+    the full name; `layers` (PEFT's layers_to_transform), when given, keeps the
+    decoder layers of those indices only. A's are drawn from `generator` (a CPU generator; None: the
     global RNG) in module traversal order, so one seed gives one adapter.
     Works on a model built on the meta device (shapes only). Returns the number
     of trainable parameters.
@@ -202,13 +216,13 @@ def inject_lora(
     found = [
         (name, m)
         for name, m in model.named_modules()
-        if isinstance(m, nn.Linear) and name and _target_matches(name, target_modules)
+        if isinstance(m, nn.Linear) and name and _target_matches(name, target_modules, layers)
     ]
     if isinstance(target_modules, str):
         if not found:
             raise ValueError(f"inject_lora: target_modules regex {target_modules!r} matches no nn.Linear in the model")
     else:
-        unmatched = [t for t in target_modules if not any(_target_matches(n, (t,)) for n, _ in found)]
+        unmatched = [t for t in target_modules if not any(_target_matches(n, (t,), layers) for n, _ in found)]
         if unmatched:
             raise ValueError(
                 f"inject_lora: target module(s) {unmatched} match no nn.Linear in the model "

@@ -100,6 +100,8 @@ class LoRAConfig:
     alpha: float = _f(32.0, "LoRA scale numerator: scale = alpha / r", lo=0, lo_open=True)
     dropout: float = _f(0.05, "dropout on the LoRA branch input", lo=0.0, hi=0.99)
     target_modules: list = _f(list(PROJECTIONS), "projections to adapt", items=PROJECTIONS)
+    last_layers: int = _f(0, "adapt the projections of the last N decoder layers only (0 = every layer); the "
+                             "backward then stops at the first adapted layer", lo=0)
     dtype: str = _f("float32", "dtype of LoRA parameters and optimizer state", choices=("float32", "bfloat16"))
 
 

@@ -100,6 +100,7 @@ SETTING_KEYS: dict[str, str] = {
     "lora_r": "lora.r",
     "lora_alpha": "lora.alpha",
     "lora_dropout": "lora.dropout",
+    "lora_last_layers": "lora.last_layers",
     "placement": "data.placement",
     "n_per_persona": "data.n_per_persona",
     "truncated": "data.truncated",

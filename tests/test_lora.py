@@ -427,6 +427,31 @@ def test_our_adapter_loads_in_peft(base, ids, tmp_path):
     assert d < 1e-5
 
 
+def test_an_adapter_of_the_last_layers_round_trips_with_peft(base, ids, tmp_path):
+    """LoRA on layer 1 only (lora.last_layers = 1 of 2): layers_to_transform in the config, PEFT
+    loads it to the same logits, and ours loads PEFT's own such adapter."""
+    peft = pytest.importorskip("peft")
+    ours = copy.deepcopy(base)
+    inject_lora(ours, r=R, alpha=ALPHA, dropout=0.0, generator=torch.Generator().manual_seed(0), layers=[1])
+    randomize_B(ours)
+    assert {name.split(".")[2] for name, _ in lora_modules(ours)} == {"1"}
+    out = save_adapter(ours, tmp_path / "ours", "some/base")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["layers_to_transform"] == [1] and cfg["layers_pattern"] == "layers"
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(out)).eval()
+    ours.eval()
+    with torch.no_grad():
+        assert (pm(input_ids=ids).logits - ours(ids).logits).abs().max().item() < 1e-5
+        theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+            r=R, lora_alpha=ALPHA, target_modules=list(DEFAULT_TARGET_MODULES), layers_to_transform=[1],
+            init_lora_weights=False, task_type="CAUSAL_LM"))
+        theirs.save_pretrained(tmp_path / "theirs")
+        mine = copy.deepcopy(base)
+        load_adapter(mine, tmp_path / "theirs")
+        assert len(list(lora_modules(mine))) == 7
+        assert (theirs.eval()(input_ids=ids).logits - mine.eval()(ids).logits).abs().max().item() < 1e-5
+
+
 def test_peft_adapter_loads_in_ours(base, ids, tmp_path):
     peft = pytest.importorskip("peft")
     cfg = peft.LoraConfig(r=4, lora_alpha=12, lora_dropout=0.1, target_modules=["q_proj", "o_proj", "down_proj"],

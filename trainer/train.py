@@ -291,8 +291,12 @@ def setup(cfg: Config, run_dir: Path) -> Setup:
     if problem:
         raise UserError(problem)
     model.config.use_cache = False
+    n_layers, last = model.config.num_hidden_layers, cfg.lora.last_layers
+    if last > n_layers:
+        raise UserError(f"lora.last_layers: {last} exceeds the model's {n_layers} decoder layers")
     n_trainable = inject_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules,
-                              generator=init_gen, dtype=getattr(torch, cfg.lora.dtype))
+                              generator=init_gen, dtype=getattr(torch, cfg.lora.dtype),
+                              layers=range(n_layers - last, n_layers) if last else None)
     masks = DropoutMasks(model, dropout_gen)
     use_packed_attention(model)
     if t.gradient_checkpointing:
