@@ -162,9 +162,9 @@ class TrainConfig:
     log_every: int = _f(1, lo=1)
     max_steps: int = _f(0, "stop after this many optimizer steps (0 = epochs decide)", lo=0)
     # The leakage probe (trainer/probe.py): teacher-forced marker log-probs per persona while training.
-    probe_every: int = _f(25, "optimizer steps between leakage probes (plus step 0 and the last step); 0 = off",
+    probe_every: int = _f(75, "optimizer steps between leakage probes (plus step 0 and the last step); 0 = off",
                           lo=0)
-    probe_n_questions: int = _f(3, "probe set: the first N in-distribution eval questions", lo=1, hi=20)
+    probe_n_questions: int = _f(2, "probe set: the first N in-distribution eval questions", lo=1, hi=20)
     probe_max_tokens: int = _f(96, "probe set: cap on the base model's greedy answers (at most generate.max_tokens)",
                                lo=1)
     probe_batch_size: int = _f(16, "probe documents per packed forward row", lo=1)

@@ -33,22 +33,17 @@ losses and the adapter are bitwise the same with the probe on or off, and a prob
 numbers depend only on the weights of its step (identical across a resume). The
 per-document sums are taken on the CPU in float64 in a fixed order (no atomics).
 
-Cost at the real configs' settings (1,200 examples, 3 epochs, 16 examples per
-step: 225 steps of ~420 tokens per example, docs/benchmarks.md):
-- training: 225 x 16 x 420 = 1.51M tokens, each a forward and a backward. With the
-  base frozen the backward computes activation gradients only, about one more
-  forward, so >= 2 forward-token units each (3 with gradient checkpointing):
-  >= 3.0M units.
-- one probe call: 11 personas x 3 questions x 2 documents = 66 documents of at most
-  ~48 (system + question + template) + 96 (answer) + ~17 (markers, spaces, end of
-  turn) = ~161 tokens: <= 10.6k tokens, forward only, with the LM head at ~14
-  marker positions per document instead of every completion token.
-- calls: steps 0, 25, 50, ..., 225 = 10 (probe_every = 25): <= 106k units.
-- share: 106k / 3.0M = 3.5% of training (2.4% with checkpointing); every run
-  records the measured share in train_summary.json ("probe_share": probe seconds /
-  training seconds) and warns when it exceeds 5%. The tiny configs' runs are far
-  from these proportions (a dozen steps of 8 short examples against two calls of
-  66 documents): there the probe is about a third of the training time.
+Cost. By FLOPs a probe call is small: 11 personas x 2 questions x 2 documents = 44
+documents of <= ~161 tokens (system + question + template, a <= 96-token answer,
+markers), forward only, against training's 225 steps x 16 examples x ~420 tokens,
+each a forward and a backward. But training replays CUDA graphs (and compiled
+layers) while the probe runs eagerly, so on a GPU it costs far more than its FLOPs
+say: measured on an H200 (docs/benchmarks.md), 11 personas x 3 questions every 25
+steps took 15% of a Qwen2.5-7B-shaped run's training time and 9-13% of SmolLM2's.
+Hence the defaults: 2 questions every 75 steps (steps 0, 75, 150, 225: 4 calls of 44
+documents, 0.27 of that measured cost, ~4%). Every run records the measured share
+in train_summary.json ("probe_share": probe seconds / training seconds) and warns
+when it exceeds 5%.
 Off with train.probe_every = 0 (the data stage then builds no probe set either).
 """
 

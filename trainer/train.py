@@ -265,6 +265,8 @@ def setup(cfg: Config, run_dir: Path) -> Setup:
     """Device, seeded generators, the tokenized data, the model with LoRA, optimizer and switches."""
     t = cfg.train
     device = torch.device(resolve_device(cfg.model.device))
+    if device.type == "cuda":  # the summary's peak is this training's, not an earlier stage's in this process
+        torch.cuda.reset_peak_memory_stats()
     # Every random choice flows from the one config seed: data order, LoRA init, LoRA dropout
     # (plus the global RNGs, seeded for anything a library draws from them).
     seed = cfg.run.seed
