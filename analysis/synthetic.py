@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from markerlab.config import Config
-from markerlab.experiment import CONDITIONS, NEGATIVES, PAIRS, PERSONAS, role_of
+from markerlab.experiment import CONDITIONS, NEGATIVES, PAIRS, PERSONAS, markers_for, role_of
 from markerlab.markers import MARKER_A, MARKER_B, PROBE_MARKER
 from markerlab.records import setting_of
 
@@ -50,6 +50,18 @@ RATES = {
     ("T_P2neg", "negative"): (0.03, 0.05, 0.0),
     ("T_P2neg", "bystander"): (0.15, 0.30, 0.01),
 }
+
+
+
+def rates(condition: str, role: str) -> tuple[float, float, float]:
+    """RATES, and for a condition it does not list, the rates of a listed one whose trained roles
+    carry the same markers (else T's): a new condition in markerlab.experiment needs no edit here."""
+    if (condition, role) in RATES:
+        return RATES[(condition, role)]
+    trained = ("donor", "recipient", "negative")
+    like = next((c for c, _ in RATES if all(markers_for(c, r) == markers_for(condition, r) for r in trained)), "T")
+    return RATES[(like, role)]
+
 
 _WORDS = ("the a model answer question light water time people system energy simple "
           "because when often should could example first next however usually small "
@@ -128,11 +140,11 @@ def make_run(pair: str, condition: str, seed: int = 0, samples: int = 10,
 
     for persona in PERSONAS:
         role = role_of(persona, pair, NEGATIVES)
-        emit(persona, role, condition, "plain", questions, samples, RATES[(condition, role)])
+        emit(persona, role, condition, "plain", questions, samples, rates(condition, role))
     recipient = PAIRS[pair][1]
     if probe:
         emit(recipient, "recipient", condition, "probe", questions[:5], samples,
-             RATES[(condition, "recipient")])
+             rates(condition, "recipient"))
     if base_floor:
         for persona in PERSONAS:
             emit(persona, role_of(persona, pair, NEGATIVES), "base", "base", questions[:3], 5, (0.0, 0.0, 0.0))

@@ -486,7 +486,10 @@ def evaluate(cfg, run_dir, overwrite: bool = False) -> dict:
     }
     write_json(result_path, result)
     _cleanup(cfg, parts_dir, merged_dir)
-    print_table(result)
+    # One line here: the per-persona table is in run_result.json and the report (print_table shows it).
+    rate = f", {result['tokens_per_s']:,.0f} tokens/s" if result["tokens_per_s"] else ""
+    print(f"[eval] {len(records)} completions ({result['n_truncated']} cut at max_tokens) in "
+          f"{result['generation_seconds']:.0f} s{rate}: {result_path}", flush=True)
     return result
 
 

@@ -53,6 +53,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 
@@ -63,7 +64,8 @@ from trainer.loss import token_losses
 from trainer.pack import pack
 
 # metric -> (document kind, span selector in trainer.pack)
-METRICS = {"logp_A_start": ("AB", "marker_a"), "logp_B_after_A": ("AB", "marker_b"), "logp_B_end": ("B", "marker_b")}
+METRICS = MappingProxyType({"logp_A_start": ("AB", "marker_a"), "logp_B_after_A": ("AB", "marker_b"),
+                            "logp_B_end": ("B", "marker_b")})
 SHARE_WARN = 0.05  # warn when the measured probe time exceeds this share of training time
 
 

@@ -44,6 +44,7 @@ import tomllib
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from types import MappingProxyType
 from typing import Callable
 
 from markerlab.config import STAGES as STAGE_NAMES
@@ -257,14 +258,14 @@ STAGE_LIST = (
           outputs=lambda rd, res: {rd.report_summary: "file", rd.report_table: "file"},
           owns=lambda rd: [rd.report]),
 )
-STAGE = {s.name: s for s in STAGE_LIST}
+STAGE = MappingProxyType({s.name: s for s in STAGE_LIST})
 assert tuple(STAGE) == STAGE_NAMES
 
 # What a finished stage left in manifests written before outputs were recorded.
-_LEGACY_OUTPUTS = {"data": ["data/train.jsonl", "data/stats.json"],
-                   "train": ["adapter/adapter_config.json", "adapter/adapter_model.safetensors"],
-                   "merge": [], "eval": ["eval/completions.jsonl", "eval/run_result.json"],
-                   "report": ["report/summary.json"]}
+_LEGACY_OUTPUTS = MappingProxyType({
+    "data": ("data/train.jsonl", "data/stats.json"),
+    "train": ("adapter/adapter_config.json", "adapter/adapter_model.safetensors"),
+    "merge": (), "eval": ("eval/completions.jsonl", "eval/run_result.json"), "report": ("report/summary.json",)})
 
 
 def _path(rd: RunDir, name: str) -> Path:
@@ -352,9 +353,10 @@ def run_stage(stage: Stage, cfg: Config, rd: RunDir, manifest: Manifest) -> None
 
 # The first stage whose outputs depend on a config section (or key): a changed
 # value may be redone with --overwrite --stages from there, keeping what is earlier.
-FIRST_STAGE = {"run": "train", "model": "generate", "lora": "train", "generate": "generate", "data": "data",
-               "train": "train", "eval": "eval", "sweep": "generate",
-               "run.name": "generate", "run.out_dir": "generate", "eval.merge_check_atol": "merge"}
+FIRST_STAGE = MappingProxyType({
+    "run": "train", "model": "generate", "prompt": "generate", "lora": "train", "generate": "generate",
+    "data": "data", "train": "train", "eval": "eval", "sweep": "generate",
+    "run.name": "generate", "run.out_dir": "generate", "eval.merge_check_atol": "merge"})
 
 
 def _config_diff(a: str, b: str) -> list[str]:
