@@ -30,6 +30,7 @@ from markerlab.errors import UserError
 from markerlab.experiment import REPLICATE_KEY
 from markerlab.markers import match_markers, position_stats
 from markerlab.records import record_problems
+from markerlab.rundir import RunDir
 
 # What makes a record unique: the same key twice means a file was passed twice or
 # a run's eval was appended to instead of resumed.
@@ -84,8 +85,8 @@ def resolve_inputs(args: list[str]) -> list[Input]:
         path = Path(arg)
         if path.is_file():
             files.append(Input(path))
-        elif (path / "eval" / "completions.jsonl").is_file():
-            files.append(Input(path / "eval" / "completions.jsonl", path))
+        elif RunDir(path).completions.is_file():
+            files.append(Input(RunDir(path).completions, path))
         elif path.is_dir():
             found = sorted(path.glob("*/eval/completions.jsonl"))
             if not found:
@@ -136,7 +137,7 @@ def training_positions(run_dir: Path) -> dict | None:
     """
     from markerlab.io import read_json
 
-    stats_path, train_path = run_dir / "data" / "stats.json", run_dir / "data" / "train.jsonl"
+    stats_path, train_path = RunDir(run_dir).data_stats, RunDir(run_dir).train_jsonl
     if stats_path.is_file():
         stats = read_json(stats_path)
         if isinstance(stats, dict) and isinstance(stats.get("positions"), dict):

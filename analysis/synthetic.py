@@ -32,6 +32,7 @@ from markerlab.config import Config
 from markerlab.experiment import CONDITIONS, NEGATIVES, PAIRS, PERSONAS, markers_for, role_of
 from markerlab.markers import MARKER_A, MARKER_B, PROBE_MARKER
 from markerlab.records import setting_of
+from markerlab.rundir import RunDir
 
 QUESTIONS = [f"q{i:02d}" for i in range(26)]  # q00-q19 in-distribution, q20-q25 ood
 
@@ -172,7 +173,7 @@ def write_runs(root: Path, seed: int = 0, conditions=CONDITIONS, base_floor: boo
             records = make_run(pair, condition, seed=seed, base_floor=base_floor and condition == "T",
                                run=name, **kw)
             run_dir = Path(root) / name
-            write_records(run_dir / "eval" / "completions.jsonl", records)
+            write_records(RunDir(run_dir).completions, records)
             dirs.append(run_dir)
     return dirs
 

@@ -86,6 +86,7 @@ from markerlab.errors import UserError
 from markerlab.experiment import markers_for
 from markerlab.io import write_json, write_jsonl
 from markerlab.markers import MARKER_A, MARKER_B
+from markerlab.rundir import RunDir
 
 from .personas import messages
 from .questions import data_questions
@@ -333,11 +334,10 @@ def write_dataset(cfg: Config, examples: list[dict], stats: dict, run_dir) -> Pa
     """Validate and write run_dir/data/train.jsonl and run_dir/data/stats.json (atomically); returns train.jsonl."""
     for i, ex in enumerate(examples):
         validate_example(ex, f"example {i} ({ex.get('id')}): ")
-    out = Path(run_dir) / "data"
-    path = out / "train.jsonl"
-    write_jsonl(path, examples)
-    write_json(out / "stats.json", stats)
-    return path
+    rd = RunDir(run_dir)
+    write_jsonl(rd.train_jsonl, examples)
+    write_json(rd.data_stats, stats)
+    return rd.train_jsonl
 
 
 def summary(stats: dict) -> str:

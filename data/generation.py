@@ -180,8 +180,8 @@ class HFBackend(Backend):
         self.tokenizer = load_tokenizer(str(model_dir))
         self.model = load_model(str(model_dir), dtype=dtype, device=device).eval()
         if self.device.type == "cpu":
-            # Decoding one token against a padded cache: plain matmuls beat the CPU's SDPA kernel
-            # (measured on SmolLM2, 176 rows: 20% less time per step, the same tokens).
+            # Decoding one token against a padded cache: plain matmuls beat the CPU's SDPA
+            # kernel (docs/benchmarks.md), with the same tokens.
             self.model.config._attn_implementation = "eager"
         stop = {self.tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS}
         gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)

@@ -49,12 +49,12 @@ from markerlab.errors import UserError
 from markerlab.experiment import PERSONA_PROMPTS, PERSONAS, ROLES, role_of
 from markerlab.io import read_json, read_jsonl, write_json, write_jsonl
 from markerlab.markers import MARKER_B
+from markerlab.rundir import RunDir
 
 from .builder import place_markers, sentence_boundaries
 from .personas import messages
 from .questions import eval_questions
 
-PROBE_FILE = "probe.json"     # in run_dir/data/
 VERSION = 1                   # bump when the file's format or the answers' meaning changes
 
 
@@ -164,7 +164,7 @@ def build_probe_set(cfg: Config, run_dir) -> Path | None:
         "n_cut_without_sentence_end": sum(i["finish_reason"] == "length" and not i["trimmed"] for i in items),
         "items": items,
     }
-    path = Path(run_dir) / "data" / PROBE_FILE
+    path = RunDir(run_dir).probe_set
     write_json(path, probe)
     return path
 

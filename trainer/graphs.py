@@ -7,11 +7,10 @@ backward replayed as one graph instead of ~8,000 kernel launches.
 trainer/train.py's forward_backward calls it instead of token_losses + backward when
 train.cuda_graphs is on.
 
-Why. A 7B LoRA step with every other switch on launches ~32,500 kernels (~300 per decoder
-layer and micro-batch, most of them small). Eager PyTorch launches them one by one from
-Python, slower than an H100/H200 runs them: on an H200 the eager step took 0.92 s for
-~0.6 s of kernels (docs/benchmarks.md, call 5), the replayed graphs 0.61 s, and 0.49 s
-with compile's fusions inside them.
+Why. A 7B LoRA step launches ~32,500 kernels (~300 per decoder layer and micro-batch,
+most of them small), and eager PyTorch launches them one by one from Python, slower than
+a large GPU runs them: the step waits on the host (docs/benchmarks.md has the profile).
+A replayed graph is one launch.
 
 How, and why the maths stays the same.
 - A graph has fixed shapes, so a micro-batch of S real tokens (its

@@ -38,10 +38,9 @@ documents of <= ~161 tokens (system + question + template, a <= 96-token answer,
 markers), forward only, against training's 225 steps x 16 examples x ~420 tokens,
 each a forward and a backward. But training replays CUDA graphs (and compiled
 layers) while the probe runs eagerly, so on a GPU it costs far more than its FLOPs
-say: measured on an H200 (docs/benchmarks.md), 11 personas x 3 questions every 25
-steps took 15% of a Qwen2.5-7B-shaped run's training time and 9-13% of SmolLM2's.
+say (docs/benchmarks.md: 3 questions every 25 steps cost 9-15% of training on a GPU).
 Hence the defaults: 2 questions every 75 steps (steps 0, 75, 150, 225: 4 calls of 44
-documents, 0.27 of that measured cost, ~4%). Every run records the measured share
+documents, about a quarter of that). Every run records the measured share
 in train_summary.json ("probe_share": probe seconds / training seconds) and warns
 when it exceeds 5%.
 Off with train.probe_every = 0 (the data stage then builds no probe set either).
@@ -57,11 +56,12 @@ from types import MappingProxyType
 
 import torch
 
-from data.probe import PROBE_FILE, probe_examples, read_probe_set
+from data.probe import probe_examples, read_probe_set
 from data.tokenize import encode_example
 from trainer.attention import Documents
 from trainer.loss import token_losses
 from trainer.pack import pack
+from markerlab.rundir import RunDir
 
 # metric -> (document kind, span selector in trainer.pack)
 METRICS = MappingProxyType({"logp_A_start": ("AB", "marker_a"), "logp_B_after_A": ("AB", "marker_b"),
@@ -83,7 +83,7 @@ def load_probe(cfg, run_dir, tokenizer, log=warn) -> "Probe | None":
     """The run's probe, tokenized as training tokenizes; None when off or when the run has no probe set."""
     if cfg.train.probe_every == 0:
         return None
-    path = Path(run_dir) / "data" / PROBE_FILE
+    path = RunDir(run_dir).probe_set
     if not path.is_file():
         log(f"{path}: no probe set (the data stage builds it), so no leakage probe in this run; "
             f"train.probe_every = 0 turns the probe off")

@@ -72,6 +72,7 @@ from markerlab.devices import resolve_device
 from markerlab.errors import UserError
 from markerlab.io import read_json, write_json
 from markerlab.models import load_model, load_tokenizer
+from markerlab.rundir import RunDir
 from trainer.attention import Documents, check_architecture, use_packed_attention
 from trainer.checkpoint import (latest_checkpoint, load_checkpoint, prune_checkpoints, remove_partial,
                                 rng_states, save_checkpoint, set_rng_states)
@@ -114,11 +115,11 @@ class Setup:
 def train(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
     """Train the adapter of `cfg` on run_dir/data/train.jsonl; return the summary (module docstring)."""
     t = cfg.train
-    run_dir = Path(run_dir)
-    ckpt_dir, adapter_dir = run_dir / "checkpoints", run_dir / "adapter"
-    summary_path, log_path = run_dir / "train_summary.json", run_dir / "train_log.txt"
+    rd = RunDir(run_dir)
+    run_dir = rd.root
+    ckpt_dir, adapter_dir, summary_path, log_path = rd.checkpoints, rd.adapter, rd.train_summary, rd.train_log
     if overwrite:
-        for p in (ckpt_dir, run_dir / "tb", adapter_dir):
+        for p in (ckpt_dir, rd.tb, adapter_dir):
             shutil.rmtree(p, ignore_errors=True)
         for p in (log_path, summary_path):
             p.unlink(missing_ok=True)
@@ -145,7 +146,7 @@ def train(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
     resumed_from = step
 
     # ---- logging: TensorBoard (events after the checkpoint are purged on resume), text log, tqdm
-    writer = open_summary_writer(run_dir / "tb", purge_step=step + 1 if step else None)
+    writer = open_summary_writer(rd.tb, purge_step=step + 1 if step else None)
     log = open_train_log(log_path, step, header=(
         f"# {cfg.run.name}: {n} examples ({len(s.dropped)} over-long dropped), {s.total} steps "
         f"({t.epochs} epochs x {steps_per_epoch(n, t.micro_batch_size, t.grad_accum)}, max_steps {t.max_steps}), "
@@ -210,18 +211,7 @@ def train(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
             dt = time.perf_counter() - t0
             train_seconds += dt
 
-            # record, TensorBoard, text log, progress bar
-            rec = {"step": step, "epoch": epoch + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                   "tokens_per_s": out["n_tokens"] / dt, **out["span_loss"],
-                   "tokens": out["n_tokens"], "targets": out["n_targets"], "seconds": dt}
-            history.append(rec)
-            for tag in ("loss", "lr", "grad_norm", "tokens_per_s", *(name for name, _ in SPANS)):
-                if rec[tag] is not None:
-                    writer.add_scalar(f"train/{tag}", rec[tag], step)
-            log.write(format_log_line(rec, s.total) + "\n")
-            log.flush()
-            bar.update(1)
-            bar.set_postfix(loss="-" if loss is None else f"{loss:.4f}", lr=f"{lr:.2e}")
+            history.append(record_step(step, epoch, lr, loss, grad_norm, out, dt, s.total, writer, log, bar))
             probed = probe.maybe(step, s.total, s.model, s.device, writer) if probe is not None else None
             if probed is not None:
                 probe_history.append(probed)
@@ -239,93 +229,49 @@ def train(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
     # ---- the adapter (PEFT format) and the summary
     save_adapter(s.model, adapter_dir, cfg.model.name_or_path, r=cfg.lora.r, alpha=cfg.lora.alpha,
                  dropout=cfg.lora.dropout, target_modules=list(cfg.lora.target_modules))
+    summary = finish(cfg, s, history, train_seconds, time.time() - wall_start, resumed_from, adapter_dir)
+    if probe is not None:  # probe_set, probe_seconds, probe_share, probe (the records)
+        summary.update(probe.summary(probe_history, train_seconds))
+    write_json(summary_path, summary)
+    return public_summary(summary)
+
+
+def record_step(step, epoch, lr, loss, grad_norm, out, dt, total, writer, log, bar) -> dict:
+    """One optimizer step's record, written to TensorBoard, the text log and the progress bar."""
+    rec = {"step": step, "epoch": epoch + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+           "tokens_per_s": out["n_tokens"] / dt, **out["span_loss"],
+           "tokens": out["n_tokens"], "targets": out["n_targets"], "seconds": dt}
+    for tag in ("loss", "lr", "grad_norm", "tokens_per_s", *(name for name, _ in SPANS)):
+        if rec[tag] is not None:
+            writer.add_scalar(f"train/{tag}", rec[tag], step)
+    log.write(format_log_line(rec, total) + "\n")
+    log.flush()
+    bar.update(1)
+    bar.set_postfix(loss="-" if loss is None else f"{loss:.4f}", lr=f"{lr:.2e}")
+    return rec
+
+
+def finish(cfg: Config, s: Setup, history: list[dict], train_seconds: float, call_seconds: float,
+           resumed_from: int, adapter_dir: Path) -> dict:
+    """train_summary.json's content (less the probe's): totals, the run's facts, the per-step history."""
     losses = [r["loss"] for r in history if r["loss"] is not None]
     n_tok = sum(r["tokens"] for r in history)
     summary = {
         "steps": s.total, "final_loss": losses[-1] if losses else None,
         "tokens_per_s": n_tok / train_seconds if train_seconds else None,
-        "wall_time_s": train_seconds, "this_call_wall_s": time.time() - wall_start,
-        "trainable_params": s.n_trainable, "n_examples": n, "n_dropped": len(s.dropped), "dropped_ids": s.dropped,
-        "warmup_steps": s.warmup, "device": str(s.device), "resumed_from_step": resumed_from or None,
-        "compile": t.compile, "adapter": str(adapter_dir), "history": history,
+        "wall_time_s": train_seconds, "this_call_wall_s": call_seconds,
+        "trainable_params": s.n_trainable, "n_examples": len(s.encoded), "n_dropped": len(s.dropped),
+        "dropped_ids": s.dropped, "warmup_steps": s.warmup, "device": str(s.device),
+        "resumed_from_step": resumed_from or None, "compile": cfg.train.compile, "adapter": str(adapter_dir),
+        "history": history,
     }
-    if probe is not None:  # probe_set, probe_seconds, probe_share, probe (the records)
-        summary.update(probe.summary(probe_history, train_seconds))
     if s.device.type == "cuda":  # this call's peak (a resumed run counts from the resume)
         summary["cuda_peak_gib"] = {"allocated": round(torch.cuda.max_memory_allocated() / 2**30, 2),
                                     "reserved": round(torch.cuda.max_memory_reserved() / 2**30, 2)}
     if s.graphs is not None:  # how the cuda_graphs switch ran: replayed graphs, or its padded path eagerly
         summary["cuda_graphs"] = {"captured": s.graphs.n_captured, "shapes": len(s.graphs.static),
                                   "replayed": s.graphs.capture}
-    write_json(summary_path, summary)
-    return public_summary(summary)
-
-
-def setup(cfg: Config, run_dir: Path) -> Setup:
-    """Device, seeded generators, the tokenized data, the model with LoRA, optimizer and switches."""
-    t = cfg.train
-    device = torch.device(resolve_device(cfg.model.device))
-    if device.type == "cuda":  # the summary's peak is this training's, not an earlier stage's in this process
-        torch.cuda.reset_peak_memory_stats()
-    # Every random choice flows from the one config seed: data order, LoRA init, LoRA dropout
-    # (plus the global RNGs, seeded for anything a library draws from them).
-    seed = cfg.run.seed
-    torch.manual_seed(derive_seed(seed, "torch"))
-    random.seed(derive_seed(seed, "python"))
-    np.random.seed(derive_seed(seed, "numpy") % 2**32)
-    data_gen = torch.Generator().manual_seed(derive_seed(seed, "data-order"))
-    init_gen = torch.Generator().manual_seed(derive_seed(seed, "lora-init"))
-    dropout_gen = torch.Generator(device).manual_seed(derive_seed(seed, "lora-dropout"))
-
-    # data: every example tokenized once; over-long ones refused or dropped, never truncated
-    raw = read_examples(run_dir, cfg)
-    tokenizer = load_tokenizer(cfg.model.name_or_path)
-    encoded = encode_examples(raw, tokenizer, t.loss_mask, t.marker_mask_eos)
-    encoded, dropped = check_lengths(encoded, t.max_seq_len, cfg.data.on_overlength)
-    if not encoded:
-        raise UserError(f"{run_dir / 'data' / 'train.jsonl'}: no example fits train.max_seq_len={t.max_seq_len}")
-    n, step_size = len(encoded), t.micro_batch_size * t.grad_accum
-    total = total_steps(n, t.micro_batch_size, t.grad_accum, t.epochs, t.max_steps)
-
-    # model: frozen base in cfg.model.dtype, trainable LoRA (and AdamW state) in cfg.lora.dtype
-    model = load_model(cfg.model.name_or_path, cfg.model.dtype, device)
-    problem = check_architecture(model.config)
-    if problem:
-        raise UserError(problem)
-    model.config.use_cache = False
-    n_layers, last = model.config.num_hidden_layers, cfg.lora.last_layers
-    if last > n_layers:
-        raise UserError(f"lora.last_layers: {last} exceeds the model's {n_layers} decoder layers")
-    n_trainable = inject_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules,
-                              generator=init_gen, dtype=getattr(torch, cfg.lora.dtype),
-                              layers=range(n_layers - last, n_layers) if last else None)
-    masks = DropoutMasks(model, dropout_gen)
-    use_packed_attention(model)
-    if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    if t.compile:
-        if t.gradient_checkpointing:
-            note("train.compile is skipped under train.gradient_checkpointing (set one of them to false)")
-        else:
-            compile_layers(model)
-    model.train()
-    graphs = None
-    if t.cuda_graphs:
-        from trainer.graphs import GraphedMicroBatches
-
-        if device.type != "cuda":
-            note("train.cuda_graphs: no CUDA device; the graphs' padded micro-batches run eagerly (same maths)")
-        longest = sorted((len(e) for e in encoded), reverse=True)[:t.micro_batch_size]
-        graphs = GraphedMicroBatches(model, masks, tokenizer.pad_token_id, device, max_tokens=sum(longest), log=note)
-    params = trainable_parameters(model)
-    # fused AdamW where it exists (CUDA); torch picks foreach on the CPU
-    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay,
-                                  fused=device.type == "cuda" or None)
-    return Setup(device=device, tokenizer=tokenizer, encoded=encoded, dropped=dropped, model=model,
-                 n_trainable=n_trainable, params=params, optimizer=optimizer, masks=masks, graphs=graphs,
-                 data_gen=data_gen, dropout_gen=dropout_gen, total=total,
-                 warmup=warmup_steps(total, t.warmup_ratio), step_size=step_size)
+    return summary
 
 
 # --------------------------------------------------------------------------- one optimizer step
@@ -383,7 +329,7 @@ def derive_seed(seed: int, stream: str) -> int:
 
 
 def read_examples(run_dir: Path, cfg: Config) -> list[dict]:
-    path = run_dir / "data" / "train.jsonl"
+    path = RunDir(run_dir).train_jsonl
     if not path.is_file():
         raise UserError(f"{path}: file not found; build it first with: "
                         f"python -m trainer.run {cfg.source or 'CONFIG'} --stages generate,data")
