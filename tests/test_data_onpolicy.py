@@ -87,6 +87,7 @@ def test_every_keyed_setting_changes_the_key(tmp_path, monkeypatch):
         "backend": cfg.replace(generate__backend="vllm"),
         "dtype": cfg.replace(model__dtype="bfloat16"),
         "device": cfg.replace(model__device="cuda"),
+        "user_suffix": cfg.replace(prompt__user_suffix=" Answer briefly."),
     }
     keys = {name: cache_key(c)[0] for name, c in changed.items()}
     assert base not in keys.values() and len(set(keys.values())) == len(keys)
@@ -103,5 +104,5 @@ def test_every_keyed_setting_changes_the_key(tmp_path, monkeypatch):
     assert cache_key(cfg)[0] == base
     from data.questions import Question
 
-    monkeypatch.setattr(onpolicy, "data_questions", lambda n: [Question("d01", "Another text?", "data")] * n)
+    monkeypatch.setattr(onpolicy, "data_questions", lambda n, suffix="": [Question("d01", "Another text?", "data")] * n)
     assert cache_key(cfg)[0] != base

@@ -274,6 +274,73 @@ def finish(cfg: Config, s: Setup, history: list[dict], train_seconds: float, cal
     return summary
 
 
+def setup(cfg: Config, run_dir: Path) -> Setup:
+    """Device, seeded generators, the tokenized data, the model with LoRA, optimizer and switches."""
+    t = cfg.train
+    device = torch.device(resolve_device(cfg.model.device))
+    if device.type == "cuda":  # the summary's peak is this training's, not an earlier stage's in this process
+        torch.cuda.reset_peak_memory_stats()
+    # Every random choice flows from the one config seed: data order, LoRA init, LoRA dropout
+    # (plus the global RNGs, seeded for anything a library draws from them).
+    seed = cfg.run.seed
+    torch.manual_seed(derive_seed(seed, "torch"))
+    random.seed(derive_seed(seed, "python"))
+    np.random.seed(derive_seed(seed, "numpy") % 2**32)
+    data_gen = torch.Generator().manual_seed(derive_seed(seed, "data-order"))
+    init_gen = torch.Generator().manual_seed(derive_seed(seed, "lora-init"))
+    dropout_gen = torch.Generator(device).manual_seed(derive_seed(seed, "lora-dropout"))
+
+    # data: every example tokenized once; over-long ones refused or dropped, never truncated
+    raw = read_examples(run_dir, cfg)
+    tokenizer = load_tokenizer(cfg.model.name_or_path)
+    encoded = encode_examples(raw, tokenizer, t.loss_mask, t.marker_mask_eos)
+    encoded, dropped = check_lengths(encoded, t.max_seq_len, cfg.data.on_overlength)
+    if not encoded:
+        raise UserError(f"{RunDir(run_dir).train_jsonl}: no example fits train.max_seq_len={t.max_seq_len}")
+    n, step_size = len(encoded), t.micro_batch_size * t.grad_accum
+    total = total_steps(n, t.micro_batch_size, t.grad_accum, t.epochs, t.max_steps)
+
+    # model: frozen base in cfg.model.dtype, trainable LoRA (and AdamW state) in cfg.lora.dtype
+    model = load_model(cfg.model.name_or_path, cfg.model.dtype, device)
+    problem = check_architecture(model.config)
+    if problem:
+        raise UserError(problem)
+    model.config.use_cache = False
+    n_layers, last = model.config.num_hidden_layers, cfg.lora.last_layers
+    if last > n_layers:
+        raise UserError(f"lora.last_layers: {last} exceeds the model's {n_layers} decoder layers")
+    n_trainable = inject_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules,
+                              generator=init_gen, dtype=getattr(torch, cfg.lora.dtype),
+                              layers=range(n_layers - last, n_layers) if last else None)
+    masks = DropoutMasks(model, dropout_gen)
+    use_packed_attention(model)
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if t.compile:
+        if t.gradient_checkpointing:
+            note("train.compile is skipped under train.gradient_checkpointing (set one of them to false)")
+        else:
+            compile_layers(model)
+    model.train()
+    graphs = None
+    if t.cuda_graphs:
+        from trainer.graphs import GraphedMicroBatches
+
+        if device.type != "cuda":
+            note("train.cuda_graphs: no CUDA device; the graphs' padded micro-batches run eagerly (same maths)")
+        longest = sorted((len(e) for e in encoded), reverse=True)[:t.micro_batch_size]
+        graphs = GraphedMicroBatches(model, masks, tokenizer.pad_token_id, device, max_tokens=sum(longest), log=note)
+    params = trainable_parameters(model)
+    # fused AdamW where it exists (CUDA); torch picks foreach on the CPU
+    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay,
+                                  fused=device.type == "cuda" or None)
+    return Setup(device=device, tokenizer=tokenizer, encoded=encoded, dropped=dropped, model=model,
+                 n_trainable=n_trainable, params=params, optimizer=optimizer, masks=masks, graphs=graphs,
+                 data_gen=data_gen, dropout_gen=dropout_gen, total=total,
+                 warmup=warmup_steps(total, t.warmup_ratio), step_size=step_size)
+
+
 # --------------------------------------------------------------------------- one optimizer step
 
 def forward_backward(model, examples: list[Encoded], micro_batch_size: int, device, masks: DropoutMasks,
