@@ -265,7 +265,10 @@ class HFBackend(Backend):
 
 # --------------------------------------------------------------------------- the sampler
 
-NUCLEUS_CANDIDATES = 64  # top tokens examined first; rows whose nucleus is larger take the full vocabulary
+# Top tokens examined first, then more for the rows whose nucleus reaches past them; rows whose
+# nucleus is larger still take the full vocabulary. A small model sampled at temperature 1 often
+# has a nucleus of hundreds of tokens: a second, wider top-k is far cheaper than a full sort.
+NUCLEUS_CANDIDATES = (64, 1024)
 # Bump when the HF sampler's draws change: cached samples (on-policy, base floor) are keyed by it.
 HF_SAMPLER_VERSION = 2
 
@@ -306,8 +309,8 @@ def sample_next(logits, seeds, step: int, sp: SamplingSpec):
     inverse-CDF draw over sorted probabilities, the choice only flips under a tiny logit
     perturbation if the two best scores are within it, so the last-bit differences that
     batching causes almost never change a token. The nucleus is found among the top
-    NUCLEUS_CANDIDATES tokens first; a row whose nucleus reaches past them is redone over
-    the whole vocabulary (`_nucleus`), so the set is always exact.
+    NUCLEUS_CANDIDATES tokens first (in widening stages); a row whose nucleus reaches past
+    them is redone over the whole vocabulary (`_nucleus`), so the set is always exact.
     """
     import torch
 
@@ -319,16 +322,19 @@ def sample_next(logits, seeds, step: int, sp: SamplingSpec):
         cand = torch.arange(V, device=scaled.device).expand(B, V)
         return _race(scaled, cand, torch.ones_like(cand, dtype=torch.bool), seeds, step)
     probs = torch.softmax(scaled, dim=-1)
-    k = min(NUCLEUS_CANDIDATES, V)
-    vals, cand = _canonical_top(probs, k)
-    before = vals.double().cumsum(dim=-1) - vals.double()  # mass strictly ahead of each candidate
-    keep = before < sp.top_p
-    out = _race(scaled, cand, keep, seeds, step)
-    wide = keep[:, -1].nonzero().flatten()  # the nucleus may go on past the candidates
-    if len(wide):
-        full = _nucleus(probs[wide], sp.top_p)
-        ids = torch.arange(V, device=scaled.device).expand(len(wide), V)
-        out[wide] = _race(scaled[wide], ids, full, seeds[wide], step)
+    out = torch.empty(B, dtype=torch.long, device=scaled.device)
+    rows = torch.arange(B, device=scaled.device)  # rows whose nucleus is not yet known to be inside
+    for k in NUCLEUS_CANDIDATES:
+        vals, cand = _canonical_top(probs[rows], min(k, V))
+        before = vals.double().cumsum(dim=-1) - vals.double()  # mass strictly ahead of each candidate
+        keep = before < sp.top_p
+        out[rows] = _race(scaled[rows], cand, keep, seeds[rows], step)
+        rows = rows[keep[:, -1]]  # the nucleus may go on past the candidates
+        if not len(rows):
+            return out
+    full = _nucleus(probs[rows], sp.top_p)
+    ids = torch.arange(V, device=scaled.device).expand(len(rows), V)
+    out[rows] = _race(scaled[rows], ids, full, seeds[rows], step)
     return out
 
 

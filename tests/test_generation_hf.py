@@ -107,7 +107,7 @@ def test_stop_token_ends_the_sample(backend, prompts, stop_token):
 
 
 def test_nucleus_among_candidates_equals_the_full_vocabulary(monkeypatch):
-    """The top-k shortcut keeps exactly the canonical nucleus; rows whose nucleus is wider fall back."""
+    """The top-k stages keep exactly the canonical nucleus; rows whose nucleus is wider fall back."""
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(6, 5000, generator=g) * 3
     logits[1] = logits[1].to(torch.bfloat16).float()   # bf16 logits: many exact ties
@@ -118,10 +118,12 @@ def test_nucleus_among_candidates_equals_the_full_vocabulary(monkeypatch):
         sp = SamplingSpec(n=1, temperature=0.8, top_p=top_p, max_tokens=1, seed=0)
         for step in range(5):
             fast = sample_next(logits, seeds, step, sp)
-            monkeypatch.setattr(gen, "NUCLEUS_CANDIDATES", 5000)  # the whole vocabulary at once
+            monkeypatch.setattr(gen, "NUCLEUS_CANDIDATES", (5000,))  # the whole vocabulary at once
             full = sample_next(logits, seeds, step, sp)
+            monkeypatch.setattr(gen, "NUCLEUS_CANDIDATES", (8,))  # one narrow stage, then the fallback
+            narrow = sample_next(logits, seeds, step, sp)
             monkeypatch.undo()
-            assert torch.equal(fast, full), (top_p, step)
+            assert torch.equal(fast, full) and torch.equal(narrow, full), (top_p, step)
             keep = _nucleus(torch.softmax(logits / 0.8, dim=-1), top_p)
             assert bool(keep.gather(-1, fast[:, None]).all())  # always a nucleus token
     # all tied: the lowest ids win, about top_p * V of them (float sums decide the last one)

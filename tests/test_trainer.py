@@ -57,7 +57,8 @@ def mixed_dataset(n: int) -> list[dict]:
 def make_cfg(run_dir: Path, **train):
     raw = {"run": {"name": run_dir.name, "out_dir": str(run_dir.parent), "seed": 7},
            "model": {"name_or_path": BUILTIN_TINY, "dtype": "float32", "device": "cpu"},
-           "lora": {"r": 8, "alpha": 16, "dropout": train.pop("dropout", 0.05)},
+           "lora": {"r": 8, "alpha": 16, "dropout": train.pop("dropout", 0.05),
+                    "last_layers": train.pop("last_layers", 0)},
            "train": {"lr": 5e-3, "epochs": 2, "micro_batch_size": 2, "grad_accum": 2, "warmup_ratio": 0.25,
                      "checkpoint_every": 2, "keep_checkpoints": 2, "max_seq_len": 128, **train}}
     return config_from_dict(raw, source=str(run_dir / "config.toml"))
@@ -383,17 +384,19 @@ def _child(run_dir: Path, kill_in_step: int = 0) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
 
 
-def test_sigkill_and_resume_is_bitwise_exact(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("last_layers", [0, 1], ids=["all-layers", "frozen-prefix"])
+def test_sigkill_and_resume_is_bitwise_exact(tmp_path, tiny_model_dir, last_layers):
     """A run killed mid-step 6 (after checkpoint 4) and resumed logs exactly the uninterrupted run's
     per-step numbers. Dropout is on and the run crosses epoch boundaries, so the dropout and
-    data-order generators must be restored too."""
+    data-order generators must be restored too; under lora.last_layers the resumed run rebuilds
+    the frozen layers' states (trainer/prefix.py) exactly."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     runs = {}
     for name in ("straight", "killed"):
         run_dir = tmp_path / name
         write_data(run_dir, mixed_dataset(10))  # 3 steps per epoch, 9 steps
-        cfg = make_cfg(run_dir, epochs=3, checkpoint_every=2, dropout=0.1)
+        cfg = make_cfg(run_dir, epochs=3, checkpoint_every=2, dropout=0.1, last_layers=last_layers)
         (run_dir / "config.toml").write_text(cfg.to_toml())
         runs[name] = run_dir
 

@@ -30,6 +30,7 @@ from trainer.dropout import DropoutMasks
 from trainer.graphs import GraphedMicroBatches
 from trainer.loss import linear_cross_entropy, token_losses
 from trainer.pack import pack
+from trainer.prefix import FrozenPrefix
 from trainer.train import forward_backward
 
 MODELS = [BUILTIN_TINY, BUILTIN_TINY_LLAMA]
@@ -75,9 +76,9 @@ def pad_id(tokenizer):
     return tokenizer.pad_token_id
 
 
-def lora_model(name: str = BUILTIN_TINY, dropout: float = 0.05, seed: int = 0, ckpt: bool = False):
+def lora_model(name: str = BUILTIN_TINY, dropout: float = 0.05, seed: int = 0, ckpt: bool = False, layers=None):
     model = load_model(name, "float32", "cpu")
-    inject_lora(model, r=8, alpha=16, dropout=dropout, generator=torch.Generator().manual_seed(seed))
+    inject_lora(model, r=8, alpha=16, dropout=dropout, generator=torch.Generator().manual_seed(seed), layers=layers)
     masks = DropoutMasks(model, torch.Generator().manual_seed(seed + 1))
     use_packed_attention(model)
     if ckpt:
@@ -114,8 +115,8 @@ def assert_same(got, ref, rtol=1e-5):
             assert (s[k] is None) == (r[k] is None) and (s[k] is None or s[k] == pytest.approx(r[k], rel=rtol)), k
 
 
-def reference(name, encoded, pad_id, micro=3):
-    model, masks = lora_model(name)
+def reference(name, encoded, pad_id, micro=3, layers=None):
+    model, masks = lora_model(name, layers=layers)
     return run_steps(lambda m, mk: reference_forward_backward(m, encoded, micro, pad_id, mk), model, masks)
 
 
@@ -212,6 +213,22 @@ def test_cuda_graphs_guards(encoded, pad_id):
     g.params[0].grad = torch.zeros_like(g.params[0])
     with pytest.raises(RuntimeError, match=r"set_to_none=False"):
         g._check_grads()
+
+
+@pytest.mark.parametrize("name", MODELS, ids=["qwen2", "llama"])
+def test_frozen_prefix_equals_the_padded_reference(name, encoded, pad_id):
+    """Under lora.last_layers the layers below run once per example (trainer/prefix.py); the steps
+    above them give the reference's losses and gradients, dropout on, with a packing of their own."""
+    n_layers = load_model(name, "float32", "cpu").config.num_hidden_layers
+    top = range(n_layers - 1, n_layers)
+    expected = reference(name, encoded, pad_id, layers=top)
+    model, masks = lora_model(name, layers=top)
+    prefix = FrozenPrefix.build(model, top.start, encoded, 4, "cpu")  # packed 4 by 4, the steps 3 by 3
+    assert len(prefix.states) == len(encoded)
+    got = run_steps(lambda m, mk: forward_backward(m, encoded, 3, "cpu", mk, prefix=prefix), model, masks)
+    assert_same(got, expected)
+    assert len(model.get_decoder().layers) == n_layers and all(  # the real layers are back after each step
+        type(layer).__name__ != "_PassThrough" for layer in model.get_decoder().layers)
 
 
 def test_train_end_to_end_on_llama_and_qwen2(tmp_path, tiny_model_dir):

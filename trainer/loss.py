@@ -59,10 +59,18 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target: torch.Te
     return _LinearCrossEntropy.apply(h, weight, target, chunk)
 
 
-def decoder_hidden(model, input_ids, position_ids, documents) -> torch.Tensor:
-    """The decoder body's last hidden states (rows, T, H), attention kept within `documents`."""
-    return model.get_decoder()(input_ids=input_ids, position_ids=position_ids, documents=documents,
-                               use_cache=False).last_hidden_state
+def decoder_hidden(model, input_ids, position_ids, documents, prefix=None, ids=None) -> torch.Tensor:
+    """The decoder body's last hidden states (rows, T, H), attention kept within `documents`.
+
+    With a trainer.prefix.FrozenPrefix, the frozen layers' output for the examples `ids`
+    is taken from it and only the layers above run."""
+    decoder = model.get_decoder()
+    if prefix is None:
+        return decoder(input_ids=input_ids, position_ids=position_ids, documents=documents,
+                       use_cache=False).last_hidden_state
+    with prefix.skipping(model):
+        return decoder(inputs_embeds=prefix.hidden(ids), position_ids=position_ids, documents=documents,
+                       use_cache=False).last_hidden_state
 
 
 def head_cross_entropy(model, h: torch.Tensor, pred: torch.Tensor, target: torch.Tensor,
@@ -75,7 +83,8 @@ def head_cross_entropy(model, h: torch.Tensor, pred: torch.Tensor, target: torch
     return linear_cross_entropy(h, head.weight, target, chunk)
 
 
-def token_losses(model, batch, documents, chunk: int = CE_CHUNK) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def token_losses(model, batch, documents, chunk: int = CE_CHUNK,
+                 prefix=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Cross-entropy of every target the step needs (batch.pred -> batch.target) and the batch's selectors."""
-    h = decoder_hidden(model, batch.input_ids, batch.position_ids, documents)
+    h = decoder_hidden(model, batch.input_ids, batch.position_ids, documents, prefix, batch.ids)
     return head_cross_entropy(model, h, batch.pred, batch.target, chunk), dict(batch.sel)

@@ -80,6 +80,7 @@ from trainer.compile import compile_error, compile_layers
 from trainer.dropout import DropoutMasks
 from trainer.loss import token_losses
 from trainer.pack import pack
+from trainer.prefix import FrozenPrefix
 from trainer.probe import load_probe
 from trainer.schedule import lr_at, step_slice, steps_per_epoch, total_steps, warmup_steps
 
@@ -105,6 +106,7 @@ class Setup:
     optimizer: torch.optim.Optimizer
     masks: DropoutMasks
     graphs: object | None          # trainer.graphs.GraphedMicroBatches under train.cuda_graphs
+    prefix: FrozenPrefix | None    # the frozen layers' states under lora.last_layers (trainer/prefix.py)
     data_gen: torch.Generator
     dropout_gen: torch.Generator
     total: int
@@ -179,7 +181,7 @@ def train(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
 
             # forward + backward over the micro-batches; gradients accumulate in .grad
             try:
-                out = forward_backward(s.model, examples, t.micro_batch_size, s.device, s.masks, s.graphs)
+                out = forward_backward(s.model, examples, t.micro_batch_size, s.device, s.masks, s.graphs, s.prefix)
             except Exception as e:
                 failed = compile_error(e) if t.compile and step == resumed_from else None
                 if failed is not None:
@@ -314,6 +316,10 @@ def setup(cfg: Config, run_dir: Path) -> Setup:
                               layers=range(n_layers - last, n_layers) if last else None)
     masks = DropoutMasks(model, dropout_gen)
     use_packed_attention(model)
+    # Below the adapted layers nothing trains: run that part once per example, not once per step
+    # (before any compile, so that the pre-pass runs eagerly; the graphs replay the whole forward).
+    prefix = FrozenPrefix.build(model, n_layers - last, encoded, t.micro_batch_size, device) \
+        if last and not t.cuda_graphs else None
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -337,14 +343,14 @@ def setup(cfg: Config, run_dir: Path) -> Setup:
                                   fused=device.type == "cuda" or None)
     return Setup(device=device, tokenizer=tokenizer, encoded=encoded, dropped=dropped, model=model,
                  n_trainable=n_trainable, params=params, optimizer=optimizer, masks=masks, graphs=graphs,
-                 data_gen=data_gen, dropout_gen=dropout_gen, total=total,
+                 prefix=prefix, data_gen=data_gen, dropout_gen=dropout_gen, total=total,
                  warmup=warmup_steps(total, t.warmup_ratio), step_size=step_size)
 
 
 # --------------------------------------------------------------------------- one optimizer step
 
 def forward_backward(model, examples: list[Encoded], micro_batch_size: int, device, masks: DropoutMasks,
-                     graphs=None) -> dict:
+                     graphs=None, prefix=None) -> dict:
     """Forward and backward passes of one optimizer step, micro-batch by micro-batch.
 
     The step's loss is sum(token losses on the mask, all examples) / (masked tokens, all
@@ -369,7 +375,8 @@ def forward_backward(model, examples: list[Encoded], micro_batch_size: int, devi
             if model.training:
                 masks.draw(batch.n_tokens)
             with torch.set_grad_enabled(n_targets > 0):
-                ce, sel = token_losses(model, batch, Documents.of(batch.doc_lens, device, model.dtype))
+                ce, sel = token_losses(model, batch, Documents.of(batch.doc_lens, device, model.dtype),
+                                       prefix=prefix)
                 mb_sum = (ce * sel["loss"]).sum()  # sum over this micro-batch's targets
                 if n_targets > 0:
                     (mb_sum / n_targets).backward()
