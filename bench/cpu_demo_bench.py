@@ -2,6 +2,7 @@
 
     python bench/cpu_demo_bench.py gen   [--code DIR] [--model DIR]      # 88 prompts x 2 samples, <= 64 tokens
     python bench/cpu_demo_bench.py train [--code DIR] --data TRAIN_JSONL # 24 optimizer steps of 4 x 2
+    python bench/cpu_demo_bench.py train --data TRAIN_JSONL --last-layers 10   # the demo's LoRA placement
 
 `--code` is the markerlab checkout to import (default: this one), so the same
 command times an older commit against this one on the same machine: e.g.
@@ -32,6 +33,7 @@ def main() -> int:
     ap.add_argument("--model", type=Path, default=None, help="a SmolLM2 HF directory")
     ap.add_argument("--data", type=Path, help="train: a train.jsonl (e.g. from the demo's data stage)")
     ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--last-layers", type=int, default=0, help="train: lora.last_layers (0: every layer)")
     args = ap.parse_args()
     model_dir = args.model
     if model_dir is None:
@@ -80,10 +82,13 @@ def main() -> int:
             raw = {"run": {"name": "bench", "out_dir": tmp, "seed": 42},
                    "model": {"name_or_path": str(model_dir), "dtype": "bfloat16", "device": "cpu"},
                    "data": {"pair": "pair1", "condition": "T"}, "train": train_keys}
+            if args.last_layers:
+                raw["lora"] = {"last_layers": args.last_layers}
             t0 = time.perf_counter()
             summary = train(config_from_dict(raw), run_dir)
             dt = time.perf_counter() - t0
-        out.update(seconds=round(dt, 1), steps=summary["steps"], train_seconds=round(summary["wall_time_s"], 1),
+        out.update(last_layers=args.last_layers, seconds=round(dt, 1), steps=summary["steps"],
+                   train_seconds=round(summary["wall_time_s"], 1),
                    tokens_per_s=round(summary["tokens_per_s"], 1), final_loss=summary["final_loss"])
     print(json.dumps(out), flush=True)
     return 0

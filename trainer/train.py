@@ -27,7 +27,10 @@ attention function, for any Llama/Qwen2-family decoder); the LM head and the
 cross-entropy run only at the positions a loss or a logged span needs, in
 chunks (trainer/loss.py); LoRA adds its update into the base output in place
 (lora/lora.py); LoRA dropout masks come from the run's own generator, drawn
-before each forward (trainer/dropout.py). Fused AdamW is used on CUDA.
+before each forward (trainer/dropout.py). Fused AdamW is used on CUDA. Under
+lora.last_layers the frozen layers below the adapted ones run once per example
+before the first step, and each step runs only the layers above them
+(trainer/prefix.py).
 Switches: train.gradient_checkpointing; train.compile (trainer/compile.py);
 train.cuda_graphs (trainer/graphs.py: each micro-batch's forward and backward
 replayed as one CUDA graph; on the CPU the same padded micro-batches run
