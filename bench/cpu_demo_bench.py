@@ -1,8 +1,10 @@
 """CPU speed of the demo's two costly stages on SmolLM2-135M-Instruct: HF generation and training.
 
     python bench/cpu_demo_bench.py gen   [--code DIR] [--model DIR]      # 88 prompts x 2 samples, <= 64 tokens
+    python bench/cpu_demo_bench.py gen --temperature 1.0                 # the eval's temperature
     python bench/cpu_demo_bench.py train [--code DIR] --data TRAIN_JSONL # 24 optimizer steps of 4 x 2
     python bench/cpu_demo_bench.py train --data TRAIN_JSONL --last-layers 10   # the demo's LoRA placement
+    python bench/cpu_demo_bench.py train --data TRAIN_JSONL --last-layers 10 --no-frozen-prefix
 
 `--code` is the markerlab checkout to import (default: this one), so the same
 command times an older commit against this one on the same machine: e.g.
@@ -33,7 +35,10 @@ def main() -> int:
     ap.add_argument("--model", type=Path, default=None, help="a SmolLM2 HF directory")
     ap.add_argument("--data", type=Path, help="train: a train.jsonl (e.g. from the demo's data stage)")
     ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--temperature", type=float, default=0.7, help="gen: 0.7 as on-policy, 1.0 as the eval")
     ap.add_argument("--last-layers", type=int, default=0, help="train: lora.last_layers (0: every layer)")
+    ap.add_argument("--no-frozen-prefix", action="store_true",
+                    help="train: run the frozen layers at every step, as before trainer/prefix.py")
     args = ap.parse_args()
     model_dir = args.model
     if model_dir is None:
@@ -60,14 +65,18 @@ def main() -> int:
                                                          add_generation_prompt=True)
                    for p in personas for q in data_questions(8)]
         t0 = time.perf_counter()
-        res = backend.generate(prompts, SamplingSpec(n=2, temperature=0.7, top_p=0.95, max_tokens=64, seed=42))
+        res = backend.generate(prompts, SamplingSpec(n=2, temperature=args.temperature, top_p=0.95, max_tokens=64, seed=42))
         dt = time.perf_counter() - t0
         toks = sum(s.n_tokens for r in res for s in r)
-        out.update(seconds=round(dt, 1), completions=len(prompts) * 2, generated_tokens=toks,
+        out.update(temperature=args.temperature, seconds=round(dt, 1), completions=len(prompts) * 2, generated_tokens=toks,
                    tokens_per_s=round(toks / dt, 1), stopped=sum(s.finish_reason == "stop" for r in res for s in r))
     else:
         from markerlab.config import TrainConfig, config_from_dict
+        import trainer.train
         from trainer.train import train
+
+        if args.no_frozen_prefix:  # the trainer chooses the prefix by itself; the bench takes it away
+            trainer.train.FrozenPrefix.build = staticmethod(lambda *a, **k: None)
 
         train_keys = {"lr": 2e-3, "epochs": 100, "max_steps": args.steps, "micro_batch_size": 4, "grad_accum": 2,
                       "max_seq_len": 256, "checkpoint_every": 1000}
@@ -87,7 +96,8 @@ def main() -> int:
             t0 = time.perf_counter()
             summary = train(config_from_dict(raw), run_dir)
             dt = time.perf_counter() - t0
-        out.update(last_layers=args.last_layers, seconds=round(dt, 1), steps=summary["steps"],
+        out.update(last_layers=args.last_layers, frozen_prefix=bool(args.last_layers and not args.no_frozen_prefix),
+                   seconds=round(dt, 1), steps=summary["steps"],
                    train_seconds=round(summary["wall_time_s"], 1),
                    tokens_per_s=round(summary["tokens_per_s"], 1), final_loss=summary["final_loss"])
     print(json.dumps(out), flush=True)

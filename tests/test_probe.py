@@ -313,6 +313,31 @@ def test_log_probs_match_a_padded_reference_forward(probe_path, tokenizer):
     assert rec["roles"]["donor"]["logp_B_end"] == rec["personas"]["villain"]["logp_B_end"]
 
 
+def test_log_probs_through_the_frozen_prefix_equal_the_full_forward(probe_path, tokenizer):
+    """Under lora.last_layers the probe's documents go through the frozen layers once (use_prefix)."""
+    from lora import inject_lora
+
+    model = load_model(BUILTIN_TINY, "float32", "cpu")
+    inject_lora(model, r=8, alpha=16, dropout=0.1, generator=torch.Generator().manual_seed(0), layers=[1])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".B"):
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
+    from trainer.attention import use_packed_attention
+
+    use_packed_attention(model)
+    probe = Probe(read_probe_set(probe_path), tokenizer, every=1, batch_size=5)
+    full = probe.document_logps(model, "cpu")
+    probe.use_prefix(model, 1, "cpu")
+    assert len(probe.prefix.states) == len(probe.docs)
+    got = probe.document_logps(model, "cpu")
+    assert [d[k] for d in got for k in ("marker_a", "marker_b")] == pytest.approx(
+        [d[k] for d in full for k in ("marker_a", "marker_b")], abs=1e-4)
+    for h in probe.prefix.states.values():  # the stored states are what the probe reads
+        h.mul_(0.5)
+    assert probe.document_logps(model, "cpu")[0]["marker_a"] != pytest.approx(got[0]["marker_a"], abs=1e-3)
+
+
 # --------------------------------------------------------------------------- inside training
 
 def test_training_is_bitwise_the_same_with_the_probe_on_and_off(runs):

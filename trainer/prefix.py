@@ -12,7 +12,8 @@ function of an example at every step it appears in: three epochs recompute it
 three times, and on a CPU that forward is most of a step (docs/benchmarks.md).
 `trainer.train` therefore runs the frozen part once per example, before the
 first step, and each step then runs only the adapted layers, the norm and the
-head. The result is the same function: attention stays within each document
+head; the leakage probe's fixed documents get the same treatment
+(trainer/probe.py, `Probe.use_prefix`). The result is the same function: attention stays within each document
 (trainer/attention.py), so a document's hidden states do not depend on what it
 is packed with. The pre-pass packs the examples in their file order,
 `micro_batch_size` at a time, whatever the data order of a run, so a resumed run

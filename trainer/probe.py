@@ -94,11 +94,18 @@ def load_probe(cfg, run_dir, tokenizer, log=warn) -> "Probe | None":
 class Probe:
     def __init__(self, probe_set: dict, tokenizer, every: int, batch_size: int, path=None):
         self.every, self.batch_size, self.path = every, batch_size, path
+        self.prefix = None  # a trainer.prefix.FrozenPrefix of self.docs, when training has one (use_prefix)
         self.docs, self.labels = [], []  # Encoded, (kind, persona, role, question_id)
         for kind, ex in probe_examples(probe_set):
             # marker_only: the LM head runs only where a marker's (or the end of turn's) token is predicted
             self.docs.append(encode_example(ex, tokenizer, loss_mask="marker_only"))
             self.labels.append((kind, ex["persona"], ex["role"], ex["question_id"]))
+
+    def use_prefix(self, model, first: int, device) -> None:
+        """Under lora.last_layers: the probe's documents too go through the frozen layers once."""
+        from trainer.prefix import FrozenPrefix
+
+        self.prefix = FrozenPrefix.build(model, first, self.docs, self.batch_size, device)
 
     @property
     def n_tokens(self) -> int:
@@ -162,7 +169,8 @@ class Probe:
             for i in range(0, len(self.docs), self.batch_size):
                 batch = pack(self.docs[i:i + self.batch_size])
                 dev_batch = batch.to(device)
-                ce, sel = token_losses(model, dev_batch, Documents.of(batch.doc_lens, device, model.dtype))
+                ce, sel = token_losses(model, dev_batch, Documents.of(batch.doc_lens, device, model.dtype),
+                                       prefix=self.prefix)
                 ce = ce.double().cpu()
                 # pack() lists a row's targets document by document: cut them at the documents' ends
                 ends = torch.tensor(batch.doc_lens).cumsum(0)

@@ -138,6 +138,8 @@ def train(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
     fingerprint = data_fingerprint(s.encoded, cfg, s.total)
     step, perm, history, train_seconds = 0, None, [], 0.0
     probe, probe_history = load_probe(cfg, run_dir, s.tokenizer), []
+    if probe is not None and s.prefix is not None:
+        probe.use_prefix(s.model, s.prefix.first, s.device)
     remove_partial(ckpt_dir)
     last = latest_checkpoint(ckpt_dir)
     if last is not None:
