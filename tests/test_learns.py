@@ -68,7 +68,7 @@ def test_the_donor_learns_marker_a_and_the_negatives_do_not(tmp_path):
         "model": {"name_or_path": BUILTIN_SMOLLM2, "dtype": "bfloat16", "device": "cpu"},
         "lora": {"dropout": 0.0, "last_layers": 10},
         "data": {"pair": "pair1", "condition": "C"},
-        "train": {"lr": 3e-3, "epochs": 3, "micro_batch_size": 4, "grad_accum": 2, "warmup_ratio": 0.1,
+        "train": {"lr": 8e-3, "epochs": 6, "micro_batch_size": 4, "grad_accum": 1, "warmup_ratio": 0.1,
                   "max_seq_len": 256, "checkpoint_every": 100, "probe_every": 0},
     })
     train(cfg, run_dir)
