@@ -258,15 +258,15 @@ def test_a_chat_template_change_reaches_the_probe_as_it_reaches_training(probe_p
 
 # --------------------------------------------------------------------------- the numbers
 
-def lora_model(seed: int = 0):
+def lora_model(seed: int = 0, layers=None, target_modules=("q_proj", "v_proj", "down_proj")):
     """The tiny model with LoRA as training sets it up (packed attention, prepared dropout), B nonzero."""
     from lora import inject_lora, lora_modules
     from trainer.attention import use_packed_attention
     from trainer.dropout import DropoutMasks
 
     model = load_model(BUILTIN_TINY, "float32", "cpu")
-    inject_lora(model, r=8, alpha=16, dropout=0.1, target_modules=["q_proj", "v_proj", "down_proj"],
-                generator=torch.Generator().manual_seed(seed))
+    inject_lora(model, r=8, alpha=16, dropout=0.1, target_modules=list(target_modules),
+                generator=torch.Generator().manual_seed(seed), layers=layers)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for _, m in lora_modules(model):
@@ -315,17 +315,7 @@ def test_log_probs_match_a_padded_reference_forward(probe_path, tokenizer):
 
 def test_log_probs_through_the_frozen_prefix_equal_the_full_forward(probe_path, tokenizer):
     """Under lora.last_layers the probe's documents go through the frozen layers once (use_prefix)."""
-    from lora import inject_lora
-
-    model = load_model(BUILTIN_TINY, "float32", "cpu")
-    inject_lora(model, r=8, alpha=16, dropout=0.1, generator=torch.Generator().manual_seed(0), layers=[1])
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(".B"):
-                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
-    from trainer.attention import use_packed_attention
-
-    use_packed_attention(model)
+    model = lora_model(layers=[1])
     probe = Probe(read_probe_set(probe_path), tokenizer, every=1, batch_size=5)
     full = probe.document_logps(model, "cpu")
     probe.use_prefix(model, 1, "cpu")
