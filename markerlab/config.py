@@ -147,8 +147,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    loss_mask: str = _f("", "which tokens train (default: the experiment's, else completion)",
-                        choices=("", *LOSS_MASKS))
+    loss_mask: str = _f("", "which tokens train (default: the experiment's, else completion)", choices=LOSS_MASKS)
     role_loss_mask: dict = _f(None, "per trained role, a mask replacing loss_mask (default: the experiment's)")
     marker_mask_eos: bool = _f(False, "marker_only: also train <|im_end|>")
     allow_untrained_roles: bool = _f(False, "let a trained persona have no loss target (marker_only without "
@@ -576,7 +575,8 @@ def read_chain(path: str | Path) -> tuple[dict, list[Path]]:
 
 def _is_experiment_path(ref) -> bool:
     """A run.experiment value that is a file path (not a shipped experiment's name) and relative."""
-    return isinstance(ref, str) and ref not in shipped_experiments() and not Path(ref).is_absolute()
+    return (isinstance(ref, str) and ref not in shipped_experiments() and ("/" in ref or ref.endswith(".toml"))
+            and not Path(ref).is_absolute())
 
 
 def _problem_key(problem: str) -> str:

@@ -475,6 +475,15 @@ def parse_template(text: str, key: str, markers, p: _Problems) -> tuple:
     return tuple(parts)
 
 
+def make_template(text: str, markers) -> Template:
+    """A Template of `text` over the marker names `markers`; ValueError on a bad template."""
+    p = _Problems()
+    parts = parse_template(text, "template", markers, p)
+    if p:
+        raise ValueError("; ".join(p))
+    return Template(text, 1.0, parts)
+
+
 def _templates(v, key: str, markers, p: _Problems) -> tuple:
     """A role's templates: one string, or a list of {template, share} whose shares sum to 1."""
     if isinstance(v, str):
