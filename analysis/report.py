@@ -7,9 +7,15 @@ adapter's setting travel in each record):
 
     python -m analysis.report runs/pair1_T runs/pair1_C runs/pair2_T ... --out runs/report
     python -m analysis.report runs/ --out runs/report --bootstrap 2000 --seed 0
+    python -m analysis.report completions.jsonl --out report --experiment my_experiment.toml
 
 Records are grouped into arms by their setting less the seed (analysis.arms);
-runs of an arm that differ only in seed are replicates. Writes into ``--out``:
+runs of an arm that differ only in seed are replicates. Each arm reports under
+the experiment its records name (their ``setting.experiment`` and its digest):
+found in the run directory (``experiment.toml``, else ``config.toml``'s
+``run.experiment``), among the ``--experiment`` files or names, or shipped with
+markerlab; a file whose digest differs from the records' is refused
+(analysis.experiments). Writes into ``--out``:
 ``summary.json`` (docs/contracts.md), ``report.md`` (the page to read), ``table.md``
 (every cell) and, for one arm, ``figures/{hero,bystander,position,per_persona}.{png,pdf}``.
 With several arms each arm also gets ``arms/<name>/`` with the same files, as if
@@ -52,29 +58,38 @@ def _finite(obj):
     return obj
 
 
-def _write(summary: dict, out: Path, page: str, figures: bool, jobs: int | None) -> dict:
-    """Write one directory's summary.json, report.md, table.md and (optionally) figures."""
+def _write(summary: dict, out: Path, page: str, figures: list[Path] | None = None) -> dict:
+    """Write one directory's summary.json, report.md and table.md (the figures are drawn already)."""
     summary["outputs"] = {"summary": str(out / "summary.json"), "report": str(out / "report.md"),
                           "table": str(out / "table.md")}
+    if figures is not None:
+        summary["outputs"]["figures"] = [str(p) for p in figures]
     atomic_write_text(out / "table.md", render(summary))
     atomic_write_text(out / "report.md", page)
-    if figures:
-        from analysis.figures import draw_all  # matplotlib only when drawing
-
-        summary["outputs"]["figures"] = [str(p) for p in draw_all(summary, out / "figures", jobs)]
     atomic_write_text(out / "summary.json", json.dumps(_finite(summary), indent=1, allow_nan=False) + "\n")
     return summary
 
 
+def _figures(items: list[tuple[dict, Path]], figures: bool, jobs: int | None) -> list[list[Path] | None]:
+    """Each (summary, directory)'s figure files, drawn in one pool (or none when figures are off)."""
+    if not figures:
+        return [None] * len(items)
+    from analysis.figures import draw_many  # matplotlib only when drawing
+
+    return draw_many([(s, out / "figures") for s, out in items], jobs)
+
+
 def report(inputs: list[str], out: Path, n_resamples: int = 2000, seed: int = 0,
-           figures: bool = True, jobs: int | None = None) -> dict:
+           figures: bool = True, jobs: int | None = None, experiments: list[str] | tuple = ()) -> dict:
     """Build the report of ``inputs`` into ``out``; returns the summary dict.
 
     ``seed`` seeds the bootstrap and the pick of sample completions. ``jobs``:
     processes drawing the figures (default: one per core, at most 4).
+    ``experiments``: experiment files or shipped names for records whose
+    experiment is not found otherwise.
     """
     files = resolve_inputs(inputs)
-    loaded = load(files, sample_seed=seed)
+    loaded = load(files, sample_seed=seed, experiments=experiments)
     boot = Bootstrap(n_resamples, seed)
     arm_summaries = [summarize(arm, boot, loaded.splits, loaded.baselines) for arm in loaded.arms]
     out = Path(out)
@@ -84,18 +99,21 @@ def report(inputs: list[str], out: Path, n_resamples: int = 2000, seed: int = 0,
         summary["arms"][0]["dir"] = "."
         summary["inputs"] = inputs_list
         summary["warnings"] = loaded.warnings + summary["warnings"]
-        return _write(summary, out, render_page(summary), figures, jobs)
+        (drawn,) = _figures([(summary, out)], figures, jobs)
+        return _write(summary, out, render_page(summary), drawn)
 
     taken: set[str] = set()
     for s in arm_summaries:
         entry = s["arms"][0]
         entry["dir"] = f"arms/{slug(entry['name'], taken)}"
-        s["inputs"] = [str(f.path) for f in files]
-        _write(s, out / entry["dir"], render_page(s), figures, jobs)
+        s["inputs"] = inputs_list
+    drawn = _figures([(s, out / s["arms"][0]["dir"]) for s in arm_summaries], figures, jobs)
+    for s, paths in zip(arm_summaries, drawn):
+        _write(s, out / s["arms"][0]["dir"], render_page(s), paths)
     summary = combine(arm_summaries, boot, loaded.arms)
     summary["inputs"] = inputs_list
     summary["warnings"] = loaded.warnings + summary["warnings"]
-    return _write(summary, out, render_sweep_page(summary), False, jobs)
+    return _write(summary, out, render_sweep_page(summary))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="bootstrap resamples (default 2000; 0 turns CIs off)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the bootstrap and of the sample completions' pick (default 0)")
+    parser.add_argument("--experiment", action="append", default=[], metavar="NAME_OR_FILE",
+                        help="the experiment the records were made under, where neither their run directory"
+                             " nor markerlab's shipped experiments have it (repeatable)")
     parser.add_argument("--no-figures", action="store_true", help="skip the figures")
     parser.add_argument("--jobs", type=int, default=None,
                         help="processes drawing the figures (default: one per core, at most 4)")
@@ -121,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         summary = report(args.inputs, args.out, args.bootstrap, args.seed,
-                         figures=not args.no_figures, jobs=args.jobs)
+                         figures=not args.no_figures, jobs=args.jobs, experiments=args.experiment)
     except UserError as e:
         print(f"analysis.report: error: {e}", file=sys.stderr)
         return 2
