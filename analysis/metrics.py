@@ -159,29 +159,41 @@ def build_cells(keys: list[CellKey], labels: list[RowLabel], runs: list[str], ro
                 gaps: dict[CellKey, dict] | None = None, condition_order=()) -> list[Cell]:
     """Group per-completion ``rows`` (all of one experiment) into cells, summing counts per (replicate, question).
 
-    ``keys[i]``, ``labels[i]``, ``runs[i]`` describe ``rows[i]``. Vectorized: one
-    ``np.unique`` over (cell, row label) codes and one ``np.add.at``.
+    ``keys[i]``, ``labels[i]``, ``runs[i]`` describe ``rows[i]``.
     """
     if not keys:
         return []
-    gaps = gaps or {}
     cell_codes: dict[CellKey, int] = {}
     label_codes: dict[RowLabel, int] = {}
     c = np.fromiter((cell_codes.setdefault(k, len(cell_codes)) for k in keys), np.int64, len(keys))
     q = np.fromiter((label_codes.setdefault(x, len(label_codes)) for x in labels), np.int64, len(labels))
+    runs_of: dict[int, set[str]] = {}
+    for code, run in zip(c.tolist(), runs):
+        runs_of.setdefault(code, set()).add(run)
+    return build_coded_cells(cell_codes, label_codes, c, q, rows, runs_of, schema, gaps, condition_order)
+
+
+def build_coded_cells(cell_codes: dict[CellKey, int], label_codes: dict[RowLabel, int], c: np.ndarray,
+                      q: np.ndarray, rows: np.ndarray, runs_of: dict[int, set], schema: Schema,
+                      gaps: dict[CellKey, dict] | None = None, condition_order=()) -> list[Cell]:
+    """``build_cells`` for completions already coded: ``c[i]`` and ``q[i]`` are the codes (values of
+    ``cell_codes`` and ``label_codes``) of ``rows[i]``'s cell and (replicate, question); ``runs_of``
+    maps a cell code to its runs. Vectorized: one ``np.unique`` over (cell, row label) codes and one
+    ``np.add.at``."""
+    if not len(c):
+        return []
+    gaps = gaps or {}
     n_labels = len(label_codes)
     uniq, inverse = np.unique(c * n_labels + q, return_inverse=True)
     sums = np.zeros((len(uniq), rows.shape[1]), np.int64)
     np.add.at(sums, inverse.ravel(), rows)
     uniq_cell, uniq_label = uniq // n_labels, uniq % n_labels
-
-    runs_of: dict[int, set[str]] = {}
-    for code, run in zip(c.tolist(), runs):
-        runs_of.setdefault(code, set()).add(run)
     names = list(label_codes)
+    # uniq is sorted, so each cell's (cell, label) codes are one contiguous run of it.
+    bounds = np.searchsorted(uniq_cell, np.arange(len(cell_codes) + 1))
     cells = []
     for key, code in cell_codes.items():
-        sel = np.flatnonzero(uniq_cell == code)
+        sel = np.arange(bounds[code], bounds[code + 1])
         cell_labels = [names[i] for i in uniq_label[sel]]
         order = sorted(range(len(cell_labels)), key=lambda i: row_order(cell_labels[i]))
         cells.append(Cell(*key, rows=[cell_labels[i] for i in order], counts=sums[sel][order], schema=schema,
@@ -217,6 +229,8 @@ def merge_cells(cells: list[Cell], **labels: str) -> Cell:
 # Display order: conditions as the experiment lists them (the base floor last), roles and
 # variants as markerlab.experiment lists them, unknown values last.
 ROLE_ORDER = MappingProxyType({r: i for i, r in enumerate(ROLES)})
+# The record variants by their part: the adapter's plain answers, the probe, the base model's floor.
+PLAIN, PROBE, BASE = VARIANTS
 VARIANT_ORDER = MappingProxyType({v: i for i, v in enumerate(VARIANTS)})
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from array import array
 from itertools import product
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ import numpy as np
 
 from analysis.arms import arm_id, arm_names, arm_setting
 from analysis.experiments import ReportError, Resolver, record_problem
-from analysis.metrics import Cell, Schema, build_cells, replicate_order
+from analysis.metrics import Cell, Schema, build_coded_cells, replicate_order
 from markerlab.experiment import REPLICATE_KEY, Experiment
 from markerlab.markers import Matcher
 from markerlab.records import record_problems
@@ -199,11 +200,15 @@ class _Experiment:
     schema: Schema
     categories: tuple                         # _category_lookup of its sample categories
     fits: set = field(default_factory=set)    # (persona, pair, condition, role) already checked
-    keys: list = field(default_factory=list)
-    labels: list = field(default_factory=list)
-    runs: list = field(default_factory=list)
-    rows: list = field(default_factory=list)
-    gaps: dict = field(default_factory=dict)
+    # Per completion, as flat integer arrays (a few bytes a completion, not a Python object each):
+    # its cell's code, its (replicate, question) label's code, and its row of counts.
+    cell_codes: dict = field(default_factory=dict)    # cell key -> code
+    label_codes: dict = field(default_factory=dict)   # (replicate, question) -> code
+    cells: array = field(default_factory=lambda: array("q"))
+    labels: array = field(default_factory=lambda: array("q"))
+    rows: array = field(default_factory=lambda: array("q"))
+    runs_of: dict = field(default_factory=dict)       # cell code -> its runs
+    gaps: dict = field(default_factory=dict)          # cell key -> {pair: first-X-to-Y distances}
 
 
 def load(inputs: list[Input | Path | str], sample_seed: int = 0, experiments: list[str] | tuple = ()) -> Loaded:
@@ -308,11 +313,13 @@ def load(inputs: list[Input | Path | str], sample_seed: int = 0, experiments: li
             text = rec["text"]
             m = ex.matcher.match(text)
             cell_key = (arm, pair, condition, persona, role, variant)
-            ex.keys.append(cell_key)
+            code = ex.cell_codes.setdefault(cell_key, len(ex.cell_codes))
+            ex.cells.append(code)
             # The base floor does not depend on the adapter's seed: one replicate.
-            ex.labels.append((None if variant == "base" else seed, rec["question_id"]))
-            ex.runs.append(run)
-            ex.rows.append(ex.schema.row(m, rec["finish_reason"] == "length", len(text)))
+            label = (None if variant == "base" else seed, rec["question_id"])
+            ex.labels.append(ex.label_codes.setdefault(label, len(ex.label_codes)))
+            ex.runs_of.setdefault(code, set()).add(run)
+            ex.rows.extend(ex.schema.row(m, rec["finish_reason"] == "length", len(text)))
             for p, g in m.gap.items():
                 if g is not None:
                     ex.gaps.setdefault(cell_key, {}).setdefault(p, []).append(g)
@@ -323,8 +330,10 @@ def load(inputs: list[Input | Path | str], sample_seed: int = 0, experiments: li
 
     cells: list[Cell] = []
     for ex in per_exp.values():
-        if ex.rows:
-            cells += build_cells(ex.keys, ex.labels, ex.runs, np.asarray(ex.rows, np.int64), ex.schema, ex.gaps,
+        if ex.cells:
+            rows = np.frombuffer(ex.rows, np.int64).reshape(len(ex.cells), len(ex.schema.columns))
+            cells += build_coded_cells(ex.cell_codes, ex.label_codes, np.frombuffer(ex.cells, np.int64),
+                                       np.frombuffer(ex.labels, np.int64), rows, ex.runs_of, ex.schema, ex.gaps,
                                  ex.exp.condition_names)
     names = dict(zip(arm_settings, arm_names(list(arm_settings.values()))))
     arms = []
