@@ -26,6 +26,9 @@ from pathlib import Path
 from types import MappingProxyType
 
 import numpy as np
+# The two backends savefig uses, imported here so that forked figure workers inherit them
+# instead of importing them each.
+from matplotlib.backends import backend_agg, backend_pdf  # noqa: F401
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, PercentFormatter
@@ -380,26 +383,59 @@ def draw_all(summary: dict, out_dir: Path, jobs: int | None = None) -> list[Path
 
 
 def draw_many(items: list[tuple[dict, Path]], jobs: int | None = None) -> list[list[Path]]:
-    """Draw and save every figure of each (summary, out_dir); returns each one's written paths.
+    """Draw and save every figure of each (summary, out_dir); returns each one's written paths."""
+    with Drawer(jobs) as drawer:
+        pending = [drawer.submit(summary, out_dir) for summary, out_dir in items]
+        return [get() for get in pending]
+
+
+class Drawer:
+    """Draws the figures of summaries while the caller goes on with other work.
+
+        with Drawer(jobs) as drawer:      # before the heavy work: the workers fork small
+            get = drawer.submit(summary, out_dir)
+            ...                           # summarize the next arm, write pages
+            paths = get()                 # this summary's figure files, once drawn
 
     Rendering (text layout, rasterizing, PDF) is most of a report's time, so with
     ``jobs > 1`` the figures are drawn in forked worker processes, which inherit
     the imported matplotlib instead of importing it again; one pool serves every
-    summary (the arms of a sweep), so the workers stay busy to the end. Where fork
-    is not available, or ``jobs == 1``, they are drawn one after another.
+    summary (the arms of a sweep), so the workers stay busy to the end. ``jobs``
+    defaults to one per core, at most 4. Where fork is not available, or
+    ``jobs == 1``, each summary's figures are drawn when its ``get`` is called.
     """
+
     # Costliest first, so the workers finish at about the same time.
-    names = ["per_persona", "position", "hero", "bystander"]
-    tasks = [(name, {k: summary[k] for k in _READS if k in summary}, Path(out_dir))
-             for summary, out_dir in items for name in names]
-    jobs = min(len(names), os.cpu_count() or 1) if jobs is None else jobs
-    if jobs > 1 and len(tasks) > 1 and "fork" in mp.get_all_start_methods():
-        with mp.get_context("fork").Pool(min(jobs, len(tasks))) as pool:
-            results = pool.starmap(_draw_and_save, tasks, chunksize=1)
-    else:
-        results = [_draw_and_save(*t) for t in tasks]
-    out = []
-    for k in range(len(items)):
-        done = dict(zip(names, results[k * len(names):(k + 1) * len(names)]))
-        out.append([p for name in FIGURES for p in done[name]])
-    return out
+    NAMES = ("per_persona", "position", "hero", "bystander")
+
+    def __init__(self, jobs: int | None = None):
+        jobs = min(len(self.NAMES), os.cpu_count() or 1) if jobs is None else jobs
+        self.pool = None
+        if jobs > 1 and "fork" in mp.get_all_start_methods():
+            self.pool = mp.get_context("fork").Pool(jobs)
+
+    def submit(self, summary: dict, out_dir: Path):
+        """Queue one summary's figures; returns a function that waits for them and returns the paths."""
+        view = {k: summary[k] for k in _READS if k in summary}
+        tasks = [(name, view, Path(out_dir)) for name in self.NAMES]
+        if self.pool is None:
+            return lambda: _in_order([_draw_and_save(*t) for t in tasks])
+        results = [self.pool.apply_async(_draw_and_save, t) for t in tasks]
+        return lambda: _in_order([r.get() for r in results])
+
+    def __enter__(self) -> "Drawer":
+        return self
+
+    def __exit__(self, kind, *_) -> None:
+        if self.pool is not None:
+            if kind is None:
+                self.pool.close()
+            else:
+                self.pool.terminate()  # an error elsewhere: drop the queued figures
+            self.pool.join()
+
+
+def _in_order(done: list[list[Path]]) -> list[Path]:
+    """The paths of Drawer.NAMES' results, in FIGURES order."""
+    by_name = dict(zip(Drawer.NAMES, done))
+    return [p for name in FIGURES for p in by_name[name]]

@@ -28,6 +28,7 @@ file:line and the field, and exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -70,15 +71,6 @@ def _write(summary: dict, out: Path, page: str, figures: list[Path] | None = Non
     return summary
 
 
-def _figures(items: list[tuple[dict, Path]], figures: bool, jobs: int | None) -> list[list[Path] | None]:
-    """Each (summary, directory)'s figure files, drawn in one pool (or none when figures are off)."""
-    if not figures:
-        return [None] * len(items)
-    from analysis.figures import draw_many  # matplotlib only when drawing
-
-    return draw_many([(s, out / "figures") for s, out in items], jobs)
-
-
 def report(inputs: list[str], out: Path, n_resamples: int = 2000, seed: int = 0,
            figures: bool = True, jobs: int | None = None, experiments: list[str] | tuple = ()) -> dict:
     """Build the report of ``inputs`` into ``out``; returns the summary dict.
@@ -89,31 +81,44 @@ def report(inputs: list[str], out: Path, n_resamples: int = 2000, seed: int = 0,
     experiment is not found otherwise.
     """
     files = resolve_inputs(inputs)
-    loaded = load(files, sample_seed=seed, experiments=experiments)
-    boot = Bootstrap(n_resamples, seed)
-    arm_summaries = [summarize(arm, boot, loaded.splits, loaded.baselines) for arm in loaded.arms]
-    out = Path(out)
     inputs_list = [str(f.path) for f in files]
-    if len(arm_summaries) == 1:
-        summary = combine(arm_summaries, boot, loaded.arms)
-        summary["arms"][0]["dir"] = "."
-        summary["inputs"] = inputs_list
-        summary["warnings"] = loaded.warnings + summary["warnings"]
-        (drawn,) = _figures([(summary, out)], figures, jobs)
-        return _write(summary, out, render_page(summary), drawn)
+    out = Path(out)
+    # The figure workers fork before the records are read (so they stay small), and draw each arm's
+    # figures while the next arm is summarized and the pages are written.
+    with (_drawer(jobs) if figures else contextlib.nullcontext()) as drawer:
+        loaded = load(files, sample_seed=seed, experiments=experiments)
+        boot = Bootstrap(n_resamples, seed)
+        if len(loaded.arms) == 1:
+            summary = combine([summarize(loaded.arms[0], boot, loaded.splits, loaded.baselines)], boot, loaded.arms)
+            summary["arms"][0]["dir"] = "."
+            summary["inputs"] = inputs_list
+            summary["warnings"] = loaded.warnings + summary["warnings"]
+            drawn = drawer.submit(summary, out / "figures") if drawer else None
+            page = render_page(summary)
+            return _write(summary, out, page, drawn() if drawn else None)
 
-    taken: set[str] = set()
-    for s in arm_summaries:
-        entry = s["arms"][0]
-        entry["dir"] = f"arms/{slug(entry['name'], taken)}"
-        s["inputs"] = inputs_list
-    drawn = _figures([(s, out / s["arms"][0]["dir"]) for s in arm_summaries], figures, jobs)
-    for s, paths in zip(arm_summaries, drawn):
-        _write(s, out / s["arms"][0]["dir"], render_page(s), paths)
+        taken: set[str] = set()
+        arm_summaries, pending = [], []
+        for arm in loaded.arms:
+            s = summarize(arm, boot, loaded.splits, loaded.baselines)
+            entry = s["arms"][0]
+            entry["dir"] = f"arms/{slug(entry['name'], taken)}"
+            s["inputs"] = inputs_list
+            arm_summaries.append(s)
+            pending.append(drawer.submit(s, out / entry["dir"] / "figures") if drawer else None)
+        for s, drawn in zip(arm_summaries, pending):
+            page = render_page(s)
+            _write(s, out / s["arms"][0]["dir"], page, drawn() if drawn else None)
     summary = combine(arm_summaries, boot, loaded.arms)
     summary["inputs"] = inputs_list
     summary["warnings"] = loaded.warnings + summary["warnings"]
     return _write(summary, out, render_sweep_page(summary))
+
+
+def _drawer(jobs: int | None):
+    from analysis.figures import Drawer  # matplotlib only when drawing
+
+    return Drawer(jobs)
 
 
 def main(argv: list[str] | None = None) -> int:
