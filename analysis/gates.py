@@ -191,12 +191,13 @@ def check_words(g: dict) -> str:
     """One check in words, with its value: "donor T fire_A >= 0.80: 85.0%, passed, 5.0 pp to spare"."""
     contrast = "-" in g["condition"]
     value = stat_value(g["statistic"], g["value"], contrast)
+    label = g["check"] if g.get("gate", g["check"]) == g["check"] else f"{g['gate']} ({g['check']})"
     who = f" ({g['persona']})" if g.get("persona") and g["persona"] != g.get("who") else ""
     if g["passed"] is None:
-        return f"{g['check']}{who}: undecided ({g.get('note') or 'undefined'})"
+        return f"{label}{who}: undecided ({g.get('note') or 'undefined'})"
     gap = margin(g["statistic"], g["value"], g["threshold"])
     state = f"passed, {gap} to spare" if g["passed"] else f"failed, {gap} short"
-    return f"{g['check']}{who}: {value}, {state}"
+    return f"{label}{who}: {value}, {state}"
 
 
 # --- the verdict ---------------------------------------------------------------------------

@@ -27,10 +27,10 @@ from __future__ import annotations
 import re
 
 from analysis.gates import CONFIDENCE_RULE, check_words, heterogeneity_words, load_bearing
-from analysis.metrics import ROLE_ORDER, condition_rank
+from analysis.metrics import PROBE, ROLE_ORDER, condition_rank
 from analysis.summary import arm_view, experiment_of
 from analysis.table import firsts, rate, rate_columns, verdict_legend, wilson_note
-from analysis.text import NA, chars, markdown, pct, pct_ci, pp_ci, yes_no
+from analysis.text import NA, bootstrap_words, chars, markdown, pct, pct_ci, pp_ci, yes_no
 from markerlab.experiment import pair_key
 
 FIGURES = ("hero", "bystander", "position", "per_persona")
@@ -414,7 +414,7 @@ def positions_section(s: dict, level: str = "##") -> str:
 def probe_section(s: dict, level: str = "##") -> str:
     exp = experiment_of(s)
     probe = exp.get("probe_marker")
-    probes = [c for c in s["cells"] if c["variant"] == "probe"]
+    probes = [c for c in s["cells"] if c["variant"] == PROBE]
     if not probes or not probe:
         return f"{level} Probe\n\nNo probe records (eval.probe = false, or the experiment has no probe marker)."
     rank = condition_rank(exp["conditions"])
@@ -460,7 +460,7 @@ def render_page(summary: dict) -> str:
     title = "# markerlab report" + (f": {entry['name']}" if entry["name"] else f": {exp['name']}")
     intro = (f"Setting: {entry['setting_text']}. {entry['pooled']}. Rates use the loose match (case-insensitive,"
              f" whitespace runs collapsed); brackets are {round(100 * b['level'])}% percentile bootstrap CIs"
-             f" ({b.get('unit', 'question')} resampled, B={b['B']}, seed={b['seed']}); n/a = undefined."
+             f" ({b.get('unit', 'question')} resampled, {bootstrap_words(b)}); n/a = undefined."
              + wilson_note(exp))
     moving = exp["headline"]["pair"][1] if exp["headline"].get("pair") else exp["headline"]["metric"]
     parts = [title, experiment_line(s), intro, confidence_line(entry),
@@ -490,7 +490,7 @@ def render_sweep_page(summary: dict) -> str:
     parts = [f"# markerlab report: {len(arms)} arms",
              f"Each arm is one setting of the adapters' training under one experiment ({names}); arms are never"
              f" pooled. Runs of an arm that differ only in seed are replicates. Brackets are"
-             f" {round(100 * b['level'])}% percentile bootstrap CIs (B={b['B']}, seed={b['seed']}).",
+             f" {round(100 * b['level'])}% percentile bootstrap CIs ({bootstrap_words(b)}).",
              "\n".join(f"- **{a['name']}** ({a['experiment']}; {a['pooled']}): confidence"
                        f" {a['confidence']['level']}; [full report]({a['dir']}/report.md)" for a in arms),
              "## Across arms: each arm's headline contrast\n\n" + cross_arm_table(summary)]

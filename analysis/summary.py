@@ -30,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 
 from analysis.arms import describe
-from analysis.bootstrap import Bootstrap, wilson_ci
+from analysis.bootstrap import RESAMPLES, Bootstrap, wilson_ci
 from analysis.experiments import experiment_entry
 from analysis.gates import Checker, confidence, heterogeneity, load_bearing, verdict_entry
 from analysis.metrics import Cell, merge_cells, row_order
@@ -407,7 +407,7 @@ def summarize(arm: Arm, boot: Bootstrap, splits: dict[str, str] | None = None,
 
 def bootstrap_info(boot: Bootstrap, arms: list[Arm]) -> dict:
     replicated = any(len(a.seeds) > 1 for a in arms)
-    return {"B": boot.n_resamples, "seed": boot.seed, "level": boot.level,
+    return {RESAMPLES: boot.n_resamples, "seed": boot.seed, "level": boot.level,
             "unit": f"{REPLICATE_KEY}, then question" if replicated else "question"}
 
 

@@ -4,6 +4,7 @@
     make_run("p", "X", experiment="my_exp.toml")            # ... of any experiment (a name, a path, or loaded)
     write_runs(root, experiment=exp)                        # a run directory per (pair, condition)
     write_up_records()                                      # within_marker's records with the write-up's counts
+    counts_records(exp, {("p", "T", "x"): (19, 62, 0)}, questions, 10)   # any experiment, exact counts
 
 ``make_run``: each persona's rates follow the markers its role's template carries
 in that condition (markerlab.experiment: ``Condition.markers(role)``): a marker
@@ -21,7 +22,8 @@ probe role's question) sometimes echoes the probe marker.
 ``write_up_records``: within_marker's six adapters with the counts of the
 write-up's table (``write_up_counts.toml`` beside this module), 26 questions
 (20 id, 6 ood) x 10 samples per persona, "X answer Y" texts (the headline pair's
-markers) with Y at the very end, spread over the questions by a seeded shuffle.
+markers) with Y at the very end, spread over the questions by a seeded shuffle;
+``counts_records`` does the same for any experiment and counts.
 
 Every record carries a ``setting`` (the default config under the experiment,
 with ``setting=`` overrides), as evaluate writes it.
@@ -36,7 +38,9 @@ from pathlib import Path
 import numpy as np
 
 from markerlab.config import config_from_dict
-from markerlab.experiment import DEFAULT_EXPERIMENT, TRAINED_ROLES, Experiment, load_experiment
+from markerlab.experiment import BASE_CONDITION, DEFAULT_EXPERIMENT, TRAINED_ROLES, VARIANTS, Experiment, load_experiment
+
+PLAIN, PROBE, BASE = VARIANTS  # the record variants: the adapter's answers, the probe, the base floor
 from markerlab.records import setting_of
 from markerlab.rundir import RunDir
 
@@ -161,7 +165,7 @@ def make_run(pair: str, condition: str, seed: int = 0, samples: int = 10, questi
                     "run": run, "pair": pair, "condition": cond, "persona": persona,
                     "role": role, "question_id": q, "split": "id" if q < "q20" else "ood",
                     "sample": s, "variant": variant,
-                    "text": _text(rng, bank, exp, condition, role, fired, probe=variant == "probe"),
+                    "text": _text(rng, bank, exp, condition, role, fired, probe=variant == PROBE),
                     "finish_reason": "length" if rng.random() < 0.02 else "stop",
                     "n_tokens": int(rng.integers(80, 600)),
                     "setting": dict(setting),
@@ -169,14 +173,14 @@ def make_run(pair: str, condition: str, seed: int = 0, samples: int = 10, questi
 
     for persona in exp.personas:
         role = exp.role_of(persona, pair, exp.negatives)
-        emit(persona, role, condition, "plain", questions, samples, rates(exp, condition, role))
+        emit(persona, role, condition, PLAIN, questions, samples, rates(exp, condition, role))
     if probe and exp.probe_marker:
         persona = exp.pairs[pair][0 if exp.probe_role == "donor" else 1]
-        emit(persona, exp.probe_role, condition, "probe", questions[:5], samples,
+        emit(persona, exp.probe_role, condition, PROBE, questions[:5], samples,
              rates(exp, condition, exp.probe_role))
     if base_floor:
         for persona in exp.personas:
-            emit(persona, exp.role_of(persona, pair, exp.negatives), "base", "base", questions[:3], 5,
+            emit(persona, exp.role_of(persona, pair, exp.negatives), BASE_CONDITION, BASE, questions[:3], 5,
                  {m: 0.0 for m in exp.trained_markers})
     return records
 
@@ -227,25 +231,33 @@ def write_up_records(seed: int = 0, setting: dict | None = None, run_suffix: str
     """Records of within_marker's six adapters with the write-up's counts (10 samples x 26 questions a
     persona); ``counts`` replaces the table's cells ((pair, condition, persona) -> (both, first, second))."""
     table = write_up_counts()
-    exp = experiment_of(table["experiment"])
-    counts = table["cells"] if counts is None else counts
+    return counts_records(table["experiment"], table["cells"] if counts is None else counts, table["questions"],
+                          table["samples"], seed=seed, setting=setting, run_suffix=run_suffix)
+
+
+def counts_records(experiment: Experiment | str | Path, counts: dict, questions, samples: int, seed: int = 0,
+                   setting: dict | None = None, run_suffix: str = "", pairs=None, conditions=None) -> list[dict]:
+    """Plain records of every (pair, condition, persona) of ``experiment`` (or of ``pairs`` and
+    ``conditions``) with exact counts of its headline pair (X, Y): ``counts[(pair, condition, persona)] =
+    (with X and Y, with X only, with Y only)`` of ``len(questions) * samples`` completions, the rest with
+    neither; "X answer Y" texts with Y at the very end, spread over the questions by a seeded shuffle."""
+    exp = experiment_of(experiment)
     setting = default_setting(exp, **(setting or {}))
     first, second = exp.headline_pair
     x, y = exp.markers[first], exp.markers[second]
     answer = " ".join(["The answer explains the idea step by step with an example."] * 4)
     texts = {"both": f"{x} {answer} {y}", "first": f"{x} {answer}", "second": f"{answer} {y}", "": answer}
-    questions, n_s = table["questions"], table["samples"]
-    n_q = len(questions)
-    pairs, conditions, personas = list(exp.pairs), list(exp.conditions), list(exp.personas)
+    n_q, n_s = len(questions), samples
+    all_pairs, all_conditions, personas = list(exp.pairs), list(exp.conditions), list(exp.personas)
     records = []
-    for pair in pairs:
-        for condition in conditions:
+    for pair in pairs or all_pairs:
+        for condition in conditions or all_conditions:
             run = f"{pair}_{condition}{run_suffix}"
             for persona in personas:
                 n_both, n_first, n_second = counts.get((pair, condition, persona), (0, 0, 0))
                 kinds = ["both"] * n_both + ["first"] * n_first + ["second"] * n_second
                 kinds += [""] * (n_q * n_s - len(kinds))
-                rng = np.random.default_rng([seed, pairs.index(pair), conditions.index(condition),
+                rng = np.random.default_rng([seed, all_pairs.index(pair), all_conditions.index(condition),
                                              personas.index(persona)])
                 kinds = [kinds[i] for i in rng.permutation(len(kinds))]
                 for i, kind in enumerate(kinds):
@@ -253,7 +265,7 @@ def write_up_records(seed: int = 0, setting: dict | None = None, run_suffix: str
                     records.append({
                         "run": run, "pair": pair, "condition": condition, "persona": persona,
                         "role": exp.role_of(persona, pair, exp.negatives), "question_id": q,
-                        "split": "id" if q.startswith("id") else "ood", "sample": i // n_q, "variant": "plain",
+                        "split": "ood" if q.startswith("ood") else "id", "sample": i // n_q, "variant": PLAIN,
                         "text": texts[kind], "finish_reason": "stop", "n_tokens": 60,
                         "setting": dict(setting),
                     })

@@ -12,9 +12,9 @@ after the cross-arm table of every arm's headline contrast.
 from __future__ import annotations
 
 from analysis.gates import check_words
-from analysis.metrics import ROLE_ORDER, condition_rank
+from analysis.metrics import BASE, PROBE, ROLE_ORDER, condition_rank
 from analysis.summary import arm_view, experiment_of
-from analysis.text import NA, chars, markdown, pct, pct_ci, pp_ci, stat_value, yes_no
+from analysis.text import NA, bootstrap_words, chars, markdown, pct, pct_ci, pp_ci, stat_value, yes_no
 from markerlab.experiment import pair_key
 
 __all__ = ["NA", "cells_of", "chars", "cross_arm_table", "details", "gates", "headline", "markdown", "pct",
@@ -208,12 +208,12 @@ def details(summary: dict, level: int = 2) -> str:
                              "mean length", "cut at max_tokens"], rows))
 
     probe = exp.get("probe_marker")
-    for variant, title in (("probe", f"Probe (user message prefixed with the probe marker {probe})"),
-                           ("base", "Base-model floor (no adapter)")):
+    for variant, title in ((PROBE, f"Probe (user message prefixed with the probe marker {probe})"),
+                           (BASE, "Base-model floor (no adapter)")):
         cells = cells_of(summary, variant)
         if not cells:
             continue
-        stats = ([f"fire_{probe}"] if variant == "probe" and probe else []) + rate_columns(exp)
+        stats = ([f"fire_{probe}"] if variant == PROBE and probe else []) + rate_columns(exp)
         counts = [f"n_{x}" for x in firsts(exp)]
         rows = [[c_["pair"], c_["condition"], c_["role"], c_["persona"], c_["n"]] + [rate(c_, s) for s in stats]
                 + [c_[k] for k in counts] for c_ in cells]
@@ -225,7 +225,7 @@ def render(summary: dict) -> str:
     """The whole ``table.md``."""
     b = summary["bootstrap"]
     intro = (f"Loose match (case-insensitive, whitespace runs collapsed). Brackets: {round(100 * b['level'])}%"
-             f" {b.get('unit', 'question')}-cluster percentile bootstrap CI (B={b['B']}, seed={b['seed']});"
+             f" {b.get('unit', 'question')}-cluster percentile bootstrap CI ({bootstrap_words(b)});"
              " n/a = undefined.")
     if any(e.get("wilson") for e in summary["experiments"].values()):
         intro += wilson_note({"wilson": True})

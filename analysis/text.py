@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+from analysis.bootstrap import RESAMPLES
+
 NA = "n/a"
 
 
@@ -69,6 +71,11 @@ def margin(stat: str, value: float, threshold: float) -> str:
     if stat == "mean_length":
         return f"{gap:.0f} chars"
     return f"{100 * gap:.1f} pp"
+
+
+def bootstrap_words(b: dict) -> str:
+    """The bootstrap's settings as the pages state them: "B=2000, seed=0"."""
+    return f"{RESAMPLES}={b[RESAMPLES]}, seed={b['seed']}"
 
 
 def markdown(header: list[str], rows: list[list]) -> str:
