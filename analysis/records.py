@@ -130,7 +130,7 @@ def _check(rec: object, where: str) -> dict:
 
 def read_records(path: Path) -> Iterator[tuple[dict, str]]:
     """Yield ``(record, "file:line")`` for each non-blank line of a completions file, each record checked."""
-    for rec, where in _read_jsonl(path):
+    for rec, where in _read_jsonl(path, settings={}):
         yield _check(rec, where), where
 
 
@@ -163,8 +163,49 @@ def training_positions(run_dir: Path, matcher: Matcher) -> dict | None:
     return None
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[object, str]]:
-    """Yield ``(object, "file:line")`` for each non-blank line of a JSONL file."""
+# The completion record's last key, as evaluate (json.dumps) writes it.
+_SETTING_KEY = ', "setting": {'
+
+
+def parse_line(line: str, settings: dict) -> object:
+    """``json.loads(line)``, parsing a record's ``setting`` object once per distinct text.
+
+    Every record of a run repeats one setting (about 40% of a short record's JSON), so
+    where the line ends with it, as evaluate writes it (``..., "setting": {...}}``),
+    the rest of the line and the setting are parsed apart and the setting's parse is
+    kept in ``settings`` (its text -> the object, shared by the records: never mutate
+    a record's setting). The split is exact: an unescaped quote is never inside a JSON
+    string, so the key found is structural, and a setting that is not the top level's
+    last value leaves a tail that is not one object, which falls back to parsing the
+    whole line, as does anything else unexpected.
+    """
+    k = line.rfind(_SETTING_KEY)
+    if k != -1:
+        tail = line.rstrip()
+        if tail.endswith("}}"):
+            raw = tail[k + len(_SETTING_KEY) - 1:-1]
+            setting = settings.get(raw)
+            if setting is None:
+                try:
+                    setting = json.loads(raw)
+                except json.JSONDecodeError:
+                    setting = None
+                if isinstance(setting, dict) and len(settings) < 4096:
+                    settings[raw] = setting
+            if isinstance(setting, dict):
+                try:
+                    rec = json.loads(line[:k] + "}")
+                except json.JSONDecodeError:
+                    rec = None
+                if isinstance(rec, dict) and "setting" not in rec:
+                    rec["setting"] = setting
+                    return rec
+    return json.loads(line)
+
+
+def _read_jsonl(path: Path, settings: dict | None = None) -> Iterator[tuple[object, str]]:
+    """Yield ``(object, "file:line")`` for each non-blank line of a JSONL file (``settings``: see
+    parse_line; without it every line is parsed whole)."""
     try:
         f = open(path, "rb")  # bytes, so a bad UTF-8 sequence is reported with its line
     except OSError as e:
@@ -179,9 +220,10 @@ def _read_jsonl(path: Path) -> Iterator[tuple[object, str]]:
             if not line.strip():
                 continue
             try:
-                yield json.loads(line), where
+                obj = json.loads(line) if settings is None else parse_line(line, settings)
             except json.JSONDecodeError as e:
                 raise ReportError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            yield obj, where
 
 
 def _sample_score(seed: int, rec: dict) -> bytes:

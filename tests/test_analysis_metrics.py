@@ -343,3 +343,33 @@ def test_base_floor_repeated_across_runs_counts_once(tmp_path):
     g.write_text(json.dumps(rec("pair1_X", "q1", 0, "something else")) + "\n")
     (arm,) = load(files + [g]).arms
     assert arm.cells[0].count("n") == 4
+
+
+def test_parse_line_is_json_loads():
+    """The setting-once parse gives what json.loads gives, on records and on lines built to fool it."""
+    import random
+
+    from analysis.records import parse_line
+
+    good = json.dumps(rec(text='say ", "setting": {"lr": 1}} now'))
+    lines = [
+        good, good + "  \n", json.dumps(rec(text="x")), json.dumps({"setting": {"a": 1}, "run": "r"}),
+        '{"run": "r", "a": {"k": 0, "setting": {"z": 1}}}', '{"a": {"q": 1, "setting": {"z": 1}}, "setting": {"y": 2}}',
+        '{"run": "r", "setting": {"a": [1, {"b": 2}]}}', '{"run": "r", "setting": {}}', '{"setting": 5, "x": {}}',
+        '{"run": "r", "setting": {"a": 1}, "text": "t"}', '{"run": "r", "l": [1, {"setting": {"x": 1}}]}',
+        '{"a": "\\\\", "setting": {"x": "}}"}}', '{"run": "r", "setting": {"a": 1}, "setting": {"b": 2}}',
+    ]
+    rng = random.Random(0)
+    alphabet = ['"', "\\\\", ", ", '"setting": {', "}", "{", "a", "1", ":", " "]
+    for _ in range(3000):
+        lines.append('{"a": "' + "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12))) + '", "setting": {'
+                     + "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 8))) + "}}")
+    settings: dict = {}
+    for line in lines:
+        try:
+            want = json.loads(line)
+        except json.JSONDecodeError:
+            with pytest.raises(json.JSONDecodeError):
+                parse_line(line, settings)
+            continue
+        assert parse_line(line, settings) == want, line
