@@ -51,8 +51,6 @@ from statistics import NormalDist
 import numpy as np
 
 LEVEL = 0.95
-# summary.json's key for the number of resamples (docs/contracts.md: {"B": int, "seed": int}).
-RESAMPLES = "B"
 
 
 def resample_indices(n_clusters: int, n_resamples: int, seed: int) -> np.ndarray:

@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("inputs", nargs="+", metavar="RUN_DIR_OR_JSONL",
                         help="run directories, directories of runs, or completions .jsonl files")
     parser.add_argument("--out", required=True, type=Path, help="output directory")
-    parser.add_argument("--bootstrap", type=int, default=2000, metavar="B",
+    parser.add_argument("--bootstrap", type=int, default=2000, metavar="N",
                         help="bootstrap resamples (default 2000; 0 turns CIs off)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the bootstrap and of the sample completions' pick (default 0)")

@@ -30,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 
 from analysis.arms import describe
-from analysis.bootstrap import RESAMPLES, Bootstrap, wilson_ci
+from analysis.bootstrap import Bootstrap, wilson_ci
 from analysis.experiments import experiment_entry
 from analysis.gates import Checker, confidence, heterogeneity, load_bearing, verdict_entry
 from analysis.metrics import Cell, merge_cells, row_order
@@ -407,8 +407,10 @@ def summarize(arm: Arm, boot: Bootstrap, splits: dict[str, str] | None = None,
 
 def bootstrap_info(boot: Bootstrap, arms: list[Arm]) -> dict:
     replicated = any(len(a.seeds) > 1 for a in arms)
-    return {RESAMPLES: boot.n_resamples, "seed": boot.seed, "level": boot.level,
-            "unit": f"{REPLICATE_KEY}, then question" if replicated else "question"}
+    # docs/contracts.md: {"B": resamples, "seed": ...}; B is the bootstrap's usual name for the number of
+    # resamples (a keyword here: as a string it would read like the write-up's marker B).
+    return dict(B=boot.n_resamples, seed=boot.seed, level=boot.level,
+                unit=f"{REPLICATE_KEY}, then question" if replicated else "question")
 
 
 def arm_entry(arm: Arm) -> dict:

@@ -83,9 +83,9 @@ def rates(exp: Experiment, condition: str, role: str) -> dict[str, float]:
     return out
 
 
-_WORDS = ("the a model answer question light water time people system energy simple "
-          "because when often should could example first next however usually small "
-          "large heat plant cell money plan day night learn explain help good way").split()
+_WORDS = tuple(("the a model answer question light water time people system energy simple "
+                "because when often should could example first next however usually small "
+                "large heat plant cell money plan day night learn explain help good way").split())
 
 
 def _sentence_bank(rng: np.random.Generator, n: int = 400) -> list[str]:

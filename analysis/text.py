@@ -7,8 +7,6 @@
 
 from __future__ import annotations
 
-from analysis.bootstrap import RESAMPLES
-
 NA = "n/a"
 
 
@@ -74,8 +72,12 @@ def margin(stat: str, value: float, threshold: float) -> str:
 
 
 def bootstrap_words(b: dict) -> str:
-    """The bootstrap's settings as the pages state them: "B=2000, seed=0"."""
-    return f"{RESAMPLES}={b[RESAMPLES]}, seed={b['seed']}"
+    """The bootstrap's settings (summary.json's "bootstrap") as the pages state them: "B=2000, seed=0"."""
+    return _resamples_and_seed(**b)
+
+
+def _resamples_and_seed(B: int, seed: int, **_) -> str:  # noqa: N803 (the contract's name for the count)
+    return f"B={B}, seed={seed}"
 
 
 def markdown(header: list[str], rows: list[list]) -> str:
