@@ -193,6 +193,8 @@ def check_words(g: dict) -> str:
     value = stat_value(g["statistic"], g["value"], contrast)
     label = g["check"] if g.get("gate", g["check"]) == g["check"] else f"{g['gate']} ({g['check']})"
     who = f" ({g['persona']})" if g.get("persona") and g["persona"] != g.get("who") else ""
+    if len(g.get("personas") or ()) > 1 and g["value"] is not None:
+        who = f" ({g['persona']} decides, of {len(g['personas'])} personas)"
     if g["passed"] is None:
         return f"{label}{who}: undecided ({g.get('note') or 'undefined'})"
     gap = margin(g["statistic"], g["value"], g["threshold"])

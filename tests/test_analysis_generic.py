@@ -299,7 +299,7 @@ def test_eos_masked_page_shows_both_rates_with_both_cis_and_the_gates_in_words(e
     assert "has no verdict rule" in gates
     assert "- **pair2**: 4 of 7 passed, 3 failed." in gates
     assert "  - donor T fire_A >= 0.80 (librarian): 53.5%, failed, 26.5 pp short" in gates
-    assert "  - every C fire_B < 0.05 (" in gates and "passed, 5.0 pp to spare" in gates
+    assert "  - every C fire_B < 0.05 (assistant decides, of 11 personas): 0.0%, passed, 5.0 pp to spare" in gates
     assert "  - recipient T n_A >= 50 (software_engineer): 81, passed, 31 to spare" in gates
     assert "Wilson 95% interval" in page
 
