@@ -124,8 +124,9 @@ def _drawer(jobs: int | None):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m analysis.report",
-        description="Marker metrics, question-cluster bootstrap CIs, gates, report.md, table and "
-                    "figures from completion records.")
+        description="Marker metrics, question-cluster bootstrap CIs (and Wilson intervals where the experiment "
+                    "asks), the experiment's gates and verdict, report.md, table and figures from completion "
+                    "records, each arm under the experiment its records name.")
     parser.add_argument("inputs", nargs="+", metavar="RUN_DIR_OR_JSONL",
                         help="run directories, directories of runs, or completions .jsonl files")
     parser.add_argument("--out", required=True, type=Path, help="output directory")
