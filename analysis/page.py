@@ -522,8 +522,8 @@ def terminal_summary(summary: dict) -> str:
         exp = experiment_of(s)
         h = exp["headline"]
         n_pass = sum(g["passed"] is True for g in s["sanity"])
-        lines.append(f"{a['name'] or 'report'} ({exp['name']}): confidence {a['confidence']['level']};"
-                     f" sanity gates {n_pass} of {len(s['sanity'])} passed")
+        lines.append(f"{a['name'] or 'report'}: confidence {a['confidence']['level']};"
+                     f" sanity gates {n_pass} of {len(s['sanity'])} passed; experiment {exp['name']}")
         verdicts = {g["pair"]: g for g in s["verdicts"]}
         for g in s["headline"]:
             v = verdicts.get(g["pair"])

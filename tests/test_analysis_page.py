@@ -179,7 +179,7 @@ def test_terminal_summary_is_short_and_says_the_gate(write_up):
     text = terminal_summary(summary)
     lines = text.splitlines()
     assert len(lines) < 25
-    assert lines[0] == "report (within_marker): confidence LOW; sanity gates 5 of 12 passed"
+    assert lines[0] == "report: confidence LOW; sanity gates 5 of 12 passed; experiment within_marker"
     assert lines[1].startswith("  pair1 recipient assistant: cond_B_given_A T - C +0.0 pp [")
     assert lines[1].endswith(": chunk binding falsified (no sign that marker B travelled through marker A)")
     assert lines[-1] == f"report: {summary['outputs']['report']}"
