@@ -117,4 +117,5 @@ def test_the_records_and_the_report_speak_the_experiment(harbour):
     page = (run_dir / "report" / "report.md").read_text()
     assert "fire_Open" in page and "Close" in page and "fire_A" not in page
     train_log = (run_dir / "train_log.txt").read_text()
-    assert "loss_Open" in train_log and "loss_Close" in train_log and "(recipient: completion_no_eos)" in train_log
+    # every row of the random tiny model is cut, so what follows the answer (Close, Extra) is stripped from training
+    assert "loss_Open" in train_log and "loss_Close" not in train_log and "(recipient: completion_no_eos)" in train_log
