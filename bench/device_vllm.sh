@@ -9,6 +9,7 @@
 #   bash bench/device_vllm.sh run            SmolLM2 pair1_T, every stage in one process; generate and
 #                                            eval through vLLM; merged/ kept
 #   bash bench/device_vllm.sh hf             the eval stage again on the same merged/, through HF
+#   bash bench/device_vllm.sh hfsmall        the same, plain variant only, 5 samples a question
 #
 # What each phase measured goes to $OUT (logs, run_result.json, completions.jsonl.gz).
 set -uo pipefail
@@ -56,8 +57,10 @@ for phase in "$@"; do
       cp $R/manifest.json "$OUT/manifest_vllm.json"
       cp $R/train_summary.json "$OUT/train_summary.json" 2>/dev/null ;;
 
-    hf)
-      timeout 560 python3 -m trainer.run $RUN --set eval.backend=hf --overwrite --stages eval > "$OUT/eval_hf.log" 2>&1
+    hf|hfsmall)
+      # hfsmall, when device time is short: the plain variant only, 5 samples a question (1,430 completions)
+      small=""; [ $phase = hfsmall ] && small="--set eval.n_samples=5 --set eval.probe=false --set eval.base_floor=false"
+      timeout 560 python3 -m trainer.run $RUN --set eval.backend=hf $small --overwrite --stages eval > "$OUT/eval_hf.log" 2>&1
       echo "trainer.run exit $?"
       quiet < "$OUT/eval_hf.log" | grep -E "stage|\[eval\]|eval:|rror|Traceback|tokens/s" | cut -c1-300 | tail -20
       cp $R/eval/run_result.json "$OUT/run_result_hf.json"
