@@ -21,6 +21,8 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false MARKERLAB_CACHE=/root/mlc
        VLLM_USE_FLASHINFER_SAMPLER=0   # flashinfer is not carried; markerlab's seeded requests never use it
 export PYTHONPATH=/tmp/site:$PWD
 SECONDS=0
+DEADLINE=${DEADLINE:-580}   # seconds for the whole command (a device call runs at most 600)
+left() { echo $(( DEADLINE - SECONDS < 560 ? DEADLINE - SECONDS : 560 )); }
 RUN="configs/smollm2/pair1_T.toml --set train.lr=1e-3 --set eval.keep_merged=true"
 R=runs/smollm2/pair1_T
 quiet() { grep -v -E "it/s\]|s/it\]|[0-9]+%\|"; }
@@ -42,13 +44,13 @@ for phase in "$@"; do
       python3 -c 'from vllm import LLM, SamplingParams; print("import ok")' 2>&1 | tail -3 ;;
 
     check)
-      timeout 420 python3 bench/gpu_vllm_check.py --out "$OUT/gpu_vllm_check.json" > "$OUT/gpu_vllm_check.log" 2>&1
+      timeout $(( $(left) < 360 ? $(left) : 360 )) python3 bench/gpu_vllm_check.py --out "$OUT/gpu_vllm_check.json" > "$OUT/gpu_vllm_check.log" 2>&1
       echo "gpu_vllm_check exit $?"
       grep -E "^\[(PASS|FAIL)\]|^PASS|^FAIL|^SKIP|Error|error:|\[vllm\]|Using|backend" "$OUT/gpu_vllm_check.log" | quiet | cut -c1-400 | tail -40 ;;
 
     run)
       # every stage in one process, as a user runs it: generate (vLLM), data, train, merge, eval (vLLM), report
-      timeout 560 python3 -m trainer.run $RUN > "$OUT/run_vllm.log" 2>&1
+      timeout $(left) python3 -m trainer.run $RUN > "$OUT/run_vllm.log" 2>&1
       echo "trainer.run exit $?"
       quiet < "$OUT/run_vllm.log" | grep -E "stage|\[vllm\]|\[eval\]|eval:|rror|Traceback|stage times|tokens/s" | cut -c1-300 | tail -40
       mkdir -p /root/keep && cp -r $R/eval /root/keep/eval_vllm
@@ -60,7 +62,7 @@ for phase in "$@"; do
     hf|hfsmall)
       # hfsmall, when device time is short: the plain variant only, 5 samples a question (1,430 completions)
       small=""; [ $phase = hfsmall ] && small="--set eval.n_samples=5 --set eval.probe=false --set eval.base_floor=false"
-      timeout 560 python3 -m trainer.run $RUN --set eval.backend=hf $small --overwrite --stages eval > "$OUT/eval_hf.log" 2>&1
+      timeout $(left) python3 -m trainer.run $RUN --set eval.backend=hf $small --overwrite --stages eval > "$OUT/eval_hf.log" 2>&1
       echo "trainer.run exit $?"
       quiet < "$OUT/eval_hf.log" | grep -E "stage|\[eval\]|eval:|rror|Traceback|tokens/s" | cut -c1-300 | tail -20
       cp $R/eval/run_result.json "$OUT/run_result_hf.json"
