@@ -22,7 +22,7 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false MARKERLAB_CACHE=/root/mlc
 export PYTHONPATH=/tmp/site:$PWD
 SECONDS=0
 DEADLINE=${DEADLINE:-580}   # seconds for the whole command (a device call runs at most 600)
-left() { echo $(( DEADLINE - SECONDS < 560 ? DEADLINE - SECONDS : 560 )); }
+left() { local l=$(( DEADLINE - SECONDS < 560 ? DEADLINE - SECONDS : 560 )); echo $(( l < 1 ? 1 : l )); }
 RUN="configs/smollm2/pair1_T.toml --set train.lr=1e-3 --set eval.keep_merged=true"
 R=runs/smollm2/pair1_T
 quiet() { grep -v -E "it/s\]|s/it\]|[0-9]+%\|"; }
