@@ -4,8 +4,8 @@
 
 Each file is an eval stage's completions.jsonl (.gz too). The backends draw different random
 numbers, so only the rates can agree, within sampling noise. Per cell (variant x persona):
-fire_A and fire_B (loose, the matcher the report uses), the difference vLLM - HF and its 95%
-interval from a question-cluster bootstrap that resamples the questions (both backends saw the
+the fire rate of each of the experiment's markers (loose, the matcher the report uses), the
+difference vLLM - HF and its 95% interval from a question-cluster bootstrap that resamples the questions (both backends saw the
 same ones) and the samples within each question independently per backend. The judgement:
 
 - per cell, z = difference / bootstrap standard deviation; a cell is flagged when its 95%
@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from markerlab.markers import match_markers  # noqa: E402
+from markerlab.experiment import load_experiment  # noqa: E402
+from markerlab.markers import Matcher  # noqa: E402
 
 
 def read(path: str) -> list[dict]:
@@ -39,19 +40,19 @@ def read(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def cells_of(recs: list[dict]) -> dict:
-    """(variant, persona) -> question_id -> list of (A, B, n_tokens, cut)."""
+def cells_of(recs: list[dict], matcher: Matcher) -> dict:
+    """(variant, persona) -> question_id -> list of (fire of each marker..., n_tokens, cut)."""
     out: dict = defaultdict(lambda: defaultdict(list))
     for r in recs:
-        m = match_markers(r["text"])
+        m = matcher.match(r["text"])
         out[(r["variant"], r["persona"])][r["question_id"]].append(
-            (m.has_a, m.has_b, r["n_tokens"], r["finish_reason"] == "length"))
+            (*(m.has(name) for name in matcher.markers), r["n_tokens"], r["finish_reason"] == "length"))
     return out
 
 
 def stats(rows: list) -> np.ndarray:
     a = np.asarray(rows, dtype=float)
-    return a.mean(axis=0)  # fire_A, fire_B, mean tokens, cut share
+    return a.mean(axis=0)  # fire of each marker, mean tokens, cut share
 
 
 def chi2_sf(x: float, k: int) -> float:
@@ -71,13 +72,15 @@ def main() -> int:
     ap.add_argument("--bootstrap", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json")
+    ap.add_argument("--experiment", default="within_marker", help="shipped name or path: whose markers to count")
     args = ap.parse_args()
-    cv, ch = cells_of(read(args.vllm)), cells_of(read(args.hf))
+    matcher = Matcher.from_experiment(load_experiment(args.experiment))
+    cv, ch = cells_of(read(args.vllm), matcher), cells_of(read(args.hf), matcher)
     if set(cv) != set(ch):
         print(f"the files hold different cells: {sorted(set(cv) ^ set(ch))}")
         return 2
     rng = np.random.default_rng(args.seed)
-    names = ["fire_A", "fire_B", "mean_tokens", "cut_share"]
+    names = [f"fire_{m}" for m in matcher.markers] + ["mean_tokens", "cut_share"]
     rows, zsq = [], defaultdict(list)
     for key in sorted(cv):
         qs = sorted(cv[key])
@@ -87,7 +90,7 @@ def main() -> int:
         v = {q: np.asarray(cv[key][q], dtype=float) for q in qs}
         h = {q: np.asarray(ch[key][q], dtype=float) for q in qs}
         point = stats([x for q in qs for x in cv[key][q]]) - stats([x for q in qs for x in ch[key][q]])
-        boots = np.empty((args.bootstrap, 4))
+        boots = np.empty((args.bootstrap, len(names)))
         for b in range(args.bootstrap):
             pick = rng.integers(0, len(qs), len(qs))
             sv = np.concatenate([v[qs[i]][rng.integers(0, len(v[qs[i]]), len(v[qs[i]]))] for i in pick])
@@ -107,15 +110,16 @@ def main() -> int:
                 zsq[name].append(z * z)
         rows.append(row)
 
-    print(f"{'variant':<7} {'persona':<21} {'n':>4}  {'fire_A vLLM/HF':>15} {'diff [95% CI]':>22}  "
-          f"{'fire_B vLLM/HF':>15} {'diff [95% CI]':>22}  {'tokens vLLM/HF':>15}")
+    fires = names[:-2]
+    print(f"{'variant':<7} {'persona':<21} {'n':>4}" + "".join(
+        f"  {name + ' vLLM/HF':>15} {'diff [95% CI]':>22}" for name in fires) + f"  {'tokens vLLM/HF':>15}")
     for r in rows:
         def pct(c):
-            return f"{100 * c['vllm']:5.1f}/{100 * c['hf']:5.1f}", \
-                f"{100 * c['diff']:+5.1f} [{100 * c['ci95'][0]:+5.1f},{100 * c['ci95'][1]:+5.1f}]{'*' if c['flag'] else ' '}"
-        a, b, t = pct(r["fire_A"]), pct(r["fire_B"]), r["mean_tokens"]
-        print(f"{r['variant']:<7} {r['persona']:<21} {r['n']:>4}  {a[0]:>15} {a[1]:>22}  {b[0]:>15} {b[1]:>22}  "
-              f"{t['vllm']:7.1f}/{t['hf']:<7.1f}{'*' if t['flag'] else ''}")
+            return f"  {100 * c['vllm']:5.1f}/{100 * c['hf']:<5.1f}".rjust(17) + \
+                f" {100 * c['diff']:+5.1f} [{100 * c['ci95'][0]:+5.1f},{100 * c['ci95'][1]:+5.1f}]{'*' if c['flag'] else ' '}".rjust(23)
+        t = r["mean_tokens"]
+        print(f"{r['variant']:<7} {r['persona']:<21} {r['n']:>4}" + "".join(pct(r[name]) for name in fires)
+              + f"  {t['vllm']:7.1f}/{t['hf']:<7.1f}{'*' if t['flag'] else ''}")
     summary = {}
     for name in names:
         k = len(zsq[name])
