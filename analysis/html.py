@@ -19,9 +19,10 @@ Self-contained: no network, no CDN; it opens from ``file://``. The figures are
 embedded as data URIs, the script and style inline (``report_page.js`` and
 ``report_page.css`` beside this module). Data is embedded as JSON with ``<``,
 ``>``, ``&`` and U+2028/U+2029 escaped (``embed_json``), so no completion text can
-close the script element; above ``COMPRESS_ABOVE`` bytes the records' JSON is
-gzipped and base64-encoded, and the page inflates it with the browser's
-``DecompressionStream``. The page builds every element from text
+close the script element; above ``COMPRESS_ABOVE`` bytes the texts are word-coded
+(``word_code``: a vocabulary and a stream of indices) and both blocks gzipped and
+base64-encoded, which the page inflates with the browser's ``DecompressionStream``
+(a sweep of 17,160 completions of 600 tokens: about 11 MB, docs/benchmarks.md). The page builds every element from text
 (``textContent``), never from HTML strings, so a completion that contains markup
 is shown as the characters it is.
 
@@ -36,7 +37,10 @@ import base64
 import gzip
 import html
 import json
+from collections import Counter
 from pathlib import Path
+
+import numpy as np
 
 from analysis.arms import arm_id
 from analysis.gates import load_bearing
@@ -50,7 +54,7 @@ from markerlab.io import atomic_write_text
 from markerlab.markers import Matcher
 
 __all__ = ["COMPRESS_ABOVE", "MARKER_COLORS", "embed_json", "marker_colors", "page_data", "records_data",
-           "render_html", "write_html"]
+           "render_html", "word_code", "word_decode", "write_html"]
 
 MARKER_COLORS = ("#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 # The records' JSON above this many bytes is gzipped (and base64-encoded) inside the page.
@@ -196,22 +200,70 @@ def _question_texts(ids) -> dict[str, str]:
     return {q: known[q] for q in ids if q in known}
 
 
+def word_code(texts: list[str]) -> tuple[list[str], bytes]:
+    """``texts`` as a vocabulary and one byte stream: each text split at single spaces, each piece written
+    as its 1-based index in the vocabulary (most frequent first) as an LEB128 varint, each text ended by
+    a 0 byte (no varint of an index >= 1 holds one). Deflate then codes indices instead of letters:
+    about a third smaller than the gzipped JSON of the texts (docs/benchmarks.md)."""
+    counts: Counter = Counter()
+    for t in texts:
+        counts.update(t.split(" "))
+    vocab = [w for w, _ in counts.most_common()]
+    index = {w: i for i, w in enumerate(vocab, 1)}
+    ids = np.fromiter((i for t in texts for i in (*map(index.__getitem__, t.split(" ")), 0)), dtype=np.int64)
+    width = np.ones(len(ids), dtype=np.int64)  # bytes per varint
+    while (big := ids >= (1 << (7 * width))).any():
+        width[big] += 1
+    out = np.zeros(int(width.sum()), dtype=np.uint8)
+    pos = np.cumsum(width) - width
+    rest = ids.copy()
+    for k in range(int(width.max(initial=1))):
+        on = width > k
+        out[pos[on] + k] = (rest[on] & 0x7F) | np.where(width[on] > k + 1, 0x80, 0)
+        rest >>= 7
+    return vocab, out.tobytes()
+
+
+def word_decode(vocab: list[str], data: bytes) -> list[str]:
+    """The inverse of ``word_code``, as the page does it."""
+    texts, words, n, shift = [], [], 0, 0
+    for b in data:
+        n |= (b & 0x7F) << shift
+        if b & 0x80:
+            shift += 7
+            continue
+        if n == 0:
+            texts.append(" ".join(words))
+            words = []
+        else:
+            words.append(vocab[n - 1])
+        n, shift = 0, 0
+    return texts
+
+
+def _packed(data: bytes) -> str:
+    return base64.b64encode(gzip.compress(data, compresslevel=9, mtime=0)).decode("ascii")
+
+
 def render_html(meta: dict, records: dict, compress: bool | None = None) -> str:
-    """The page: ``meta`` (page_data) as escaped JSON, ``records`` (records_data) as escaped JSON, or
-    gzipped and base64-encoded where ``compress`` (default: above COMPRESS_ABOVE bytes)."""
+    """The page: ``meta`` (page_data) and ``records`` (records_data) as escaped JSON; where ``compress``
+    (default: when the records' JSON is above COMPRESS_ABOVE bytes) the texts are word-coded
+    (``word_code``) and both blocks gzipped and base64-encoded."""
     css = (ASSETS / "report_page.css").read_text(encoding="utf-8")
     js = (ASSETS / "report_page.js").read_text(encoding="utf-8")
     for name, text in (("report_page.css", css), ("report_page.js", js)):
         if "</" in text.lower():  # would end the element early
             raise ValueError(f"{name} contains '</'")
-    data = embed_json(records)
     if compress is None:
-        compress = len(data) > COMPRESS_ABOVE
+        compress = len(embed_json(records)) > COMPRESS_ABOVE
     if compress:
-        packed = base64.b64encode(gzip.compress(data.encode("utf-8"), compresslevel=9, mtime=0)).decode("ascii")
-        block = f'<script type="application/gzip+base64" id="records">{packed}</script>'
+        vocab, stream = word_code(records["text"])
+        rest = {k: v for k, v in records.items() if k != "text"}
+        block = (f'<script type="application/gzip+base64" id="records">'
+                 f'{_packed(embed_json({**rest, "vocab": vocab}).encode("utf-8"))}</script>\n'
+                 f'<script type="application/gzip+base64" id="texts">{_packed(stream)}</script>')
     else:
-        block = f'<script type="application/json" id="records">{data}</script>'
+        block = f'<script type="application/json" id="records">{embed_json(records)}</script>'
     return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">\n'
             f"<title>{html.escape(meta['title'])}</title>\n<style>\n{css}</style>\n</head>\n<body>\n"

@@ -64,19 +64,57 @@
     return box;
   }
 
+  function bytesOf(node) {
+    const b64 = node.textContent.trim();
+    if (typeof Uint8Array.fromBase64 === "function") return Uint8Array.fromBase64(b64);
+    const bin = atob(b64);
+    const bytes = new Uint8Array(bin.length);
+    for (let i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
+    return bytes;
+  }
+
+  async function inflate(bytes) {
+    const stream = new Blob([bytes]).stream().pipeThrough(new DecompressionStream("gzip"));
+    return new Uint8Array(await new Response(stream).arrayBuffer());
+  }
+
+  // analysis/html.py's word_code: per text, 1-based vocabulary indices as LEB128 varints, then a 0 byte.
+  // Texts are decoded when first shown or searched.
+  function wordDecoder(vocab, bytes, n) {
+    const starts = new Uint32Array(n + 1);
+    let k = 0;
+    for (let i = 0; i < bytes.length; i++) if (bytes[i] === 0) starts[++k] = i + 1;
+    if (k !== n) throw new Error(`the texts block holds ${k} texts, the records ${n}`);
+    const cache = new Array(n);
+    return i => {
+      let t = cache[i];
+      if (t === undefined) {
+        const words = [];
+        let v = 0, shift = 0;
+        for (let j = starts[i], end = starts[i + 1] - 1; j < end; j++) {
+          const b = bytes[j];
+          v += (b & 127) * 2 ** shift;
+          if (b & 128) { shift += 7; continue; }
+          words.push(vocab[v - 1]);
+          v = 0; shift = 0;
+        }
+        t = cache[i] = words.join(" ");
+      }
+      return t;
+    };
+  }
+
   async function loadRecords() {
     const node = document.getElementById("records");
-    if (node.type === "application/json") return JSON.parse(node.textContent);
-    const b64 = node.textContent.trim();
-    let bytes;
-    if (typeof Uint8Array.fromBase64 === "function") bytes = Uint8Array.fromBase64(b64);
-    else {
-      const bin = atob(b64);
-      bytes = new Uint8Array(bin.length);
-      for (let i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
+    if (node.type === "application/json") {
+      const R = JSON.parse(node.textContent);
+      R.textOf = i => R.text[i];
+      return R;
     }
-    const stream = new Blob([bytes]).stream().pipeThrough(new DecompressionStream("gzip"));
-    return JSON.parse(await new Response(stream).text());
+    const [head, stream] = await Promise.all([inflate(bytesOf(node)), inflate(bytesOf(document.getElementById("texts")))]);
+    const R = JSON.parse(new TextDecoder().decode(head));
+    R.textOf = wordDecoder(R.vocab, stream, R.n);
+    return R;
   }
 
   // Offsets in the records count code points (Python's); JavaScript strings count UTF-16 units.
@@ -265,7 +303,10 @@
 
     function update() {
       const q = search.value.trim().toLowerCase();
-      if (q && lower === null) lower = R.text.map(t => t.toLowerCase());
+      if (q && lower === null) {
+        lower = new Array(n);
+        for (let i = 0; i < n; i++) lower[i] = R.textOf(i).toLowerCase();
+      }
       const active = Object.keys(want).filter(f => want[f] !== -1);
       const mk = markerWant.map((w, k) => [w, k]).filter(([w]) => w);
       matched = [];
@@ -286,7 +327,7 @@
     function value(f, i) { return F[f].values[F[f].codes[i]]; }
 
     function card(i) {
-      const text = R.text[i];
+      const text = R.textOf(i);
       const arm = value("arm", i);
       const colors = colorOf[arm] || {};
       const head = el("div", {class: "head"});

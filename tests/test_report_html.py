@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from analysis.html import MARKER_COLORS, embed_json, marker_colors, records_data, render_html, write_html
+from analysis.html import (MARKER_COLORS, embed_json, marker_colors, records_data, render_html, word_code,
+                           word_decode, write_html)
 from analysis.records import resolve_inputs
 from analysis.report import report
 from analysis.synthetic import write_runs
@@ -25,14 +26,21 @@ HOSTILE = "</script><script>alert(1)</script>"
 BOLD = "<b>not bold</b>"
 
 
+def _blocks(page: str) -> dict[str, tuple[str, str]]:
+    return {m.group(2): (m.group(1), m.group(3)) for m in re.finditer(
+        r'<script type="(application/json|application/gzip\+base64)" id="(\w+)">(.*?)</script>', page, re.S)}
+
+
 def _decode_block(page: str) -> dict:
-    """The records block of a page, decoded as the page's script does."""
-    m = re.search(r'<script type="(application/json|application/gzip\+base64)" id="records">(.*?)</script>', page,
-                  re.S)
-    assert m, "no records block"
-    if m.group(1) == "application/json":
-        return json.loads(m.group(2))
-    return json.loads(gzip.decompress(base64.b64decode(m.group(2))).decode("utf-8"))
+    """The records of a page, decoded as the page's script does (the texts too, where word-coded)."""
+    blocks = _blocks(page)
+    kind, body = blocks["records"]
+    if kind == "application/json":
+        return json.loads(body)
+    records = json.loads(gzip.decompress(base64.b64decode(body)).decode("utf-8"))
+    stream = gzip.decompress(base64.b64decode(blocks["texts"][1]))
+    records["text"] = word_decode(records.pop("vocab"), stream)
+    return records
 
 
 # --- pure Python -------------------------------------------------------------------------------
@@ -59,12 +67,22 @@ def _records(texts: list[str]) -> dict:
 def test_hostile_completion_text_stays_data(compress):
     texts = [f"answer {HOSTILE} and {BOLD}", "</SCRIPT >", "<!--<script>"]
     page = render_html(_meta(f"{HOSTILE}{BOLD}"), _records(texts), compress=compress)
-    # The page's own three script elements, and nothing a completion opened or closed.
-    assert page.lower().count("<script") == 3 and page.lower().count("</script") == 3
+    # The page's own script elements (meta, records, texts where compressed, the code), and nothing a
+    # completion opened or closed.
+    scripts = 4 if compress else 3
+    assert page.lower().count("<script") == scripts and page.lower().count("</script") == scripts
     assert BOLD not in page
     assert "<title>&lt;/script&gt;" in page  # the title is HTML-escaped
     assert _decode_block(page)["text"] == texts
     assert ('type="application/gzip+base64"' in page) is compress
+
+
+def test_word_code_round_trips():
+    texts = ["", " ", "a  b ", "x\n\ny", "\U0001F642 \u00e9t\u00e9", HOSTILE, "a b a b a"] * 3
+    texts.append(" ".join(str(i) for i in range(20_000)))  # indices of three bytes
+    vocab, stream = word_code(texts)
+    assert word_decode(vocab, stream) == texts
+    assert stream.count(0) == len(texts) and vocab[0] == ""  # most frequent first (empty: between two spaces)
 
 
 def test_colors_follow_the_experiment_order(tmp_path):
@@ -195,8 +213,8 @@ def test_the_page_in_chromium(reported, browser, tmp_path, compress):
     driver.get_log("browser")  # drop what an earlier page logged
     _open(driver, page)
 
-    # Only the page's own three scripts; no completion turned into markup.
-    assert driver.execute_script("return document.scripts.length") == 3
+    # Only the page's own scripts; no completion turned into markup.
+    assert driver.execute_script("return document.scripts.length") == (4 if compress else 3)
     assert driver.execute_script("return document.querySelectorAll('#results .text *:not(mark)').length") == 0
 
     # The legend: the experiment's markers, in its order, in its colours.
