@@ -19,11 +19,12 @@ Self-contained: no network, no CDN; it opens from ``file://``. The figures are
 embedded as data URIs, the script and style inline (``report_page.js`` and
 ``report_page.css`` beside this module). Data is embedded as JSON with ``<``,
 ``>``, ``&`` and U+2028/U+2029 escaped (``embed_json``), so no completion text can
-close the script element; above ``COMPRESS_ABOVE`` bytes the texts are word-coded
-(``word_code``: a vocabulary and a stream of indices) and both blocks gzipped and
-base64-encoded, which the page inflates with the browser's ``DecompressionStream``
-(a sweep of 17,160 completions of 600 tokens: about 11 MB, docs/benchmarks.md). The page builds every element from text
-(``textContent``), never from HTML strings, so a completion that contains markup
+close the script element; above ``COMPRESS_ABOVE`` characters of text the texts
+are word-coded (``word_code``: a vocabulary and a stream of indices) and both
+blocks gzipped and base64-encoded, which the page inflates with the browser's
+``DecompressionStream`` (17,160 completions of 600 tokens: about 11 MB,
+docs/benchmarks.md). The page builds every element from text (``textContent``),
+never from HTML strings, so a completion that contains markup
 is shown as the characters it is.
 
 Colours: marker k of an experiment (in the file's declaration order) gets
@@ -38,6 +39,7 @@ import gzip
 import html
 import json
 from collections import Counter
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +59,7 @@ __all__ = ["COMPRESS_ABOVE", "MARKER_COLORS", "embed_json", "marker_colors", "pa
            "render_html", "word_code", "word_decode", "write_html"]
 
 MARKER_COLORS = ("#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
-# The records' JSON above this many bytes is gzipped (and base64-encoded) inside the page.
+# Texts of more than this many characters in all are word-coded and gzipped (and base64-encoded) in the page.
 COMPRESS_ABOVE = 1 << 20
 # The record fields the browser filters on, each stored once per distinct value.
 CATEGORICAL = ("arm", "pair", "condition", "persona", "role", "split", "variant", "finish_reason", "question_id",
@@ -205,22 +207,24 @@ def word_code(texts: list[str]) -> tuple[list[str], bytes]:
     as its 1-based index in the vocabulary (most frequent first) as an LEB128 varint, each text ended by
     a 0 byte (no varint of an index >= 1 holds one). Deflate then codes indices instead of letters:
     about a third smaller than the gzipped JSON of the texts (docs/benchmarks.md)."""
+    # Text by text, so no list of every word is ever built (a few hundred MB at the protocol's scale).
     counts: Counter = Counter()
     for t in texts:
         counts.update(t.split(" "))
     vocab = [w for w, _ in counts.most_common()]
     index = {w: i for i, w in enumerate(vocab, 1)}
-    ids = np.fromiter((i for t in texts for i in (*map(index.__getitem__, t.split(" ")), 0)), dtype=np.int64)
-    width = np.ones(len(ids), dtype=np.int64)  # bytes per varint
-    while (big := ids >= (1 << (7 * width))).any():
-        width[big] += 1
-    out = np.zeros(int(width.sum()), dtype=np.uint8)
-    pos = np.cumsum(width) - width
-    rest = ids.copy()
+    get = index.__getitem__
+    ids = np.fromiter(chain.from_iterable(chain(map(get, t.split(" ")), (0,)) for t in texts), dtype=np.uint64)
+    width = np.ones(len(ids), dtype=np.uint8)  # bytes per varint
+    for k in range(1, 10):
+        width += ids >= 1 << (7 * k)
+    pos = np.cumsum(width, dtype=np.int64)
+    pos -= width
+    out = np.zeros(int(pos[-1] + width[-1]) if len(ids) else 0, dtype=np.uint8)
     for k in range(int(width.max(initial=1))):
         on = width > k
-        out[pos[on] + k] = (rest[on] & 0x7F) | np.where(width[on] > k + 1, 0x80, 0)
-        rest >>= 7
+        out[pos[on] + k] = (ids[on] & 0x7F).astype(np.uint8) | ((width[on] > k + 1).astype(np.uint8) << 7)
+        ids >>= np.uint64(7)
     return vocab, out.tobytes()
 
 
@@ -247,15 +251,15 @@ def _packed(data: bytes) -> str:
 
 def render_html(meta: dict, records: dict, compress: bool | None = None) -> str:
     """The page: ``meta`` (page_data) and ``records`` (records_data) as escaped JSON; where ``compress``
-    (default: when the records' JSON is above COMPRESS_ABOVE bytes) the texts are word-coded
+    (default: when the texts are more than COMPRESS_ABOVE characters) the texts are word-coded
     (``word_code``) and both blocks gzipped and base64-encoded."""
     css = (ASSETS / "report_page.css").read_text(encoding="utf-8")
     js = (ASSETS / "report_page.js").read_text(encoding="utf-8")
     for name, text in (("report_page.css", css), ("report_page.js", js)):
         if "</" in text.lower():  # would end the element early
             raise ValueError(f"{name} contains '</'")
-    if compress is None:
-        compress = len(embed_json(records)) > COMPRESS_ABOVE
+    if compress is None:  # the texts are nearly all of it
+        compress = sum(map(len, records["text"])) > COMPRESS_ABOVE
     if compress:
         vocab, stream = word_code(records["text"])
         rest = {k: v for k, v in records.items() if k != "text"}
