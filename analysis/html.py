@@ -65,7 +65,7 @@ COMPRESS_ABOVE = 1 << 20
 CATEGORICAL = ("arm", "pair", "condition", "persona", "role", "split", "variant", "finish_reason", "question_id",
                "run", "seed")
 ASSETS = Path(__file__).parent
-_JSON_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+_JSON_ESCAPES = (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029"))
 
 
 def embed_json(obj) -> str:
@@ -73,7 +73,9 @@ def embed_json(obj) -> str:
     separators U+2028/U+2029 are written as ``\\u`` escapes (outside strings JSON has none of them),
     so no string in it can close the element or open a comment; ``JSON.parse`` reads it back unchanged."""
     text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    return "".join(_JSON_ESCAPES.get(ch, ch) for ch in text) if any(c in text for c in _JSON_ESCAPES) else text
+    for ch, escaped in _JSON_ESCAPES:
+        text = text.replace(ch, escaped)
+    return text
 
 
 def marker_colors(experiment: dict) -> dict[str, str]:
