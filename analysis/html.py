@@ -64,6 +64,8 @@ COMPRESS_ABOVE = 1 << 20
 # The record fields the browser filters on, each stored once per distinct value.
 CATEGORICAL = ("arm", "pair", "condition", "persona", "role", "split", "variant", "finish_reason", "question_id",
                "run", "seed")
+# word_code turns this many texts at a time into varints (bounds its arrays' memory).
+WORD_CODE_CHUNK = 2048
 ASSETS = Path(__file__).parent
 _JSON_ESCAPES = (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029"))
 
@@ -216,18 +218,26 @@ def word_code(texts: list[str]) -> tuple[list[str], bytes]:
     vocab = [w for w, _ in counts.most_common()]
     index = {w: i for i, w in enumerate(vocab, 1)}
     get = index.__getitem__
-    ids = np.fromiter(chain.from_iterable(chain(map(get, t.split(" ")), (0,)) for t in texts), dtype=np.uint64)
+    chunks = (texts[k:k + WORD_CODE_CHUNK] for k in range(0, len(texts), WORD_CODE_CHUNK))
+    return vocab, b"".join(_varints(np.fromiter(chain.from_iterable(chain(map(get, t.split(" ")), (0,)) for t in part),
+                                                dtype=np.uint64)) for part in chunks)
+
+
+def _varints(ids: np.ndarray) -> bytes:
+    """``ids`` as LEB128 varints (7 bits a byte, low bits first, the high bit set on all bytes but the last)."""
+    if not len(ids):
+        return b""
     width = np.ones(len(ids), dtype=np.uint8)  # bytes per varint
     for k in range(1, 10):
         width += ids >= 1 << (7 * k)
     pos = np.cumsum(width, dtype=np.int64)
     pos -= width
-    out = np.zeros(int(pos[-1] + width[-1]) if len(ids) else 0, dtype=np.uint8)
-    for k in range(int(width.max(initial=1))):
+    out = np.zeros(int(pos[-1] + width[-1]), dtype=np.uint8)
+    for k in range(int(width.max())):
         on = width > k
         out[pos[on] + k] = (ids[on] & 0x7F).astype(np.uint8) | ((width[on] > k + 1).astype(np.uint8) << 7)
         ids >>= np.uint64(7)
-    return vocab, out.tobytes()
+    return out.tobytes()
 
 
 def word_decode(vocab: list[str], data: bytes) -> list[str]:

@@ -77,7 +77,9 @@ def test_hostile_completion_text_stays_data(compress):
     assert ('type="application/gzip+base64"' in page) is compress
 
 
-def test_word_code_round_trips():
+@pytest.mark.parametrize("chunk", [2048, 4])
+def test_word_code_round_trips(chunk, monkeypatch):
+    monkeypatch.setattr("analysis.html.WORD_CODE_CHUNK", chunk)  # texts coded in several chunks, too
     texts = ["", " ", "a  b ", "x\n\ny", "\U0001F642 \u00e9t\u00e9", HOSTILE, "a b a b a"] * 3
     texts.append(" ".join(str(i) for i in range(20_000)))  # indices of three bytes
     vocab, stream = word_code(texts)
