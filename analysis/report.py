@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     print(terminal_summary(summary))
     outputs = summary["outputs"]
     n_fig = len(outputs.get("figures", []))
-    print(f"also: {outputs['html']} (open it in a browser), {outputs['summary']}, {outputs['table']}"
+    print(f"also: {outputs['summary']}, {outputs['table']}"
           + (f", {n_fig} figure files in {Path(outputs['figures'][0]).parent}" if n_fig else "")
           + (f"; one directory per arm under {Path(outputs['report']).parent / 'arms'}"
              if len(summary["arms"]) > 1 else ""))

@@ -17,6 +17,7 @@ import pytest
 
 from analysis.html import (MARKER_COLORS, embed_json, marker_colors, records_data, render_html, word_code,
                            word_decode, write_html)
+from analysis.page import terminal_summary
 from analysis.records import resolve_inputs
 from analysis.report import report
 from analysis.synthetic import write_runs
@@ -127,6 +128,7 @@ def test_the_report_writes_report_html_beside_report_md(reported):
     out = reported["out"]
     assert (out / "report.html").is_file() and (out / "report.md").is_file()
     assert reported["summary"]["outputs"]["html"] == str(out / "report.html")
+    assert f"every completion, in a browser: {out / 'report.html'}" in terminal_summary(reported["summary"])
     page = (out / "report.html").read_text()
     assert "http://" not in page and "https://" not in page  # nothing fetched from anywhere
     assert page.count("data:image/png;base64,") == 4          # the four figures, embedded
