@@ -296,3 +296,52 @@ def sorted_cells(summary: dict) -> list[dict]:
     from analysis.table import order_of
 
     return sorted(summary["cells"], key=order_of(experiment_of(summary)))
+
+
+@pytest.fixture(scope="module")
+def two_arms(tmp_path_factory):
+    """Two arms (the loss mask differs), each with its base floor: the base draws repeat across runs."""
+    root = tmp_path_factory.mktemp("arms")
+    for mask in ("completion", "completion_no_eos"):
+        write_runs(root / "runs", seed=1, conditions=["T", "C"], suffix=f"_{mask}", samples=3,
+                   setting={"loss_mask": mask})
+        # the C run carries the T run's base-floor draws too, as runs of a sweep do: counted once
+        t_run, c_run = root / "runs" / f"pair1_T_{mask}", root / "runs" / f"pair1_C_{mask}"
+        base = [json.loads(line) for line in (t_run / "eval" / "completions.jsonl").read_text().splitlines()]
+        with open(c_run / "eval" / "completions.jsonl", "a") as f:
+            f.writelines(json.dumps({**r, "run": c_run.name}) + "\n" for r in base if r["variant"] == "base")
+    out = root / "report"
+    summary = report([str(root / "runs")], out, n_resamples=20, seed=0, figures=False)
+    assert any(w.startswith("base floor:") for w in summary["warnings"])
+    return {"summary": summary, "out": out, "inputs": resolve_inputs([str(root / "runs")])}
+
+
+def test_two_arms_every_cell_counted_in_its_arm(two_arms):
+    summary = two_arms["summary"]
+    assert len(summary["arms"]) == 2
+    data = records_data(summary, two_arms["inputs"])
+    f = data["fields"]
+    counts: dict[tuple, int] = {}
+    for i in range(data["n"]):
+        key = tuple(f[k]["values"][f[k]["codes"][i]] for k in ("arm", "pair", "condition", "persona", "variant"))
+        counts[key] = counts.get(key, 0) + 1
+    assert counts == {(c["arm"], c["pair"], c["condition"], c["persona"], c["variant"]): c["n"]
+                      for c in summary["cells"]}
+    assert any(c["variant"] == "base" for c in summary["cells"])
+
+
+@needs_chromium
+def test_two_arms_in_chromium(two_arms, browser):
+    browser.get_log("browser")
+    _open(browser, two_arms["out"] / "report.html")
+    assert browser.execute_script("return document.querySelectorAll('section.arm').length") == 2
+    assert browser.execute_script("return document.querySelector('select[data-field=arm]') !== null")
+    browser.execute_script("document.querySelectorAll('.arm input[type=checkbox]').forEach(c => c.click())")
+    rows = browser.execute_script("return document.querySelectorAll('table.cells tbody tr').length")
+    assert rows == len(two_arms["summary"]["cells"])
+    for k in range(rows):
+        n, count = browser.execute_script(
+            "const tr = document.querySelectorAll('table.cells tbody tr')[arguments[0]]; tr.click();"
+            " return [tr.dataset.n, document.getElementById('count').textContent]", k)
+        assert n == count, f"row {k}: table n {n}, browser {count}"
+    assert not [e for e in browser.get_log("browser") if e["level"] in ("SEVERE", "WARNING")]
