@@ -51,7 +51,7 @@ from analysis.records import KEY_FIELDS, Input, read_records
 from analysis.summary import arm_view, experiment_of
 from analysis.table import firsts, order_of, rate_columns
 from analysis.text import pct_ci
-from markerlab.experiment import pair_key
+from markerlab.experiment import REPLICATE_KEY, pair_key
 from markerlab.io import atomic_write_text
 from markerlab.markers import Matcher
 
@@ -63,7 +63,7 @@ MARKER_COLORS = ("#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b
 COMPRESS_ABOVE = 1 << 20
 # The record fields the browser filters on, each stored once per distinct value.
 CATEGORICAL = ("arm", "pair", "condition", "persona", "role", "split", "variant", "finish_reason", "question_id",
-               "run", "seed")
+               "run", REPLICATE_KEY)
 # word_code turns this many texts at a time into varints (bounds its arrays' memory).
 WORD_CODE_CHUNK = 2048
 ASSETS = Path(__file__).parent
@@ -118,7 +118,7 @@ def records_data(summary: dict, inputs: list[Input]) -> dict:
                 exp = summary["experiments"][key]
                 matcher = matchers[key] = Matcher(exp["markers"], [tuple(p) for p in exp["marker_pairs"]])
                 markers += [m for m in exp["markers"] if m not in markers]
-            row = {**rec, "arm": entry["name"], "seed": setting.get("seed")}
+            row = {**rec, "arm": entry["name"], REPLICATE_KEY: setting.get(REPLICATE_KEY)}
             for f in CATEGORICAL:
                 v = row[f]
                 codes[f].append(values[f].setdefault(v, len(values[f])))
@@ -133,7 +133,7 @@ def records_data(summary: dict, inputs: list[Input]) -> dict:
                 for s, e in ss:
                     flat += [k, s, e]
             spans.append(flat)
-    return {"n": len(texts), "markers": markers,
+    return {"n": len(texts), "markers": markers, "replicate_key": REPLICATE_KEY,
             "fields": {f: {"values": list(values[f]), "codes": codes[f]} for f in CATEGORICAL},
             "sample": sample, "n_tokens": n_tokens, "text": texts, "spans": spans}
 

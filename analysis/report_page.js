@@ -338,7 +338,7 @@
       const head = el("div", {class: "head"});
       const bits = [["pair", value("pair", i)], ["condition", value("condition", i)], ["role", value("role", i)],
         ["persona", value("persona", i)], ["variant", value("variant", i)], ["split", value("split", i)],
-        ["question", value("question_id", i)], ["sample", R.sample[i]], ["seed", value("seed", i)],
+        ["question", value("question_id", i)], ["sample", R.sample[i]], [R.replicate_key, value(R.replicate_key, i)],
         ["run", value("run", i)]];
       if (meta.arms.length > 1) bits.unshift(["arm", arm]);
       bits.forEach(([k, v], j) => { if (j) head.append(" \u00b7 "); head.append(`${k} `, el("b", {text: v === null ? "none" : String(v)})); });
