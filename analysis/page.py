@@ -514,7 +514,7 @@ MAX_TERMINAL_ARMS = 6
 def terminal_summary(summary: dict) -> str:
     """The few lines a run or a sweep ends with (under 25): per arm its experiment, the confidence
     and the sanity count, per pair the headline contrast with its CI and the verdict in words, then
-    the path to report.md."""
+    the paths to report.html and report.md."""
     arms = summary["arms"]
     lines = []
     for a in arms[:MAX_TERMINAL_ARMS]:
@@ -532,6 +532,9 @@ def terminal_summary(summary: dict) -> str:
                          f" {h['treatment']} - {h['control']} {pp_ci(g.get('delta'), g.get('ci'))}{said}")
     if len(arms) > MAX_TERMINAL_ARMS:
         lines.append(f"... and {len(arms) - MAX_TERMINAL_ARMS} more arms (see report.md)")
+    html = summary.get("outputs", {}).get("html")
+    if html:
+        lines.append(f"every completion, in a browser: {html}")
     report = summary.get("outputs", {}).get("report")
     if report:
         lines.append(f"report: {report}")

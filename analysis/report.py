@@ -16,7 +16,8 @@ found in the run directory (``experiment.toml``, else ``config.toml``'s
 ``run.experiment``), among the ``--experiment`` files or names, or shipped with
 markerlab; a file whose digest differs from the records' is refused
 (analysis.experiments). Writes into ``--out``:
-``summary.json`` (docs/contracts.md), ``report.md`` (the page to read), ``table.md``
+``summary.json`` (docs/contracts.md), ``report.md`` (the page to read), ``report.html`` (the same in one
+self-contained page, with every completion browsable: analysis.html), ``table.md``
 (every cell) and, for one arm, ``figures/{hero,bystander,position,per_persona}.{png,pdf}``.
 With several arms each arm also gets ``arms/<name>/`` with the same files, as if
 reported alone, and the top-level page leads with the cross-arm table. Every
@@ -36,6 +37,7 @@ from pathlib import Path
 
 from analysis.arms import slug
 from analysis.bootstrap import Bootstrap
+from analysis.html import write_html
 from analysis.page import render_page, render_sweep_page, terminal_summary
 from analysis.records import load, resolve_inputs
 from analysis.summary import combine, summarize
@@ -95,7 +97,7 @@ def report(inputs: list[str], out: Path, n_resamples: int = 2000, seed: int = 0,
             summary["warnings"] = loaded.warnings + summary["warnings"]
             drawn = drawer.submit(summary, out / "figures") if drawer else None
             page = render_page(summary)
-            return _write(summary, out, page, drawn() if drawn else None)
+            return _with_html(_write(summary, out, page, drawn() if drawn else None), files, out)
 
         taken: set[str] = set()
         arm_summaries, pending = [], []
@@ -112,7 +114,13 @@ def report(inputs: list[str], out: Path, n_resamples: int = 2000, seed: int = 0,
     summary = combine(arm_summaries, boot, loaded.arms)
     summary["inputs"] = inputs_list
     summary["warnings"] = loaded.warnings + summary["warnings"]
-    return _write(summary, out, render_sweep_page(summary))
+    return _with_html(_write(summary, out, render_sweep_page(summary)), files, out)
+
+
+def _with_html(summary: dict, files, out: Path) -> dict:
+    """Write report.html beside report.md (analysis.html), once the figures it embeds are drawn."""
+    summary["outputs"]["html"] = str(write_html(summary, files, out))
+    return summary
 
 
 def _drawer(jobs: int | None):
