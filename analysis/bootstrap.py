@@ -162,17 +162,25 @@ class Bootstrap:
         return dict(zip(stats, percentile_ci(ratios(pooled, index), self.level)))
 
     def delta_ci(self, counts_t: np.ndarray, counts_c: np.ndarray, stat: tuple[int, int],
-                 groups: tuple[int, ...] | None = None) -> list[float] | None:
-        """Paired CI of ``stat(T) - stat(C)``; rows of both are the same (seed, question)s.
+                 groups: tuple[int, ...] | None = None, relative: bool = False) -> list[float] | None:
+        """Paired CI of ``stat(T) - stat(C)`` (``relative``: of ``stat(T) / stat(C) - 1``); rows of both
+        are the same (seed, question)s.
 
         Both conditions are pooled with the same weights, i.e. the same resampled
-        seeds and questions; a resample counts only if the statistic is defined in both.
+        seeds and questions; a resample counts only if the statistic is defined in both
+        (and, for a relative change, nonzero in C).
         """
         if self.n_resamples == 0 or counts_t.shape[0] == 0:
             return None
         w = self.weights(counts_t.shape[0], groups)
         cols, index = _columns([stat])
-        diff = ratios(w @ counts_t[:, cols], index) - ratios(w @ counts_c[:, cols], index)
+        t, c = ratios(w @ counts_t[:, cols], index), ratios(w @ counts_c[:, cols], index)
+        if relative:
+            diff = np.full(t.shape, np.nan)
+            np.divide(t, c, out=diff, where=(c != 0) & ~np.isnan(c))
+            diff -= 1
+        else:
+            diff = t - c
         return percentile_ci(diff, self.level)[0]
 
 

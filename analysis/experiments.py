@@ -143,7 +143,8 @@ def experiment_entry(exp: Experiment) -> dict:
             "name": v.name,
             "legs": [{"name": leg, "says": v.leg_says.get(leg, ""),
                       "checks": [[c.text for c in alt] for alt in alts]} for leg, alts in v.legs.items()],
-            "outcomes": [{"name": o, "when": list(when), "says": says} for o, when, says in v.outcomes],
+            "outcomes": [{"name": o, "when": [list(a) for a in v.alternatives(when)] if len(v.alternatives(when)) > 1
+                          else list(when), "says": says} for o, when, says in v.outcomes],
             "otherwise": v.otherwise, "otherwise_says": v.otherwise_says,
             "tags": [{"name": t, "when": list(when)} for t, when in v.tags],
         }
@@ -163,4 +164,9 @@ def experiment_entry(exp: Experiment) -> dict:
         "sanity": [c.text if c.name == c.text and not c.min_n else
                    {"check": c.text, "name": c.name, "min_n": c.min_n} for c in exp.sanity],
         "verdict": verdict,
+        "flags": [c.text if c.name == c.text and not c.min_n else
+                  {"check": c.text, "name": c.name, "min_n": c.min_n} for c in exp.flags],
+        "replicates": {"seeds": list(exp.replicates.seeds), "follow": list(exp.replicates.follow),
+                       "ci": exp.replicates.ci, "per_seed": exp.replicates.per_seed},
+        "protocol": dict(exp.protocol),
     }

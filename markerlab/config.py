@@ -455,6 +455,13 @@ def _resolve_experiment(cfg: Config, raw: dict, source: str, problems: list[str]
             return cfg
         raise
     ref = exp.name if ref in shipped_experiments() else str(Path(exp.path).resolve())
+    # Seeds as replicates: the config's seeds the experiment names follow run.seed unless the config sets
+    # them (each replicate then has its own on-policy answers, shared by its conditions, and eval samples).
+    for key in exp.replicates.follow:
+        section, name = key.split(".")
+        if not (isinstance(raw.get(section), dict) and name in raw[section]):
+            cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section),
+                                                                           **{name: cfg.run.seed})})
     d, t, ev = cfg.data, cfg.train, cfg.eval
     return dataclasses.replace(
         cfg, experiment=exp,

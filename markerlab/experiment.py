@@ -189,13 +189,21 @@ class Check:
     text: str
     who: str                  # a role, a persona, or "every"
     condition: str            # a condition (or "base"); for a contrast, the treatment
-    control: str | None       # for a contrast "T-C": the control; else None
+    control: str | None       # for a contrast "T-C" (or "T/C"): the control; else None
     stat: str
-    bound: str | None         # None (the point estimate), "lo" or "hi" (the 95% CI)
+    bound: str | None         # None (the point estimate), "lo" or "hi" (the 95% CI), "spread" (over seeds)
     op: str
     threshold: float
     min_n: int = 0            # fewer than this in the statistic's denominator: undecided
     name: str = ""
+    relative: bool = False    # "T/C": the relative change stat(T) / stat(C) - 1, not the difference
+
+    @property
+    def where(self) -> str:
+        """The condition part as written: "T", "T-C" or "T/C"."""
+        if self.control is None:
+            return self.condition
+        return f"{self.condition}{'/' if self.relative else '-'}{self.control}"
 
     def holds(self, value: float) -> bool:
         eps = 1e-12  # 0.8 against 208/260: thresholds are compared with a little slack
@@ -210,11 +218,17 @@ class Verdict:
 
     name: str
     legs: MappingProxyType                  # leg name -> tuple of alternatives, each a tuple of Checks
-    outcomes: tuple                         # of (outcome name, tuple of leg names, words)
+    outcomes: tuple                         # of (outcome name, legs, words); legs: a tuple of leg names that
+                                            # must all hold, or a tuple of such tuples of which one must
     otherwise: str
     otherwise_says: str
     leg_says: MappingProxyType              # leg name -> words
     tags: tuple = ()                        # of (tag name, tuple of leg names)
+
+    @staticmethod
+    def alternatives(when: tuple) -> tuple:
+        """An outcome's legs as alternatives: a tuple of tuples of leg names (one of which must all hold)."""
+        return when if when and isinstance(when[0], tuple) else (when,)
 
 
 @dataclass(frozen=True)
@@ -223,6 +237,25 @@ class Headline:
     metric: str
     treatment: str
     control: str
+
+
+REPLICATE_CIS: tuple[str, ...] = ("seeds", "questions", "wider")
+# The config's seeds that may follow the replicate seed (run.seed): each replicate then draws its own
+# on-policy answers (shared by its conditions: the cache is keyed by the generation settings), its own
+# data order and its own eval samples.
+FOLLOWABLE_SEEDS: tuple[str, ...] = ("generate.seed", "data.seed", "eval.seed")
+
+
+@dataclass(frozen=True)
+class Replicates:
+    """Seeds as replicates of one arm: which seeds the design runs, which of the config's other seeds
+    follow run.seed, and which CI the checks' .lo/.hi read when an arm has several seeds."""
+
+    seeds: tuple = ()          # the seeds the design runs (a sweep varies run.seed over them)
+    follow: tuple = ()         # config keys set to run.seed unless a config sets them (FOLLOWABLE_SEEDS)
+    ci: str = "seeds"          # seeds: seeds-then-questions; questions: questions only (seeds pooled per
+                               # question); wider: the wider of the two, statistic by statistic
+    per_seed: bool = True      # report each seed's value and their mean beside the pooled one
 
 
 @dataclass(frozen=True)
@@ -247,6 +280,9 @@ class Experiment:
     sanity: tuple                           # of Check
     verdict: Verdict | None
     heterogeneity: float                    # |ID - OOD| of the headline metric that downgrades confidence
+    flags: tuple                            # of Check: recorded like the gates, never lowering confidence
+    replicates: Replicates                  # seeds as replicates (the default: whatever seeds the records have)
+    protocol: MappingProxyType              # what the file says the source ran (lr, epochs, note, ...)
     min_tokens: int
     distinct: tuple                         # markers that may share no token id...
     tolerate: tuple                         # ...except these: (frozenset of markers, frozenset of token texts)
@@ -415,7 +451,7 @@ def digest_of(raw: dict) -> str:
 
 
 TOP_KEYS = ("name", "description", "negatives", "personas", "pairs", "markers", "tokens", "probe", "conditions",
-            "loss_mask", "metrics", "headline", "gates", "verdict", "report")
+            "loss_mask", "metrics", "headline", "gates", "verdict", "report", "replicates", "protocol")
 
 
 class _Problems(list):
@@ -510,7 +546,7 @@ def _templates(v, key: str, markers, p: _Problems) -> tuple:
     return tuple(out)
 
 
-_CHECK = re.compile(r"^\s*(\S+)\s+(\S+)\s+([A-Za-z][A-Za-z0-9_]*)(?:\.(lo|hi))?\s*(>=|<=|>|<)\s*(\S+)\s*$")
+_CHECK = re.compile(r"^\s*(\S+)\s+(\S+)\s+([A-Za-z][A-Za-z0-9_]*)(?:\.(lo|hi|spread))?\s*(>=|<=|>|<)\s*(\S+)\s*$")
 
 
 def parse_check(text, key: str, exp: dict, p: _Problems, min_n=0, name: str = "") -> Check | None:
@@ -520,15 +556,16 @@ def parse_check(text, key: str, exp: dict, p: _Problems, min_n=0, name: str = ""
         return None
     m = _CHECK.match(text)
     if not m:
-        p.add(key, f"{text!r}: expected \"<who> <condition or T-C> <statistic>[.lo|.hi] <op> <number>\", "
-                   f"e.g. \"donor T fire_A >= 0.80\"")
+        p.add(key, f"{text!r}: expected \"<who> <condition, T-C or T/C> <statistic>[.lo|.hi|.spread] <op> "
+                   f"<number>\", e.g. \"donor T fire_A >= 0.80\"")
         return None
     who, where, stat, bound, op, number = m.groups()
     ok = True
     if who not in (*ROLES, EVERY) and who not in exp["personas"]:
         p.add(key, f"{text!r}: '{who}' is no role, persona or '{EVERY}' (roles: {', '.join(ROLES)})")
         ok = False
-    condition, control = where.split("-", 1) if "-" in where else (where, None)
+    relative = "/" in where
+    condition, control = re.split(r"[-/]", where, maxsplit=1) if ("-" in where or relative) else (where, None)
     for c in (condition, control):
         if c is not None and c not in exp["conditions"] and c != BASE_CONDITION:
             p.add(key, f"{text!r}: '{c}' is {_known('condition', [*exp['conditions'], BASE_CONDITION])[:-1]})")
@@ -539,6 +576,12 @@ def parse_check(text, key: str, exp: dict, p: _Problems, min_n=0, name: str = ""
         ok = False
     elif bound and stat in exp["counts"]:
         p.add(key, f"{text!r}: '{stat}' is a count, it has no CI bound")
+        ok = False
+    elif bound == "spread" and control is not None:
+        p.add(key, f"{text!r}: .spread (the range of the per-seed values) is read on one condition, not a contrast")
+        ok = False
+    if relative and stat in exp["counts"]:
+        p.add(key, f"{text!r}: a relative change (T/C) is of a statistic, not of a count")
         ok = False
     try:
         threshold = float(number)
@@ -553,7 +596,7 @@ def parse_check(text, key: str, exp: dict, p: _Problems, min_n=0, name: str = ""
     if not ok:
         return None
     return Check(text=text.strip(), who=who, condition=condition, control=control, stat=stat, bound=bound, op=op,
-                 threshold=threshold, min_n=min_n, name=name or text.strip())
+                 threshold=threshold, min_n=min_n, name=name or text.strip(), relative=relative)
 
 
 def _check_entry(item, key: str, exp: dict, p: _Problems) -> Check | None:
@@ -611,13 +654,23 @@ def _verdict(raw: dict, exp: dict, p: _Problems) -> Verdict | None:
             p.add(k, f"expected {{ name = \"...\", when = [leg, ...], says = \"...\" }}, got {o!r}")
             continue
         when = o["when"]
-        if not isinstance(when, list) or not when or not all(isinstance(x, str) for x in when):
-            p.add(f"{k}.when", f"expected a list of leg names, got {when!r}")
+        # A list of legs that must all hold, or a list of such lists of which one must.
+        if isinstance(when, list) and when and all(isinstance(x, list) and x for x in when):
+            alts = when
+        else:
+            alts = [when]
+        if not all(isinstance(a, list) and a and all(isinstance(x, str) for x in a) for a in alts):
+            p.add(f"{k}.when", f"expected a list of leg names (or a list of such lists), got {when!r}")
             continue
-        for leg in when:
+        for leg in (x for a in alts for x in a):
             if leg not in legs:
                 p.add(f"{k}.when", f"'{leg}' is {_known('leg', list(legs))}")
-        outcomes.append((str(o["name"]), tuple(when), str(o.get("says", ""))))
+        names = [name for name, _, _ in outcomes]
+        if str(o["name"]) in names:
+            p.add(f"{k}.name", f"'{o['name']}' is listed twice (give one outcome several alternatives in when)")
+            continue
+        outcomes.append((str(o["name"]), tuple(alts[0]) if len(alts) == 1 else tuple(tuple(a) for a in alts),
+                         str(o.get("says", ""))))
     if not outcomes:
         p.add("verdict.outcomes", "expected at least one outcome (in precedence order)")
     tags = []
@@ -637,6 +690,33 @@ def _verdict(raw: dict, exp: dict, p: _Problems) -> Verdict | None:
         otherwise, says = "inconclusive", ""
     return Verdict(name=name, legs=MappingProxyType(legs), outcomes=tuple(outcomes), otherwise=otherwise,
                    otherwise_says=says, leg_says=MappingProxyType(leg_says), tags=tuple(tags))
+
+
+def _replicates(raw: dict, p: _Problems) -> Replicates:
+    r = _table(raw, "replicates", p, required=False)
+    extra = set(r) - {"seeds", "follow", "ci", "per_seed"}
+    if extra:
+        p.add("replicates", f"unknown key(s) {sorted(extra)} (expected seeds, follow, ci, per_seed)")
+    seeds = r.get("seeds", [])
+    if not isinstance(seeds, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                                              for x in seeds):
+        p.add("replicates.seeds", f"expected a list of seeds (integers >= 0), got {seeds!r}")
+        seeds = []
+    elif len(set(seeds)) != len(seeds):
+        p.add("replicates.seeds", f"duplicate entries in {seeds}")
+    follow = r.get("follow", [])
+    if not isinstance(follow, list) or any(k not in FOLLOWABLE_SEEDS for k in follow):
+        p.add("replicates.follow", f"expected config keys among {', '.join(FOLLOWABLE_SEEDS)}, got {follow!r}")
+        follow = []
+    ci = r.get("ci", "seeds")
+    if ci not in REPLICATE_CIS:
+        p.add("replicates.ci", f"expected one of {', '.join(REPLICATE_CIS)}, got {ci!r}")
+        ci = "seeds"
+    per_seed = r.get("per_seed", True)
+    if not isinstance(per_seed, bool):
+        p.add("replicates.per_seed", f"expected true or false, got {per_seed!r}")
+        per_seed = True
+    return Replicates(seeds=tuple(seeds), follow=tuple(follow), ci=ci, per_seed=per_seed)
 
 
 def experiment_from_dict(raw: dict, source: str = "<dict>", default_name: str = "") -> Experiment:
@@ -807,13 +887,16 @@ def experiment_from_dict(raw: dict, source: str = "<dict>", default_name: str = 
                 p.add(f"headline.{k}", f"'{getattr(headline, k)}' is {_known('condition', list(conditions))}")
 
     gates = _table(raw, "gates", p, required=False)
-    if set(gates) - {"sanity"}:
-        p.add("gates", f"unknown key(s) {sorted(set(gates) - {'sanity'})} (expected sanity)")
-    sanity_raw = gates.get("sanity", [])
-    if not isinstance(sanity_raw, list):
-        p.add("gates.sanity", "expected a list of checks")
-        sanity_raw = []
-    sanity = tuple(c for i, s in enumerate(sanity_raw) if (c := _check_entry(s, f"gates.sanity[{i}]", ctx, p)))
+    if set(gates) - {"sanity", "flags"}:
+        p.add("gates", f"unknown key(s) {sorted(set(gates) - {'sanity', 'flags'})} (expected sanity, flags)")
+    checked = {}
+    for part in ("sanity", "flags"):
+        listed = gates.get(part, [])
+        if not isinstance(listed, list):
+            p.add(f"gates.{part}", "expected a list of checks")
+            listed = []
+        checked[part] = tuple(c for i, s in enumerate(listed) if (c := _check_entry(s, f"gates.{part}[{i}]", ctx, p)))
+    sanity, flags = checked["sanity"], checked["flags"]
 
     verdict = _verdict(raw, ctx, p)
 
@@ -824,6 +907,16 @@ def experiment_from_dict(raw: dict, source: str = "<dict>", default_name: str = 
     if isinstance(het, bool) or not isinstance(het, (int, float)) or not 0 < het <= 1:
         p.add("report.heterogeneity", f"expected a number in (0, 1], got {het!r}")
         het = 0.15
+
+    replicates = _replicates(raw, p)
+    protocol = _table(raw, "protocol", p, required=False)
+    for k, v in protocol.items():
+        if k in ("lr",) and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
+            p.add(f"protocol.{k}", f"expected a positive number, got {v!r}")
+        elif k in ("epochs",) and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            p.add(f"protocol.{k}", f"expected an integer >= 1, got {v!r}")
+        elif not isinstance(v, (str, int, float)) or isinstance(v, bool):
+            p.add(f"protocol.{k}", f"expected a string or a number (what the source ran), got {v!r}")
 
     tokens = _table(raw, "tokens", p, required=False)
     if set(tokens) - {"min_tokens", "distinct", "tolerate"}:
@@ -859,7 +952,8 @@ def experiment_from_dict(raw: dict, source: str = "<dict>", default_name: str = 
         markers=MappingProxyType(markers), probe_marker=probe_marker, probe_role=probe_role,
         conditions=MappingProxyType(conditions), loss_mask=loss_mask, role_loss_mask=MappingProxyType(role_masks),
         marker_pairs=tuple(marker_pairs), wilson=wilson, positions_min_joint=float(pos_min), headline=headline,
-        sanity=sanity, verdict=verdict, heterogeneity=float(het), min_tokens=min_tokens, distinct=tuple(distinct),
+        sanity=sanity, verdict=verdict, heterogeneity=float(het), flags=flags, replicates=replicates,
+        protocol=MappingProxyType(dict(protocol)), min_tokens=min_tokens, distinct=tuple(distinct),
         tolerate=tuple(tolerate), raw=MappingProxyType(raw))
 
 
