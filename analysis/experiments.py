@@ -160,7 +160,7 @@ def experiment_entry(exp: Experiment) -> dict:
         "marker_pairs": [list(p) for p in exp.marker_pairs],
         "headline": {"role": h.role, "metric": h.metric, "treatment": h.treatment, "control": h.control,
                      "pair": list(exp.headline_pair) if exp.headline_pair else None},
-        "wilson": exp.wilson, "positions_min_joint": exp.positions_min_joint, "heterogeneity": exp.heterogeneity,
+        "wilson": exp.wilson, "intervals": list(exp.intervals), "positions_min_joint": exp.positions_min_joint, "heterogeneity": exp.heterogeneity,
         "sanity": [c.text if c.name == c.text and not c.min_n else
                    {"check": c.text, "name": c.name, "min_n": c.min_n} for c in exp.sanity],
         "verdict": verdict,

@@ -333,11 +333,33 @@ def contrast_section(s: dict, level: str = "##") -> str:
                 row.append(rate(cell, h["metric"]))
             rows.append(row)
     lines = [f"- **{g['pair']}**: {h['metric']} {t} - {c} {pp_ci(g.get('delta'), g.get('ci'))}"
+             + (f", BCa {_bracket(g['ci_bca'])}" if "ci_bca" in g else "")
              + (f" ({g['note']})" if g.get("note") else "") for g in s.get("headline", [])]
     table = markdown(header, rows) if rows else f"No plain {t} or {c} cell of the {h['role']}."
     return (f"{level} The headline contrast: the {h['role']} in {t} and in {c}\n\nCounts are completions"
             f" (k of the denominator); brackets are 95% bootstrap CIs.{wilson_note(exp)}\n\n{table}\n\n"
             + "\n".join(lines))
+
+
+def joint_section(s: dict, level: str = "##") -> str:
+    """Where the headline is a joint rate: every declared pair's joint rate (both markers in one completion,
+    of all completions) for the load-bearing cells; empty otherwise."""
+    exp = experiment_of(s)
+    if not exp["headline"]["metric"].startswith("joint_"):
+        return ""
+    lb = load_bearing(s["cells"], exp)
+    keys = [pair_key(x, y) for x, y in exp["marker_pairs"]]
+    rows = [[c["pair"], c["condition"], c["role"], c["persona"], c["n"]]
+            + [f"{c[f'n_{k}']}: {rate(c, f'joint_{k}')}" for k in keys] for c in lb]
+    if not rows:
+        return ""
+    return (f"{level} Joint rates\n\nEach declared pair's joint rate: completions with both markers, of all"
+            " completions (k: rate [95% CI]).\n\n"
+            + markdown(["pair", "cond", "role", "persona", "n", *(f"joint_{k}" for k in keys)], rows))
+
+
+def _bracket(ci) -> str:
+    return NA if ci is None else f"[{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]"
 
 
 def gates_section(s: dict, level: str = "##") -> str:
@@ -519,7 +541,11 @@ def render_page(summary: dict) -> str:
              "## Headline: the load-bearing cells\n\nThe donor and the recipient in every condition, and any other"
              f" persona whose marker {moving} rate in {exp['headline']['treatment']} has a 95% CI above 0.\n\n"
              + headline_table(s),
-             contrast_section(s), gates_section(s)]
+             contrast_section(s)]
+    joint = joint_section(s)
+    if joint:
+        parts.append(joint)
+    parts.append(gates_section(s))
     seeds = replicates_section(s)
     if seeds:
         parts.append(seeds)

@@ -197,8 +197,8 @@ class Contrasts:
     """Paired differences of a statistic between two conditions, for one persona or several pooled,
     computed once each (the deltas, the checks and the verdict read the same ones)."""
 
-    def __init__(self, cells: dict[tuple, Cell], boot: Bootstrap):
-        self.cells, self.boot = cells, boot
+    def __init__(self, cells: dict[tuple, Cell], boot: Bootstrap, bca: bool = False):
+        self.cells, self.boot, self.bca = cells, boot, bca
         self._done: dict[tuple, dict | None] = {}
 
     def cell(self, pair: str, condition: str, personas: tuple) -> Cell | None:
@@ -233,7 +233,11 @@ class Contrasts:
             value = None
         else:
             value = vt / vc - 1 if relative else vt - vc
-        return {"value": value, "ci": ci, "den": den, "relative": relative,
+        extra = {}
+        if self.bca and not relative and not is_count(stat):
+            extra["ci_bca"] = self.boot.delta_bca(rows_t, rows_c, schema.index([stat])[stat], groups) \
+                if n_common else None
+        return {"value": value, "ci": ci, "den": den, "relative": relative, **extra,
                 "treatment_value": vt, "control_value": vc, "n_common": n_common,
                 "full": n_common >= max(len(t.rows), len(c.rows)), "replicated": len(t.replicates) > 1
                 or len(c.replicates) > 1,
@@ -262,7 +266,8 @@ def deltas(exp: Experiment, plain: dict[tuple, Cell], contrasts: Contrasts) -> t
                                 " the paired CIs use only those")
             out.append({"pair": pair, "persona": persona, "role": t.role, "statistic": stat,
                         **_named(t_name, c_name, d["treatment_value"], d["control_value"], d["value"]),
-                        "delta": d["value"], "ci": d["ci"], "n_questions": d["n_questions"]})
+                        "delta": d["value"], "ci": d["ci"], "n_questions": d["n_questions"],
+                        **({"ci_bca": d["ci_bca"]} if "ci_bca" in d else {})})
     return out, warnings
 
 
@@ -287,6 +292,8 @@ def headline_contrast(exp: Experiment, pair: str, cells: dict[tuple, Cell], cont
            **_named(h.treatment, h.control, d and d["treatment_value"], d and d["control_value"],
                     d and d["value"]),
            "delta": d and d["value"], "ci": d and d["ci"]}
+    if "bca" in exp.intervals:
+        out["ci_bca"] = d and d.get("ci_bca")
     if d is None:
         out["note"] = (f"{pair}: needs plain {h.treatment} and {h.control} cells of the {h.role}"
                        + (f" {out['persona']}" if personas else ""))
@@ -390,7 +397,7 @@ def summarize(arm: Arm, boot: Bootstrap, splits: dict[str, str] | None = None,
              if d["variant"] in ("plain", BASE_CONDITION)}
     stats = ci_stats(exp)
     cis = {k: {s: d.get(f"{s}_ci") for s in stats} for k, d in dicts.items()}
-    contrasts = Contrasts(checked, boot)
+    contrasts = Contrasts(checked, boot, bca="bca" in exp.intervals)
     delta_list, warnings = deltas(exp, plain_cells, contrasts)
 
     plain = {k: d for k, d in dicts.items() if d["variant"] == "plain"}
