@@ -169,4 +169,7 @@ def experiment_entry(exp: Experiment) -> dict:
         "replicates": {"seeds": list(exp.replicates.seeds), "follow": list(exp.replicates.follow),
                        "ci": exp.replicates.ci, "per_seed": exp.replicates.per_seed},
         "protocol": dict(exp.protocol),
+        "prefill": [{"name": pr.name, "template": pr.template.text, "next": pr.next, "role": pr.role,
+                     "questions": pr.questions, "samples": pr.samples,
+                     "when": {var: list(values) for var, values in pr.when}} for pr in exp.prefill],
     }

@@ -31,7 +31,7 @@ from analysis.metrics import PROBE, ROLE_ORDER, condition_rank
 from analysis.summary import arm_view, experiment_of
 from analysis.table import firsts, rate, rate_columns, verdict_legend, wilson_note
 from analysis.text import NA, bootstrap_words, chars, markdown, pct, pct_ci, pp_ci, yes_no
-from markerlab.experiment import pair_key
+from markerlab.experiment import pair_key, prefill_name
 
 FIGURES = ("hero", "bystander", "position", "per_persona")
 # Sample excerpts: characters kept at the start, at the end, and around each marker.
@@ -341,6 +341,30 @@ def contrast_section(s: dict, level: str = "##") -> str:
             + "\n".join(lines))
 
 
+def prefill_section(s: dict, level: str = "##") -> str:
+    """The experiment's prefill probes: how often the continuation of each prefilled template writes the
+    probe's next marker; empty for an experiment without prefill probes."""
+    exp = experiment_of(s)
+    probes = {p["name"]: p for p in exp.get("prefill") or []}
+    if not probes:
+        return ""
+    rank = condition_rank(exp["conditions"])
+    lines = []
+    for c in sorted((c for c in s["cells"] if prefill_name(c["variant"]) in probes),
+                    key=lambda c: (c["pair"], rank.get(c["condition"], 99), c["variant"])):
+        p = probes[prefill_name(c["variant"])]
+        nxt = p["next"]
+        lines.append(f"- {c['pair']} {c['condition']} {c['role']} {c['persona']}, {p['name']} (`{p['template']}`"
+                     f" prefilled): marker {nxt} follows in {c.get(f'n_{nxt}')} of {c['n']} continuations,"
+                     f" {pct_ci(c.get(f'fire_{nxt}'), c.get(f'fire_{nxt}_ci'))}.")
+    if not lines:
+        return (f"{level} Prefill probes\n\nNo prefill records: none of the experiment's prefill probes"
+                f" ({', '.join(probes)}) ran at these settings.")
+    return (f"{level} Prefill probes\n\nThe assistant turn starts with the probe's template ({{word}}: a word of the"
+            " pool) and the model continues it; the rate is the share of continuations that write the next"
+            " marker of the chain.\n\n" + "\n".join(lines))
+
+
 def joint_section(s: dict, level: str = "##") -> str:
     """Where the headline is a joint rate: every declared pair's joint rate (both markers in one completion,
     of all completions) for the load-bearing cells; empty otherwise."""
@@ -549,7 +573,9 @@ def render_page(summary: dict) -> str:
     seeds = replicates_section(s)
     if seeds:
         parts.append(seeds)
-    parts += [figures_section(s), positions_section(s), probe_section(s), id_ood_section(s)]
+    prefill = prefill_section(s)
+    parts += [figures_section(s), positions_section(s), probe_section(s), *([prefill] if prefill else []),
+              id_ood_section(s)]
     samples = samples_section(s)
     if samples:
         parts.append(samples)

@@ -90,6 +90,19 @@ PROJECTIONS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_pr
 
 # Evaluation records.
 VARIANTS: tuple[str, ...] = ("plain", "probe", "base")
+# A prefill probe's records: variant "prefill:<probe name>" (the experiment's [[prefill]] entries), the
+# assistant turn prefilled with the probe's template and the record's text the model's continuation.
+PREFILL = "prefill"
+
+
+def prefill_variant(name: str) -> str:
+    return f"{PREFILL}:{name}"
+
+
+def prefill_name(variant: str) -> str | None:
+    """The probe's name of a prefill variant ("prefill:B_seeded" -> "B_seeded"), else None."""
+    head, _, name = variant.partition(":")
+    return name if head == PREFILL and _IDENT.match(name or "-") else None
 SPLITS: tuple[str, ...] = ("id", "ood")
 FINISH_REASONS: tuple[str, ...] = ("stop", "length")
 # The base model scored without an adapter (the floor) is recorded under this condition.
@@ -296,6 +309,24 @@ class Answers:
 
 
 @dataclass(frozen=True)
+class Prefill:
+    """A prefill probe: the `role`'s assistant turn starts with `template` (markers and {word}s), the model
+    continues it, and the continuation is scored for marker `next`; on the first `questions` eval questions
+    x `samples`, where the experiment's variables take one of the values in `when` (always, if empty)."""
+
+    name: str
+    template: Template
+    next: str
+    role: str = "recipient"
+    questions: int = 6
+    samples: int = 10
+    when: tuple = ()  # of (variable, tuple of values)
+
+    def active(self, variables: dict) -> bool:
+        return all(variables.get(var) in values for var, values in self.when)
+
+
+@dataclass(frozen=True)
 class Replicates:
     """Seeds as replicates of one arm: which seeds the design runs, which of the config's other seeds
     follow run.seed, and which CI the checks' .lo/.hi read when an arm has several seeds."""
@@ -336,6 +367,7 @@ class Experiment:
     answers: Answers                        # where {answer} comes from (on-policy, or synthetic words)
     pools: MappingProxyType                 # marker pool name -> tuple of marker names ({pool} draws one)
     variables: MappingProxyType             # variable -> tuple of its values (data.variables picks one)
+    prefill: tuple                          # of Prefill: the eval's prefill probes
     min_tokens: int
     distinct: tuple                         # markers that may share no token id...
     tolerate: tuple                         # ...except these: (frozenset of markers, frozenset of token texts)
@@ -511,7 +543,7 @@ def digest_of(raw: dict) -> str:
 
 TOP_KEYS = ("name", "description", "negatives", "personas", "pairs", "markers", "tokens", "probe", "conditions",
             "loss_mask", "metrics", "headline", "gates", "verdict", "report", "replicates", "protocol",
-            "answers", "marker_pools", "variables")
+            "answers", "marker_pools", "variables", "prefill")
 
 
 class _Problems(list):
@@ -542,7 +574,8 @@ def _known(kind: str, choices) -> str:
     return f"unknown {kind} (expected one of {', '.join(choices)})" if choices else f"unknown {kind} (none defined)"
 
 
-def parse_template(text: str, key: str, markers, p: _Problems, pools=None, words: bool = False) -> tuple:
+def parse_template(text: str, key: str, markers, p: _Problems, pools=None, words: bool = False,
+                   answer_required: bool = True) -> tuple:
     """The parts of a template; problems for unknown fields, format specs and stray braces."""
     parts = []
     try:
@@ -570,7 +603,7 @@ def parse_template(text: str, key: str, markers, p: _Problems, pools=None, words
             p.add(key, f"{text!r} names '{{{fname}}}', which is neither {{{ANSWER}}}{extra} nor a marker "
                        f"(markers: {', '.join(markers) or 'none'})" + (f" nor a marker pool ({', '.join(pools)})"
                                                                       if pools else ""))
-    if not any(k == "answer" for k, _ in parts):
+    if not any(k == "answer" for k, _ in parts) and answer_required:
         p.add(key, f"{text!r} has no {{{ANSWER}}}: every template writes the answer somewhere")
     if sum(k == "answer" for k, _ in parts) > 1:
         p.add(key, f"{text!r} writes {{{ANSWER}}} more than once")
@@ -787,6 +820,53 @@ def _verdict(raw: dict, exp: dict, p: _Problems) -> Verdict | None:
                    otherwise_says=says, leg_says=MappingProxyType(leg_says), tags=tuple(tags))
 
 
+def _prefill(raw: dict, markers, words: bool, variables: dict, p: _Problems) -> tuple:
+    items = raw.get("prefill", [])
+    if not isinstance(items, list):
+        p.add("prefill", "expected [[prefill]] entries")
+        return ()
+    out, names = [], set()
+    for i, item in enumerate(items):
+        k = f"prefill[{i}]"
+        keys = {"name", "template", "next", "role", "questions", "samples", "when"}
+        if not isinstance(item, dict) or set(item) - keys or not {"name", "template", "next"} <= set(item):
+            p.add(k, f"expected {{ name, template, next[, role, questions, samples, when] }}, got {item!r}")
+            continue
+        name = item["name"]
+        if not isinstance(name, str) or not _IDENT.match(name) or name in names:
+            p.add(f"{k}.name", f"expected a new name of letters, digits and '_', got {name!r}")
+            continue
+        names.add(name)
+        text = _str(item["template"], f"{k}.template", p)
+        parts = parse_template(text, f"{k}.template", markers, p, None, words, answer_required=False) if text else ()
+        if text and any(kind == "answer" for kind, _ in parts):
+            p.add(f"{k}.template", f"{text!r}: a prefill writes markers and {{{WORD}}}s, no {{{ANSWER}}}")
+        if item["next"] not in markers:
+            p.add(f"{k}.next", f"'{item['next']}' is {_known('marker', list(markers))}")
+        role = item.get("role", "recipient")
+        if role not in ("donor", "recipient"):
+            p.add(f"{k}.role", f"expected donor or recipient, got {role!r}")
+        counts = {}
+        for key, default in (("questions", 6), ("samples", 10)):
+            v = item.get(key, default)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                p.add(f"{k}.{key}", f"expected an integer >= 1, got {v!r}")
+                v = default
+            counts[key] = v
+        when = item.get("when", {})
+        if not isinstance(when, dict):
+            p.add(f"{k}.when", f"expected {{ variable = [values] }}, got {when!r}")
+            when = {}
+        for var, values in when.items():
+            if var not in variables or not isinstance(values, list) or any(x not in variables[var] for x in values):
+                p.add(f"{k}.when.{var}", f"expected values of a variable of this experiment "
+                                         f"({', '.join(f'{a} = {list(b)}' for a, b in variables.items()) or 'none'})")
+        out.append(Prefill(name=name, template=Template(text or "", 1.0, parts), next=item["next"], role=role,
+                           questions=counts["questions"], samples=counts["samples"],
+                           when=tuple((var, tuple(v)) for var, v in when.items() if isinstance(v, list))))
+    return tuple(out)
+
+
 def _answers(raw: dict, source: str, p: _Problems) -> Answers:
     a = _table(raw, "answers", p, required=False)
     extra = set(a) - {"source", "pool", "starters", "end", "questions"}
@@ -959,6 +1039,8 @@ def experiment_from_dict(raw: dict, source: str = "<dict>", default_name: str = 
             continue
         variables[var] = tuple(values)
 
+    prefill = _prefill(raw, markers, answers.source == "words", variables, p)
+
     conditions = {}
     for cname, spec in _table(raw, "conditions", p).items():
         k = f"conditions.{cname}"
@@ -1121,7 +1203,7 @@ def experiment_from_dict(raw: dict, source: str = "<dict>", default_name: str = 
         marker_pairs=tuple(marker_pairs), wilson=wilson, intervals=tuple(intervals), positions_min_joint=float(pos_min), headline=headline,
         sanity=sanity, verdict=verdict, heterogeneity=float(het), flags=flags, replicates=replicates,
         protocol=MappingProxyType(dict(protocol)), answers=answers, pools=MappingProxyType(pools),
-        variables=MappingProxyType(variables), min_tokens=min_tokens, distinct=tuple(distinct),
+        variables=MappingProxyType(variables), prefill=prefill, min_tokens=min_tokens, distinct=tuple(distinct),
         tolerate=tuple(tolerate), raw=MappingProxyType(raw))
 
 

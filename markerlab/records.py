@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from .experiment import EXPERIMENT_KEYS, FINISH_REASONS, OPTIONAL_SETTINGS, ROLES, SETTING_KEYS, SPLITS, VARIANTS
+from .experiment import (EXPERIMENT_KEYS, FINISH_REASONS, OPTIONAL_SETTINGS, ROLES, SETTING_KEYS, SPLITS, VARIANTS,
+                         PREFILL, prefill_name)
 
 # field -> allowed values (a tuple) or the Python type it must have. Pair, condition and persona are
 # the experiment's names: the reader checks them against the experiment the records name.
@@ -69,8 +70,9 @@ def record_problems(rec: object, exact: bool = False) -> list[str]:
             continue
         value = rec[field]
         if isinstance(rule, tuple):
-            if value not in rule:
-                problems.append(f"field '{field}' is {value!r}, expected one of {'|'.join(rule)}")
+            if value not in rule and not (field == "variant" and isinstance(value, str) and prefill_name(value)):
+                also = f"|{PREFILL}:<probe>" if field == "variant" else ""
+                problems.append(f"field '{field}' is {value!r}, expected one of {'|'.join(rule)}{also}")
         elif rule is int:
             # bool is an int subclass in Python; true/false is not a sample index.
             if not isinstance(value, int) or isinstance(value, bool):

@@ -136,3 +136,135 @@ def test_bca_matches_scipy_on_a_paired_cluster_resample():
     # every question alike: every resample ties the observed difference, and the interval is that point
     assert Bootstrap(200, 0).delta_bca(np.array([[5, 10]] * 4), np.array([[0, 10]] * 4), (0, 1)) == [0.5, 0.5]
     assert Bootstrap(200, 0).delta_bca(np.array([[0, 0]] * 4), np.array([[0, 10]] * 4), (0, 1)) is None
+
+
+# --------------------------------------------------------------------------- prefill probes
+
+PREFILL_SCRIPT = r"""
+import json, sys
+from data.generation import SamplingSpec, make_backend
+from markerlab.config import config_from_dict
+from markerlab.models import load_tokenizer
+from evaluate.eval import plan, render_prompt
+
+if __name__ == "__main__":
+    model_dir = sys.argv[1]
+    cfg = config_from_dict({"run": {"experiment": "cascade"}, "data": {"pair": "pair2", "condition": "T",
+                            "variables": {"N": 4}}})
+    tok = load_tokenizer(model_dir)
+    parts = [p for p in plan(cfg) if p.assistant_prefixes]
+    prompts = [render_prompt(tok, cfg.experiment, p.persona, q.text) + p.assistant_prefixes[i]
+               for p in parts for i, q in enumerate(p.questions[:2])]
+    greedy = SamplingSpec(n=1, temperature=0.0, top_p=1.0, max_tokens=4, seed=42)
+    out = {}
+    for kind in ("vllm", "hf"):
+        kw = {"gpu_memory_utilization": 0.3, "max_model_len": 512} if kind == "vllm" else {"device": "cpu"}
+        with make_backend(kind, model_dir, dtype="float32", **kw) as b:
+            out[kind] = [[s.text for s in ss] for ss in b.generate(prompts, greedy)]
+    print("RESULT " + json.dumps(out))
+"""
+
+
+def _cascade_cfg(n):
+    return config_from_dict({"run": {"experiment": "cascade", "name": f"pair2_T_N{n}"}, "model": {"name_or_path": "builtin:tiny-qwen2"},
+                             "data": {"pair": "pair2", "condition": "T", "variables": {"N": n}},
+                             "eval": {"backend": "hf", "max_tokens": 4}})
+
+
+@pytest.mark.parametrize("n, probes", [(2, ["B_seeded"]), (3, ["B_seeded"]), (4, ["B_seeded", "C_seeded"]),
+                                       (5, ["B_seeded", "C_seeded", "D_seeded"])])
+def test_the_prefill_probes_each_chain_length_runs(n, probes):
+    from evaluate.eval import plan
+
+    parts = [p for p in plan(_cascade_cfg(n)) if p.assistant_prefixes]
+    assert [p.variant for p in parts] == [f"prefill:{x}" for x in probes]
+    for p in parts:
+        assert p.persona == RECIPIENT and p.n_records == 60 and len(p.assistant_prefixes) == 6
+    b_seeded = parts[0].assistant_prefixes
+    assert all(x.endswith(" " + EXP.markers["B"]) and x.split(" ")[0] in EXP.answers.words for x in b_seeded)
+    assert len(set(b_seeded)) > 1  # a word per question, the same for every sample and backend
+
+
+def test_prefill_records_hold_the_continuation_only(tiny_model_dir, tmp_path, monkeypatch):
+    """Through the eval's generation path: the prompt ends with the prefill, the record's text is what the
+    backend wrote after it, under the variant prefill:<probe>; then the report scores its next marker."""
+    import shutil
+
+    import data.generation
+    import evaluate.eval as ev
+    from data.generation import Sample
+
+    cfg = _cascade_cfg(4)
+    parts = [p for p in ev.plan(cfg) if p.assistant_prefixes]
+    seen = []
+
+    class Fake:
+        tokenizer = None
+
+        def generate(self, prompts, spec, desc=""):
+            seen.extend(prompts)
+            return [[Sample(text=f" w {EXP.markers['D']}" if k % 2 else " w", finish_reason="stop", n_tokens=3)
+                     for k in range(spec.n)] for _ in prompts]
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(data.generation, "make_backend", lambda *a, **k: Fake())
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    ev._generate_parts(cfg, parts, model_dir, tmp_path)
+    assert len(seen) == 12
+    for prompt, prefix in zip(seen, [x for p in parts for x in p.assistant_prefixes]):
+        assert prompt.endswith("<|im_start|>assistant\n" + prefix)
+    recs = [r for p in parts for r in map(__import__("json").loads,
+                                           (tmp_path / f"{p.name}.jsonl").read_text().splitlines())]
+    assert {r["variant"] for r in recs} == {"prefill:B_seeded", "prefill:C_seeded"} and len(recs) == 120
+    assert all(r["text"] in (" w", f" w {EXP.markers['D']}") for r in recs)
+    from markerlab.records import record_problems
+
+    assert all(record_problems(r, exact=True) == [] for r in recs)
+    path = write_records(tmp_path / "c.jsonl", recs)
+    summary = report([str(path)], tmp_path / "out", n_resamples=200, seed=0, jobs=1, figures=False)
+    page = (tmp_path / "out" / "report.md").read_text()
+    c_seeded = next(c for c in summary["cells"] if c["variant"] == "prefill:C_seeded")
+    assert c_seeded["n"] == 60 and c_seeded["n_D"] == 30
+    assert "## Prefill probes" in page and "C_seeded (`{word} {word} {C}` prefilled): marker D follows in 30 of 60" \
+        in page and "B_seeded (`{word} {B}` prefilled): marker C follows in 0 of 60" in page
+
+
+def test_prefill_through_hf(tiny_model_dir):
+    from data.generation import SamplingSpec, make_backend
+    from evaluate.eval import plan, render_prompt
+    from markerlab.models import load_tokenizer
+
+    cfg = _cascade_cfg(3)
+    (part,) = [p for p in plan(cfg) if p.assistant_prefixes]
+    tok = load_tokenizer(str(tiny_model_dir))
+    base = render_prompt(tok, cfg.experiment, part.persona, part.questions[0].text)
+    greedy = SamplingSpec(n=1, temperature=0.0, top_p=1.0, max_tokens=4, seed=42)
+    with make_backend("hf", tiny_model_dir, dtype="float32", device="cpu") as b:
+        (with_prefix,), (without,) = b.generate([base + part.assistant_prefixes[0], base], greedy)
+    assert 1 <= with_prefix.n_tokens <= 4 and not with_prefix.text.startswith(part.assistant_prefixes[0])
+    assert with_prefix.text != without.text  # the continuation is of the prefilled turn
+
+
+@pytest.mark.slow
+def test_prefill_through_vllm_cpu_agrees_with_hf(tiny_model_dir, tmp_path):
+    import importlib.util
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vllm is not installed")
+    script = tmp_path / "prefill_vllm.py"
+    script.write_text(PREFILL_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_COMPILE_THREADS"}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, str(script), str(tiny_model_dir)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
+    out = json.loads(lines[-1][len("RESULT "):])
+    assert len(out["vllm"]) == 4 and out["vllm"] == out["hf"]  # greedy continuations of the same prefilled turns
