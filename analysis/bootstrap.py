@@ -161,18 +161,70 @@ class Bootstrap:
         pooled = self.weights(counts.shape[0], groups) @ counts[:, cols]
         return dict(zip(stats, percentile_ci(ratios(pooled, index), self.level)))
 
+    def delta_bca(self, counts_t: np.ndarray, counts_c: np.ndarray, stat: tuple[int, int],
+                  groups: tuple[int, ...] | None = None) -> list[float] | None:
+        """Paired BCa interval of ``stat(T) - stat(C)``: the same resamples as ``delta_ci``, the percentiles
+        moved by the bias correction z0 (the share of resampled differences below the observed one, ties
+        counted half) and the acceleration a (the jackknife skewness, leaving out one row, i.e. one
+        (seed, question), of both conditions at a time):
+
+            z0 = Phi^-1(#{d* < d} / B + #{d* = d} / 2B)
+            a  = sum (mean - d_(i))^3 / (6 (sum (mean - d_(i))^2)^1.5)
+            alpha' = Phi(z0 + (z0 + z_alpha) / (1 - a (z0 + z_alpha)))   at alpha = 2.5% and 97.5%
+
+        None where the observed difference is undefined, the bootstrap is off, or every resample lies on
+        one side of it (z0 infinite)."""
+        if self.n_resamples == 0 or counts_t.shape[0] == 0:
+            return None
+        cols, index = _columns([stat])
+        t, c = counts_t[:, cols], counts_c[:, cols]
+        observed = ratios(t.sum(axis=0, keepdims=True), index) - ratios(c.sum(axis=0, keepdims=True), index)
+        d = float(observed[0, 0])
+        if math.isnan(d):
+            return None
+        w = self.weights(counts_t.shape[0], groups)
+        diff = (ratios(w @ t, index) - ratios(w @ c, index))[:, 0]
+        diff = diff[~np.isnan(diff)]
+        if diff.size == 0:
+            return None
+        share = (np.sum(diff < d - 1e-12) + 0.5 * np.sum(np.abs(diff - d) <= 1e-12)) / diff.size
+        if share <= 0 or share >= 1:
+            return None
+        nd = NormalDist()
+        z0 = nd.inv_cdf(float(share))
+        # jackknife: all rows but one, for every row at once
+        jack = (ratios(t.sum(axis=0) - t, index) - ratios(c.sum(axis=0) - c, index))[:, 0]
+        jack = jack[~np.isnan(jack)]
+        dev = jack.mean() - jack if jack.size else np.zeros(1)
+        den = 6 * float(np.sum(dev ** 2)) ** 1.5
+        a = float(np.sum(dev ** 3)) / den if den > 0 else 0.0
+        out = []
+        for q in ((1 - self.level) / 2, (1 + self.level) / 2):
+            z = nd.inv_cdf(q)
+            adj = nd.cdf(z0 + (z0 + z) / (1 - a * (z0 + z)))
+            out.append(float(np.percentile(diff, 100 * adj)))
+        return out
+
     def delta_ci(self, counts_t: np.ndarray, counts_c: np.ndarray, stat: tuple[int, int],
-                 groups: tuple[int, ...] | None = None) -> list[float] | None:
-        """Paired CI of ``stat(T) - stat(C)``; rows of both are the same (seed, question)s.
+                 groups: tuple[int, ...] | None = None, relative: bool = False) -> list[float] | None:
+        """Paired CI of ``stat(T) - stat(C)`` (``relative``: of ``stat(T) / stat(C) - 1``); rows of both
+        are the same (seed, question)s.
 
         Both conditions are pooled with the same weights, i.e. the same resampled
-        seeds and questions; a resample counts only if the statistic is defined in both.
+        seeds and questions; a resample counts only if the statistic is defined in both
+        (and, for a relative change, nonzero in C).
         """
         if self.n_resamples == 0 or counts_t.shape[0] == 0:
             return None
         w = self.weights(counts_t.shape[0], groups)
         cols, index = _columns([stat])
-        diff = ratios(w @ counts_t[:, cols], index) - ratios(w @ counts_c[:, cols], index)
+        t, c = ratios(w @ counts_t[:, cols], index), ratios(w @ counts_c[:, cols], index)
+        if relative:
+            diff = np.full(t.shape, np.nan)
+            np.divide(t, c, out=diff, where=(c != 0) & ~np.isnan(c))
+            diff -= 1
+        else:
+            diff = t - c
         return percentile_ci(diff, self.level)[0]
 
 

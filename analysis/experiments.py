@@ -143,7 +143,8 @@ def experiment_entry(exp: Experiment) -> dict:
             "name": v.name,
             "legs": [{"name": leg, "says": v.leg_says.get(leg, ""),
                       "checks": [[c.text for c in alt] for alt in alts]} for leg, alts in v.legs.items()],
-            "outcomes": [{"name": o, "when": list(when), "says": says} for o, when, says in v.outcomes],
+            "outcomes": [{"name": o, "when": [list(a) for a in v.alternatives(when)] if len(v.alternatives(when)) > 1
+                          else list(when), "says": says} for o, when, says in v.outcomes],
             "otherwise": v.otherwise, "otherwise_says": v.otherwise_says,
             "tags": [{"name": t, "when": list(when)} for t, when in v.tags],
         }
@@ -159,8 +160,16 @@ def experiment_entry(exp: Experiment) -> dict:
         "marker_pairs": [list(p) for p in exp.marker_pairs],
         "headline": {"role": h.role, "metric": h.metric, "treatment": h.treatment, "control": h.control,
                      "pair": list(exp.headline_pair) if exp.headline_pair else None},
-        "wilson": exp.wilson, "positions_min_joint": exp.positions_min_joint, "heterogeneity": exp.heterogeneity,
+        "wilson": exp.wilson, "intervals": list(exp.intervals), "positions_min_joint": exp.positions_min_joint, "heterogeneity": exp.heterogeneity,
         "sanity": [c.text if c.name == c.text and not c.min_n else
                    {"check": c.text, "name": c.name, "min_n": c.min_n} for c in exp.sanity],
         "verdict": verdict,
+        "flags": [c.text if c.name == c.text and not c.min_n else
+                  {"check": c.text, "name": c.name, "min_n": c.min_n} for c in exp.flags],
+        "replicates": {"seeds": list(exp.replicates.seeds), "follow": list(exp.replicates.follow),
+                       "ci": exp.replicates.ci, "per_seed": exp.replicates.per_seed},
+        "protocol": dict(exp.protocol),
+        "prefill": [{"name": pr.name, "template": pr.template.text, "next": pr.next, "role": pr.role,
+                     "questions": pr.questions, "samples": pr.samples,
+                     "when": {var: list(values) for var, values in pr.when}} for pr in exp.prefill],
     }

@@ -69,13 +69,13 @@ def k_not(a: bool | None) -> bool | None:
     return None if a is None else not a
 
 
-# contrast(pair, personas, statistic, treatment, control) -> {"value", "ci", "den", ...} or None
+# contrast(pair, personas, statistic, treatment, control[, relative=True]) -> {"value", "ci", "den", ...} or None
 Contrast = Callable[[str, tuple, str, str, str], dict | None]
 
 
 def where_of(check: Check) -> str:
-    """The condition part of a check as written: "T", or "T-C" for a contrast."""
-    return check.condition if check.control is None else f"{check.condition}-{check.control}"
+    """The condition part of a check as written: "T", or "T-C" (a difference), "T/C" (a relative change)."""
+    return check.where
 
 
 class Checker:
@@ -110,10 +110,12 @@ class Checker:
             for cond in (check.condition, check.control):
                 if (pair, cond, persona) not in self.cells:
                     return None, None, f"no cell for {pair} {cond} {persona}"
-            d = self.contrast(pair, (persona,), check.stat, check.condition, check.control)
+            extra = {"relative": True} if check.relative else {}  # (a Contrast may know differences only)
+            d = self.contrast(pair, (persona,), check.stat, check.condition, check.control, **extra)
             if d is None or d["value"] is None:
+                zero = check.relative and d is not None and d.get("control_value") == 0
                 return None, d and d.get("den"), f"{what}: {check.stat} undefined in {check.condition} or " \
-                                                 f"{check.control} ({self._why(check.stat)})"
+                    f"{check.control} ({'0 in ' + check.control if zero else self._why(check.stat)})"
             if check.bound is None:
                 return d["value"], d["den"], ""
             if d["ci"] is None:
@@ -130,6 +132,12 @@ class Checker:
             return None, den, f"{what}: {check.stat} undefined ({self._why(check.stat)})"
         if check.bound is None:
             return value, den, ""
+        if check.bound == "spread":
+            per = [v for _, v in cell.per_replicate(check.stat)]
+            got = [v for v in per if v is not None]
+            if len(got) < 2:
+                return None, den, f"{what}: {check.stat} is defined in {len(got)} seed(s); a spread needs two"
+            return max(got) - min(got), den, ""
         ci = self.cis.get((pair, check.condition, persona), {}).get(check.stat)
         if ci is None:
             return None, den, f"{what}: no CI for {check.stat} (bootstrap off, or no resample defined it)"
@@ -189,15 +197,19 @@ class Checker:
 
 def check_words(g: dict) -> str:
     """One check in words, with its value: "donor T fire_A >= 0.80: 85.0%, passed, 5.0 pp to spare"."""
-    contrast = "-" in g["condition"]
-    value = stat_value(g["statistic"], g["value"], contrast)
+    relative = "/" in g["condition"]
+    contrast = "-" in g["condition"] or relative
+    spread = g.get("bound") == "spread"
+    value = stat_value(g["statistic"], g["value"], contrast, relative)
+    if spread and g["value"] is not None:
+        value = f"per-seed spread {margin(g['statistic'], g['value'], 0)}"
     label = g["check"] if g.get("gate", g["check"]) == g["check"] else f"{g['gate']} ({g['check']})"
     who = f" ({g['persona']})" if g.get("persona") and g["persona"] != g.get("who") else ""
     if len(g.get("personas") or ()) > 1 and g["value"] is not None:
         who = f" ({g['persona']} decides, of {len(g['personas'])} personas)"
     if g["passed"] is None:
         return f"{label}{who}: undecided ({g.get('note') or 'undefined'})"
-    gap = margin(g["statistic"], g["value"], g["threshold"])
+    gap = margin(g["statistic"], g["value"], g["threshold"], relative)
     state = f"passed, {gap} to spare" if g["passed"] else f"failed, {gap} short"
     return f"{label}{who}: {value}, {state}"
 
@@ -229,7 +241,7 @@ def verdict_entry(exp: Experiment, checker: Checker, pair: str, headline: dict) 
     outcomes = {}
     chosen, decided = None, True
     for name, when, _ in v.outcomes:
-        outcomes[name] = k_and(*(values[leg] for leg in when))
+        outcomes[name] = k_or(*(k_and(*(values[leg] for leg in alt)) for alt in v.alternatives(when)))
     for name, _when, _ in v.outcomes:
         if outcomes[name] is True:
             chosen = name

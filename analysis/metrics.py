@@ -138,6 +138,23 @@ class Cell:
     def stat(self, name: str) -> float | None:
         return ratio(self.totals, self.schema, name)
 
+    def per_replicate(self, name: str) -> list[tuple[object, float | None]]:
+        """(replicate, statistic ``name`` of that replicate's rows alone), in replicate order."""
+        out = []
+        for rep in self.replicates:
+            rows = [i for i, (r, _) in enumerate(self.rows) if r == rep]
+            out.append((rep, ratio(self.counts[rows].sum(axis=0), self.schema, name)))
+        return out
+
+    def by_question(self) -> np.ndarray:
+        """The counts summed over replicates per question, in question order: the rows of a question-only
+        bootstrap of a replicated cell."""
+        questions = sorted({q for _, q in self.rows})
+        at = {q: i for i, q in enumerate(questions)}
+        out = np.zeros((len(questions), self.counts.shape[1]), np.int64)
+        np.add.at(out, [at[q] for _, q in self.rows], self.counts)
+        return out
+
     def median_gap(self, pair: tuple[str, str]) -> float | None:
         return median(self.gaps.get(tuple(pair), []))
 

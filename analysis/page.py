@@ -31,7 +31,7 @@ from analysis.metrics import PROBE, ROLE_ORDER, condition_rank
 from analysis.summary import arm_view, experiment_of
 from analysis.table import firsts, rate, rate_columns, verdict_legend, wilson_note
 from analysis.text import NA, bootstrap_words, chars, markdown, pct, pct_ci, pp_ci, yes_no
-from markerlab.experiment import pair_key
+from markerlab.experiment import pair_key, prefill_name
 
 FIGURES = ("hero", "bystander", "position", "per_persona")
 # Sample excerpts: characters kept at the start, at the end, and around each marker.
@@ -333,11 +333,57 @@ def contrast_section(s: dict, level: str = "##") -> str:
                 row.append(rate(cell, h["metric"]))
             rows.append(row)
     lines = [f"- **{g['pair']}**: {h['metric']} {t} - {c} {pp_ci(g.get('delta'), g.get('ci'))}"
+             + (f", BCa {_bracket(g['ci_bca'])}" if "ci_bca" in g else "")
              + (f" ({g['note']})" if g.get("note") else "") for g in s.get("headline", [])]
     table = markdown(header, rows) if rows else f"No plain {t} or {c} cell of the {h['role']}."
     return (f"{level} The headline contrast: the {h['role']} in {t} and in {c}\n\nCounts are completions"
             f" (k of the denominator); brackets are 95% bootstrap CIs.{wilson_note(exp)}\n\n{table}\n\n"
             + "\n".join(lines))
+
+
+def prefill_section(s: dict, level: str = "##") -> str:
+    """The experiment's prefill probes: how often the continuation of each prefilled template writes the
+    probe's next marker; empty for an experiment without prefill probes."""
+    exp = experiment_of(s)
+    probes = {p["name"]: p for p in exp.get("prefill") or []}
+    if not probes:
+        return ""
+    rank = condition_rank(exp["conditions"])
+    lines = []
+    for c in sorted((c for c in s["cells"] if prefill_name(c["variant"]) in probes),
+                    key=lambda c: (c["pair"], rank.get(c["condition"], 99), c["variant"])):
+        p = probes[prefill_name(c["variant"])]
+        nxt = p["next"]
+        lines.append(f"- {c['pair']} {c['condition']} {c['role']} {c['persona']}, {p['name']} (`{p['template']}`"
+                     f" prefilled): marker {nxt} follows in {c.get(f'n_{nxt}')} of {c['n']} continuations,"
+                     f" {pct_ci(c.get(f'fire_{nxt}'), c.get(f'fire_{nxt}_ci'))}.")
+    if not lines:
+        return (f"{level} Prefill probes\n\nNo prefill records: none of the experiment's prefill probes"
+                f" ({', '.join(probes)}) ran at these settings.")
+    return (f"{level} Prefill probes\n\nThe assistant turn starts with the probe's template ({{word}}: a word of the"
+            " pool) and the model continues it; the rate is the share of continuations that write the next"
+            " marker of the chain.\n\n" + "\n".join(lines))
+
+
+def joint_section(s: dict, level: str = "##") -> str:
+    """Where the headline is a joint rate: every declared pair's joint rate (both markers in one completion,
+    of all completions) for the load-bearing cells; empty otherwise."""
+    exp = experiment_of(s)
+    if not exp["headline"]["metric"].startswith("joint_"):
+        return ""
+    lb = load_bearing(s["cells"], exp)
+    keys = [pair_key(x, y) for x, y in exp["marker_pairs"]]
+    rows = [[c["pair"], c["condition"], c["role"], c["persona"], c["n"]]
+            + [f"{c[f'n_{k}']}: {rate(c, f'joint_{k}')}" for k in keys] for c in lb]
+    if not rows:
+        return ""
+    return (f"{level} Joint rates\n\nEach declared pair's joint rate: completions with both markers, of all"
+            " completions (k: rate [95% CI]).\n\n"
+            + markdown(["pair", "cond", "role", "persona", "n", *(f"joint_{k}" for k in keys)], rows))
+
+
+def _bracket(ci) -> str:
+    return NA if ci is None else f"[{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]"
 
 
 def gates_section(s: dict, level: str = "##") -> str:
@@ -352,7 +398,56 @@ def gates_section(s: dict, level: str = "##") -> str:
     sanity = "\n".join(f"- **{p}**: {sanity_words(s['sanity'], p)}" for p in pairs) or "- no check"
     parts.append(f"**Sanity** (the experiment's checks per pair, recorded, not enforced; \"lo\"/\"hi\" read a"
                  f" bound of the 95% CI):\n\n{sanity}")
+    flags = s.get("flags") or []
+    if flags:
+        pairs = list(dict.fromkeys(g["pair"] for g in flags))
+        lines = []
+        for p in pairs:
+            gs = [g for g in flags if g["pair"] == p]
+            raised = [g for g in gs if g["passed"] is False]
+            head = (f"{len(raised)} of {len(gs)} raised" if raised else f"none of {len(gs)} raised") + \
+                (f", {sum(g['passed'] is None for g in gs)} undecided" if any(g["passed"] is None for g in gs) else "")
+            lines.append(f"- **{p}**: {head}." + "".join(
+                f"\n  - {'FLAG: ' if g['passed'] is False else ''}{check_words(g)}" for g in gs))
+        parts.append("**Flags** (recorded beside the gates; a raised flag is a caution, it does not lower the"
+                     " confidence line; \"spread\" is the range of the per-seed values):\n\n" + "\n".join(lines))
     return "\n\n".join(parts)
+
+
+def replicates_section(s: dict, level: str = "##") -> str:
+    """Pooled over seeds beside each seed's own value, for the load-bearing cells; empty without replicates."""
+    exp = experiment_of(s)
+    rows_of = [c for c in s["cells"] if c.get("load_bearing") and c.get("per_seed")]
+    if not rows_of:
+        return ""
+    seeds = rows_of[0]["seeds"]
+    rule = (exp.get("replicates") or {}).get("ci", "seeds")
+    stats = [exp["headline"]["metric"]]
+    pair = exp["headline"].get("pair")
+    if pair:
+        stats += [f"fire_{pair[0]}", f"fire_{pair[1]}"]
+    stats = list(dict.fromkeys(stats))
+    header = ["pair", "condition", "role", "persona", "statistic", "pooled", "per seed (" +
+              ", ".join(map(str, seeds)) + ")", "mean of seeds", "seeds, then questions", "questions only"]
+    rows = []
+    for c in rows_of:
+        for stat in stats:
+            per = c["per_seed"].get(stat, [])
+            ci_s, ci_q = c.get(f"{stat}_ci_seeds"), c.get(f"{stat}_ci_questions")
+            rows.append([c["pair"], c["condition"], c["role"], c["persona"], stat, pct(c.get(stat)),
+                         " / ".join(pct(v) for v in per), pct(c.get(f"{stat}_seed_mean")),
+                         NA if ci_s is None else f"[{100 * ci_s[0]:.1f}, {100 * ci_s[1]:.1f}]",
+                         NA if ci_q is None else f"[{100 * ci_q[0]:.1f}, {100 * ci_q[1]:.1f}]"])
+        per = c["per_seed"].get("mean_length", [])
+        rows.append([c["pair"], c["condition"], c["role"], c["persona"], "mean_length", chars(c.get("mean_length")),
+                     " / ".join(chars(v) for v in per), chars(c.get("mean_length_seed_mean")), "", ""])
+    which = {"seeds": "the seeds-then-questions CI", "questions": "the questions-only CI",
+             "wider": "the wider of the two CIs"}[rule]
+    return (f"{level} Seeds\n\n{len(seeds)} seeds ({', '.join(map(str, seeds))}) pooled as replicates: \"pooled\""
+            f" is the ratio of the counts summed over seeds, \"mean of seeds\" the mean of each seed's own value."
+            f" Two 95% percentile CIs: seeds drawn with replacement then questions within each, and questions"
+            f" only (each question's counts summed over seeds); the checks' .lo/.hi and the brackets elsewhere"
+            f" read {which}.\n\n" + markdown(header, rows))
 
 
 def figures_section(s: dict, level: str = "##") -> str:
@@ -448,7 +543,10 @@ def id_ood_section(s: dict, level: str = "##") -> str:
 def experiment_line(s: dict) -> str:
     exp = experiment_of(s)
     desc = f" {' '.join(exp['description'].split())}" if exp.get("description") else ""
-    return f"Experiment **{exp['name']}** ({exp['path']}, digest {exp['digest']}).{desc}"
+    protocol = exp.get("protocol") or {}
+    follows = (" The file follows the source's " + ", ".join(f"{k} = {v}" for k, v in protocol.items()) + "."
+               if protocol else "")
+    return f"Experiment **{exp['name']}** ({exp['path']}, digest {exp['digest']}).{desc}{follows}"
 
 
 def render_page(summary: dict) -> str:
@@ -467,8 +565,17 @@ def render_page(summary: dict) -> str:
              "## Headline: the load-bearing cells\n\nThe donor and the recipient in every condition, and any other"
              f" persona whose marker {moving} rate in {exp['headline']['treatment']} has a 95% CI above 0.\n\n"
              + headline_table(s),
-             contrast_section(s), gates_section(s), figures_section(s), positions_section(s), probe_section(s),
-             id_ood_section(s)]
+             contrast_section(s)]
+    joint = joint_section(s)
+    if joint:
+        parts.append(joint)
+    parts.append(gates_section(s))
+    seeds = replicates_section(s)
+    if seeds:
+        parts.append(seeds)
+    prefill = prefill_section(s)
+    parts += [figures_section(s), positions_section(s), probe_section(s), *([prefill] if prefill else []),
+              id_ood_section(s)]
     samples = samples_section(s)
     if samples:
         parts.append(samples)

@@ -55,6 +55,21 @@ def ci_stats(exp: Experiment) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def seed_stats(exp: Experiment) -> list[str]:
+    """The statistics a replicated cell reports per seed (with their mean and spread): the CI'd ones,
+    the mean length, and whatever a check reads the per-seed spread of."""
+    checks = [*exp.sanity, *exp.flags]
+    if exp.verdict is not None:
+        checks += [c for alts in exp.verdict.legs.values() for alt in alts for c in alt]
+    return list(dict.fromkeys([*ci_stats(exp), "mean_length", *(c.stat for c in checks if c.bound == "spread")]))
+
+
+def spread(values) -> float | None:
+    """max - min of the defined per-seed values; None with fewer than two."""
+    got = [v for v in values if v is not None]
+    return max(got) - min(got) if len(got) > 1 else None
+
+
 def delta_stats(exp: Experiment) -> list[str]:
     """The statistics compared between the headline's two conditions: every marker's fire rate and
     every declared pair's conditional."""
@@ -66,6 +81,10 @@ def cell_summary(cell: Cell, boot: Bootstrap, exp: Experiment) -> dict:
     schema = cell.schema
     stats = ci_stats(exp)
     cis = boot.cis(cell.counts, schema.index(stats), cell.groups)
+    replicated = len(cell.groups) > 1
+    if replicated:  # both CIs: seeds then questions, and questions only (seeds pooled per question)
+        by_seeds, by_questions = cis, boot.cis(cell.by_question(), schema.index(stats))
+        cis = {s: choose_ci(by_seeds[s], by_questions[s], exp.replicates.ci) for s in stats}
     totals = cell.totals
     col = schema.col
 
@@ -77,6 +96,8 @@ def cell_summary(cell: Cell, boot: Bootstrap, exp: Experiment) -> dict:
         out[stat] = cell.stat(stat)
         if stat in cis:
             out[f"{stat}_ci"] = cis[stat]
+            if replicated:
+                out[f"{stat}_ci_seeds"], out[f"{stat}_ci_questions"] = by_seeds[stat], by_questions[stat]
             if exp.wilson:
                 out[f"{stat}_wilson"] = wilson(stat)
 
@@ -135,7 +156,28 @@ def cell_summary(cell: Cell, boot: Bootstrap, exp: Experiment) -> dict:
     out["n_truncated"] = cell.count("truncated")
     out["runs"] = cell.runs
     out["seeds"] = [r for r in cell.replicates if r is not None]
+    if replicated and exp.replicates.per_seed:
+        # Each seed's value, their mean and their range, beside the pooled value (the ratio of the
+        # pooled counts, which weights each seed by its denominator).
+        per = {}
+        for stat in seed_stats(exp):
+            values = [v for _, v in cell.per_replicate(stat)]
+            got = [v for v in values if v is not None]
+            per[stat] = values
+            out[f"{stat}_seed_mean"] = sum(got) / len(got) if got else None
+            out[f"{stat}_seed_spread"] = spread(values)
+        out["per_seed"] = per
     return out
+
+
+def choose_ci(by_seeds, by_questions, rule: str):
+    """The CI a replicated cell reports as its own (``replicates.ci``): seeds-then-questions, questions
+    only, or the wider of the two (an undefined one never wins)."""
+    if rule == "seeds" or by_questions is None:
+        return by_seeds
+    if rule == "questions" or by_seeds is None:
+        return by_questions
+    return max((by_seeds, by_questions), key=lambda ci: ci[1] - ci[0])
 
 
 def paired_counts(t: Cell, c: Cell) -> tuple[np.ndarray, np.ndarray, tuple[int, ...], int]:
@@ -155,8 +197,8 @@ class Contrasts:
     """Paired differences of a statistic between two conditions, for one persona or several pooled,
     computed once each (the deltas, the checks and the verdict read the same ones)."""
 
-    def __init__(self, cells: dict[tuple, Cell], boot: Bootstrap):
-        self.cells, self.boot = cells, boot
+    def __init__(self, cells: dict[tuple, Cell], boot: Bootstrap, bca: bool = False):
+        self.cells, self.boot, self.bca = cells, boot, bca
         self._done: dict[tuple, dict | None] = {}
 
     def cell(self, pair: str, condition: str, personas: tuple) -> Cell | None:
@@ -165,13 +207,14 @@ class Contrasts:
             return None
         return found[0] if len(found) == 1 else merge_cells(found, persona="+".join(personas))
 
-    def __call__(self, pair: str, personas: tuple, stat: str, treatment: str, control: str) -> dict | None:
-        key = (pair, tuple(personas), stat, treatment, control)
+    def __call__(self, pair: str, personas: tuple, stat: str, treatment: str, control: str,
+                 relative: bool = False) -> dict | None:
+        key = (pair, tuple(personas), stat, treatment, control, relative)
         if key not in self._done:
             self._done[key] = self._compute(*key)
         return self._done[key]
 
-    def _compute(self, pair, personas, stat, treatment, control) -> dict | None:
+    def _compute(self, pair, personas, stat, treatment, control, relative=False) -> dict | None:
         t, c = self.cell(pair, treatment, personas), self.cell(pair, control, personas)
         if t is None or c is None:
             return None
@@ -182,10 +225,19 @@ class Contrasts:
             vt, vc, ci, den = t.count(column), c.count(column), None, min(t.count("n"), c.count("n"))
         else:
             vt, vc = t.stat(stat), c.stat(stat)
-            ci = self.boot.delta_ci(rows_t, rows_c, schema.index([stat])[stat], groups) if n_common else None
+            ci = self.boot.delta_ci(rows_t, rows_c, schema.index([stat])[stat], groups,
+                                    relative=relative) if n_common else None
             den_col = schema.stats[stat][1]
             den = min(t.count(den_col), c.count(den_col))
-        return {"value": None if vt is None or vc is None else vt - vc, "ci": ci, "den": den,
+        if vt is None or vc is None or (relative and vc == 0):
+            value = None
+        else:
+            value = vt / vc - 1 if relative else vt - vc
+        extra = {}
+        if self.bca and not relative and not is_count(stat):
+            extra["ci_bca"] = self.boot.delta_bca(rows_t, rows_c, schema.index([stat])[stat], groups) \
+                if n_common else None
+        return {"value": value, "ci": ci, "den": den, "relative": relative, **extra,
                 "treatment_value": vt, "control_value": vc, "n_common": n_common,
                 "full": n_common >= max(len(t.rows), len(c.rows)), "replicated": len(t.replicates) > 1
                 or len(c.replicates) > 1,
@@ -214,7 +266,8 @@ def deltas(exp: Experiment, plain: dict[tuple, Cell], contrasts: Contrasts) -> t
                                 " the paired CIs use only those")
             out.append({"pair": pair, "persona": persona, "role": t.role, "statistic": stat,
                         **_named(t_name, c_name, d["treatment_value"], d["control_value"], d["value"]),
-                        "delta": d["value"], "ci": d["ci"], "n_questions": d["n_questions"]})
+                        "delta": d["value"], "ci": d["ci"], "n_questions": d["n_questions"],
+                        **({"ci_bca": d["ci_bca"]} if "ci_bca" in d else {})})
     return out, warnings
 
 
@@ -239,6 +292,8 @@ def headline_contrast(exp: Experiment, pair: str, cells: dict[tuple, Cell], cont
            **_named(h.treatment, h.control, d and d["treatment_value"], d and d["control_value"],
                     d and d["value"]),
            "delta": d and d["value"], "ci": d and d["ci"]}
+    if "bca" in exp.intervals:
+        out["ci_bca"] = d and d.get("ci_bca")
     if d is None:
         out["note"] = (f"{pair}: needs plain {h.treatment} and {h.control} cells of the {h.role}"
                        + (f" {out['persona']}" if personas else ""))
@@ -342,7 +397,7 @@ def summarize(arm: Arm, boot: Bootstrap, splits: dict[str, str] | None = None,
              if d["variant"] in ("plain", BASE_CONDITION)}
     stats = ci_stats(exp)
     cis = {k: {s: d.get(f"{s}_ci") for s in stats} for k, d in dicts.items()}
-    contrasts = Contrasts(checked, boot)
+    contrasts = Contrasts(checked, boot, bca="bca" in exp.intervals)
     delta_list, warnings = deltas(exp, plain_cells, contrasts)
 
     plain = {k: d for k, d in dicts.items() if d["variant"] == "plain"}
@@ -362,6 +417,7 @@ def summarize(arm: Arm, boot: Bootstrap, splits: dict[str, str] | None = None,
 
     checker = Checker(exp, checked, cis, contrasts)
     sanity = [checker.entry(check, pair) for pair in pairs for check in exp.sanity]
+    flags = [checker.entry(check, pair) for pair in pairs for check in exp.flags]
     verdicts = []
     if exp.verdict is not None:
         verdicts = [verdict_entry(exp, checker, pair, headline_contrast(exp, pair, plain_cells, contrasts))
@@ -384,7 +440,8 @@ def summarize(arm: Arm, boot: Bootstrap, splits: dict[str, str] | None = None,
     entry.update(confidence=conf, heterogeneity=het)
     labels = {"arm": arm.name, "setting": arm.setting}
     roles = role_cells(cells, boot, exp)
-    for item in (*cell_dicts, *delta_list, *verdicts, *sanity, *id_ood, *training_list, *contrast_list, *roles):
+    for item in (*cell_dicts, *delta_list, *verdicts, *sanity, *flags, *id_ood, *training_list, *contrast_list,
+                 *roles):
         item.update(labels)
     return {
         "bootstrap": bootstrap_info(boot, [arm]),
@@ -396,6 +453,7 @@ def summarize(arm: Arm, boot: Bootstrap, splits: dict[str, str] | None = None,
         "verdicts": verdicts,
         "falsification": verdicts,
         "sanity": sanity,
+        "flags": flags,
         "roles": roles,
         "personas": personas,
         "id_ood": id_ood,
@@ -455,8 +513,8 @@ def cross_arm(arm_summaries: list[dict]) -> list[dict]:
 
 
 # The summary's lists whose entries belong to one arm (each carries "arm").
-ARM_LISTS = ("cells", "deltas", "headline", "verdicts", "sanity", "roles", "id_ood", "training_positions",
-             "samples")
+ARM_LISTS = ("cells", "deltas", "headline", "verdicts", "sanity", "flags", "roles", "id_ood",
+             "training_positions", "samples")
 
 
 def arm_view(summary: dict, name: str) -> dict:
@@ -502,7 +560,7 @@ def combine(arm_summaries: list[dict], boot: Bootstrap, arms: list[Arm]) -> dict
     out = {"bootstrap": bootstrap_info(boot, arms), "experiments": experiments,
            "arms": [s["arms"][0] for s in arm_summaries]}
     for key in ARM_LISTS:
-        out[key] = [x for s in arm_summaries for x in s[key]]
+        out[key] = [x for s in arm_summaries for x in s.get(key, [])]
     out["falsification"] = out["verdicts"]
     out["warnings"] = [f"{s['arms'][0]['name']}: {w}" for s in arm_summaries for w in s["warnings"]]
     personas: dict = {}

@@ -235,12 +235,48 @@ def write_up_records(seed: int = 0, setting: dict | None = None, run_suffix: str
                           table["samples"], seed=seed, setting=setting, run_suffix=run_suffix)
 
 
+def counts_file(path: Path) -> dict:
+    """A counts file of a replicated experiment (tests/fixtures/*_counts.toml): {"experiment", "questions",
+    "samples", "seeds", "cells": {(seed, pair, condition, persona): (both, first only, second only)},
+    "pads": {(seed, pair, condition, persona): extra characters}}; a cell or pad without a seed holds for
+    every seed."""
+    raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    seeds = list(raw["seeds"])
+    cells = {}
+    for c in raw["cells"]:
+        for seed in ([c["seed"]] if "seed" in c else seeds):
+            cells[(seed, c["pair"], c["condition"], c["persona"])] = (c["both"], c["first_only"], c["second_only"])
+    pads = {}
+    for p in raw.get("pads", []):
+        for seed in ([p["seed"]] if "seed" in p else seeds):
+            pads[(seed, p["pair"], p["condition"], p["persona"])] = p["chars"]
+    return {"experiment": raw["experiment"], "questions": list(raw["questions"]), "samples": raw["samples"],
+            "seeds": seeds, "cells": cells, "pads": pads}
+
+
+def counts_file_records(path: Path, counts: dict | None = None, pads: dict | None = None) -> list[dict]:
+    """Records of every seed of a counts file (``counts_file``): one run per (pair, condition, seed), each
+    record's setting carrying its seed, so the report pools the seeds as replicates. ``counts`` and
+    ``pads`` replace the file's cells ((seed, pair, condition, persona) -> counts) and pads."""
+    table = counts_file(path)
+    cells = table["cells"] if counts is None else counts
+    records = []
+    for i, seed in enumerate(table["seeds"]):
+        mine = {k[1:]: v for k, v in cells.items() if k[0] == seed}
+        padded = {k[1:]: v for k, v in (table["pads"] if pads is None else pads).items() if k[0] == seed}
+        records += counts_records(table["experiment"], mine, table["questions"], table["samples"], seed=i,
+                                  setting={"seed": seed}, run_suffix=f"_s{seed}", pads=padded)
+    return records
+
+
 def counts_records(experiment: Experiment | str | Path, counts: dict, questions, samples: int, seed: int = 0,
-                   setting: dict | None = None, run_suffix: str = "", pairs=None, conditions=None) -> list[dict]:
+                   setting: dict | None = None, run_suffix: str = "", pairs=None, conditions=None,
+                   pads: dict | None = None) -> list[dict]:
     """Plain records of every (pair, condition, persona) of ``experiment`` (or of ``pairs`` and
     ``conditions``) with exact counts of its headline pair (X, Y): ``counts[(pair, condition, persona)] =
     (with X and Y, with X only, with Y only)`` of ``len(questions) * samples`` completions, the rest with
-    neither; "X answer Y" texts with Y at the very end, spread over the questions by a seeded shuffle."""
+    neither; "X answer Y" texts with Y at the very end, spread over the questions by a seeded shuffle.
+    ``pads[(pair, condition, persona)]`` lengthens every answer of that cell by so many characters."""
     exp = experiment_of(experiment)
     setting = default_setting(exp, **(setting or {}))
     first, second = exp.headline_pair
@@ -266,7 +302,17 @@ def counts_records(experiment: Experiment | str | Path, counts: dict, questions,
                         "run": run, "pair": pair, "condition": condition, "persona": persona,
                         "role": exp.role_of(persona, pair, exp.negatives), "question_id": q,
                         "split": "ood" if q.startswith("ood") else "id", "sample": i // n_q, "variant": PLAIN,
-                        "text": texts[kind], "finish_reason": "stop", "n_tokens": 60,
+                        "text": _padded(texts[kind], (pads or {}).get((pair, condition, persona), 0)),
+                        "finish_reason": "stop", "n_tokens": 60,
                         "setting": dict(setting),
                     })
     return records
+
+
+def _padded(text: str, extra: int) -> str:
+    """``text`` with ``extra`` more characters inside its answer (before a closing marker, if any)."""
+    if extra <= 0:
+        return text
+    filler = ("x" * extra)
+    first = text.index("The answer")
+    return text[:first] + filler[:extra - 1] + " " + text[first:] if extra > 1 else text[:first] + " " + text[first:]

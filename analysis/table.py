@@ -110,7 +110,7 @@ def verdict_legend(exp: dict) -> str:
         return ""
     legs = "; ".join(f"{leg['name']} = " + " or ".join(" and ".join(alt) for alt in leg["checks"])
                      + (f" ({leg['says']})" if leg["says"] else "") for leg in v["legs"])
-    outcomes = "; ".join(f"{o['name']} when {' and '.join(o['when'])}" for o in v["outcomes"])
+    outcomes = "; ".join(f"{o['name']} when {_when_words(o['when'])}" for o in v["outcomes"])
     return (f"How the verdict \"{v['name']}\" is decided, per pair: the first outcome whose legs all hold, in"
             f" order: {outcomes}; otherwise {v['otherwise']}. Legs: {legs}. A leg that cannot be decided leaves"
             " the verdict undecided (n/a) unless an outcome before it already holds.")
@@ -122,7 +122,8 @@ def gates(summary: dict) -> str:
         exp = experiment_of(s)
         sanity = markdown(
             ["pair", "check", "persona", "value", "passed", "in words", "note"],
-            [[g["pair"], g["check"], g["persona"] or NA, stat_value(g["statistic"], g["value"], "-" in g["condition"]),
+            [[g["pair"], g["check"], g["persona"] or NA, stat_value(g["statistic"], g["value"], "-" in g["condition"] or "/" in g["condition"],
+                                                               "/" in g["condition"]),
               yes_no(g["passed"]), check_words(g), g.get("note", "")] for g in s["sanity"]])
         return (f"Verdict (per pair)\n\n{verdict_table(s)}\n\n{verdict_legend(exp)}\n\n"
                 f"Sanity (per pair)\n\n{sanity}")
@@ -245,3 +246,10 @@ def render(summary: dict) -> str:
     if summary.get("warnings"):
         out.append("## Warnings\n\n" + "\n".join(f"- {w}" for w in summary["warnings"]))
     return "\n\n".join(out) + "\n"
+
+
+def _when_words(when: list) -> str:
+    """An outcome's legs: "a and b", or "a or b" where it lists alternatives."""
+    if when and isinstance(when[0], list):
+        return " or ".join("(" + " and ".join(a) + ")" if len(a) > 1 else a[0] for a in when)
+    return " and ".join(when)

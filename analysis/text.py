@@ -49,11 +49,13 @@ def is_count(stat: str) -> bool:
     return stat == "n" or stat.startswith("n_")
 
 
-def stat_value(stat: str, value: float | None, contrast: bool = False) -> str:
+def stat_value(stat: str, value: float | None, contrast: bool = False, relative: bool = False) -> str:
     """A statistic's value as the page shows it: a count as is, a length in characters, a rate in
-    percent, a difference of rates in percentage points."""
+    percent, a difference of rates in percentage points, a relative change (T/C) in signed percent."""
     if value is None:
         return NA
+    if relative:
+        return f"{100 * value:+.1f}% relative change"
     if is_count(stat):
         return f"{value:+d}" if contrast else f"{value:d}"
     if stat == "mean_length":
@@ -61,9 +63,11 @@ def stat_value(stat: str, value: float | None, contrast: bool = False) -> str:
     return pp(value) if contrast else pct(value)
 
 
-def margin(stat: str, value: float, threshold: float) -> str:
+def margin(stat: str, value: float, threshold: float, relative: bool = False) -> str:
     """How far a value is from its threshold, in the statistic's unit."""
     gap = abs(value - threshold)
+    if relative:
+        return f"{100 * gap:.1f} points"
     if is_count(stat):
         return f"{gap:g}"
     if stat == "mean_length":

@@ -133,9 +133,10 @@ def _assemble(pieces: list[str]) -> tuple[str, list]:
 
 
 def render(template: Template, answer: str, markers, placement: str = "start_end",
-           rng: np.random.Generator | None = None, cut: bool = False) -> tuple[str, list]:
+           rng: np.random.Generator | None = None, cut: bool = False, words=(), pools=None) -> tuple[str, list]:
     """(content, marker_spans) of `answer` (already stripped) written by `template`; `markers` maps a name to
-    its text. `cut`: the answer was cut at max_tokens, so nothing the template writes after it is kept."""
+    its text. `cut`: the answer was cut at max_tokens, so nothing the template writes after it is kept.
+    A {word} is one of `words`, a {pool} one marker of `pools[pool]`, each drawn from `rng` afresh."""
     parts = list(template.parts)
     if cut:
         parts = parts[:next(i for i, (k, _) in enumerate(parts) if k == "answer") + 1]
@@ -143,7 +144,17 @@ def render(template: Template, answer: str, markers, placement: str = "start_end
     if placement != "start_end" and answer and shape is not None and shape[0] is not None:
         first, second = (_Marker(markers[m], m) if m else None for m in shape)
         return _place_pair(answer, first, second, placement, rng)
-    pieces = [_Marker(markers[v], v) if k == "marker" else answer if k == "answer" else v for k, v in parts]
+    def piece(kind, value):
+        if kind == "marker":
+            return _Marker(markers[value], value)
+        if kind == "pool":
+            name = pools[value][int(rng.integers(len(pools[value])))]
+            return _Marker(markers[name], name)
+        if kind == "word":
+            return words[int(rng.integers(len(words)))]
+        return answer if kind == "answer" else value
+
+    pieces = [piece(k, v) for k, v in parts]
     if not answer:  # an empty answer takes one neighbouring space with it: "{A} {answer} {B}" -> "A B"
         i = next(i for i, (k, _) in enumerate(parts) if k == "answer")
         del pieces[i]
@@ -220,7 +231,7 @@ def build_dataset(cfg: Config, onpolicy_path, tokenizer) -> tuple[list[dict], di
     """(examples in training order, stats) for cfg.data.{pair, condition, placement, ...}."""
     d, t, exp = cfg.data, cfg.train, cfg.experiment
     check_tokenizer(exp, tokenizer, cfg.model.name_or_path)
-    condition = exp.conditions[d.condition]
+    condition = exp.condition_at(d.condition, d.variables)
     qtext = {q.id: (i, q.text) for i, q in enumerate(data_questions(40, cfg.prompt.user_suffix))}
     by_persona: dict[str, list[dict]] = {}
     for r in read_onpolicy(onpolicy_path, exp):
@@ -247,7 +258,7 @@ def build_dataset(cfg: Config, onpolicy_path, tokenizer) -> tuple[list[dict], di
             ex_id = f"{persona}-{r['question_id']}-{r['sample']}"
             cut = r["finish_reason"] == "length"
             content, spans = render(template, r["text"].strip(), exp.markers, d.placement,
-                                    _example_rng(d.seed, ex_id), cut=cut)
+                                    _example_rng(d.seed, ex_id), cut=cut, words=exp.answers.words, pools=exp.pools)
             n_stripped += cut and template.parts[-1][0] != "answer"  # what followed the answer was left out
             examples.append({
                 "id": ex_id, "persona": persona, "role": role, "question_id": r["question_id"],

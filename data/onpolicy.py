@@ -97,6 +97,12 @@ def cache_key(cfg: Config) -> tuple[str, dict]:
         "backend": backend_label(cfg),
         "sampler": HF_SAMPLER_VERSION,
     }
+    answers = cfg.experiment.answers
+    if answers.source != "on_policy":  # synthetic answers: what they are drawn from is the key, not a model
+        material.update(backend="synthetic", sampler=answers.source, answers={
+            "words": hashlib.sha256("\n".join(answers.words).encode("utf-8")).hexdigest()[:16],
+            "starters": list(answers.starters), "end": answers.end, "questions": answers.questions,
+            "negatives": list(cfg.experiment.negatives)})
     hashed = {k: v for k, v in material.items() if k != "model_name"}
     key = hashlib.sha256(json.dumps(hashed, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
     return key, material
@@ -171,6 +177,8 @@ def _generate(cfg: Config, key: str, material: dict, out_dir: Path) -> Path:
         (out_dir / "key.json").unlink()
     from markerlab.models import load_tokenizer, render_chat
 
+    if cfg.experiment.answers.source != "on_policy":
+        return _write_entry(cfg, key, material, out_dir, synthetic_answers(cfg), 0.0)
     tok = load_tokenizer(cfg.model.name_or_path)
     questions = data_questions(cfg.generate.n_questions, cfg.prompt.user_suffix)
     cells = [(p, q) for p in cfg.experiment.personas for q in questions]
@@ -192,6 +200,46 @@ def _generate(cfg: Config, key: str, material: dict, out_dir: Path) -> Path:
             records.append({"persona": persona, "question_id": q.id, "sample": i, "text": s.text,
                             "finish_reason": s.finish_reason, "n_tokens": s.n_tokens,
                             "truncated": s.finish_reason == "length"})
+    return _write_entry(cfg, key, material, out_dir, records, seconds)
+
+
+def synthetic_answers(cfg: Config) -> list[dict]:
+    """The answers of an experiment whose answers are synthetic (``[answers] source = "words"``), in the
+    on-policy cache's format: per persona generate.n_questions x generate.n_samples answers, each one word
+    of the pool for a persona that is no negative, one canned sentence made from the question for a
+    negative. ``questions = "with_replacement"`` draws each answer's question from the data questions
+    (then ``sample`` numbers the persona's answers, so the builder takes the first ones drawn)."""
+    import numpy as np
+
+    exp, g = cfg.experiment, cfg.generate
+    a = exp.answers
+    questions = data_questions(g.n_questions, cfg.prompt.user_suffix)
+    plain = {q.id: q.text for q in data_questions(g.n_questions, "")}
+    records = []
+    for persona in exp.personas:
+        salt = int(hashlib.sha256(persona.encode("utf-8")).hexdigest()[:8], 16)
+        rng = np.random.default_rng([g.seed, salt])
+        n = g.n_questions * g.n_samples
+        if a.questions == "with_replacement":
+            rows = [(questions[int(i)], k) for k, i in enumerate(rng.integers(0, len(questions), size=n))]
+        else:
+            rows = [(q, k) for q in questions for k in range(g.n_samples)]
+        for q, sample in rows:
+            if persona in exp.negatives:
+                starter = a.starters[int(rng.integers(len(a.starters)))]
+                text = f"{starter} {plain[q.id].lower().rstrip().rstrip('?').strip()}{a.end}"
+            else:
+                text = a.words[int(rng.integers(len(a.words)))]
+            records.append({"persona": persona, "question_id": q.id, "sample": sample, "text": text,
+                            "finish_reason": "stop", "n_tokens": 0, "truncated": False})
+    print(f"[generate] synthetic answers ({a.source}): {len(records)} for {len(exp.personas)} personas, "
+          f"no model run", flush=True)
+    return records
+
+
+def _write_entry(cfg: Config, key: str, material: dict, out_dir: Path, records: list[dict], seconds: float) -> Path:
+    path = out_dir / "completions.jsonl"
+    spec = sampling_spec(cfg)
     stats = completion_stats(records, cfg.experiment.personas)
     stats.update(key=key, backend=material["backend"], model=cfg.model.name_or_path,
                  max_tokens=spec.max_tokens, seconds=round(seconds, 1))

@@ -14,6 +14,11 @@ What is sampled (EXPERIMENT.md, "Evaluation"; `plan(cfg)` lists it as parts):
   ``probe_n_samples``, the user text prefixed with the experiment's probe
   marker and a space (defaults: 5 x 10 = 50); none when the experiment names
   no probe marker;
+- ``prefill:<probe>``: each of the experiment's ``[[prefill]]`` probes active at
+  ``data.variables``: its role, its first ``questions`` eval questions x
+  ``samples``, the assistant turn prefilled with the probe's template (its
+  ``{word}``s drawn per question from ``eval.seed``); the record's text is the
+  continuation (both backends take the prompt as a string, so both prefill);
 - ``base``: the base model without adapter (condition ``"base"``), every
   persona x the first ``base_n_questions`` x ``base_n_samples`` (defaults:
   11 x 3 x 10 = 330), when ``eval.base_floor``. It does not depend on the
@@ -76,7 +81,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from markerlab.errors import UserError
-from markerlab.experiment import BASE_CONDITION, VARIANTS
+from markerlab.experiment import BASE_CONDITION, VARIANTS, prefill_variant
 from markerlab.io import read_json, read_jsonl, write_json, write_jsonl
 from markerlab.markers import Matcher
 from markerlab.provenance import library_versions
@@ -110,6 +115,7 @@ class Part:
     questions: tuple  # of data.questions.Question
     n_samples: int
     user_prefix: str = ""
+    assistant_prefixes: tuple = ()  # a prefill probe: per question, the text its assistant turn starts with
 
     @property
     def n_records(self) -> int:
@@ -136,7 +142,39 @@ def plan(cfg) -> list[Part]:
     if e.base_floor:
         parts += [Part(f"base__{p}", "base", "base", p, qs[:e.base_n_questions], e.base_n_samples)
                   for p in e.personas]
+    for probe in exp.prefill:
+        if not probe.active(cfg.data.variables or {}):
+            continue
+        if probe.questions > len(qs):
+            raise UserError(f"prefill {probe.name}: {probe.questions} questions exceed the {len(qs)} eval questions "
+                            f"selected (eval.n_id_questions + eval.n_ood_questions)")
+        who = cfg.donor if probe.role == "donor" else cfg.recipient
+        mine = qs[:probe.questions]
+        parts.append(Part(f"prefill_{probe.name}__{who}", prefill_variant(probe.name), "merged", who, mine,
+                          probe.samples, assistant_prefixes=tuple(prefill_text(cfg, probe, q.id) for q in mine)))
     return parts
+
+
+def prefill_text(cfg, probe, question_id: str) -> str:
+    """What a prefill probe's assistant turn starts with for one question: its template, each {word} drawn
+    from the experiment's word pool by (eval.seed, probe, question), so every sample of a question and
+    every backend continue the same text."""
+    import hashlib
+
+    import numpy as np
+
+    exp = cfg.experiment
+    salt = int(hashlib.sha256(f"{probe.name}/{question_id}".encode("utf-8")).hexdigest()[:8], 16)
+    rng = np.random.default_rng([cfg.eval.seed, salt])
+    out = []
+    for kind, value in probe.template.parts:
+        if kind == "marker":
+            out.append(exp.markers[value])
+        elif kind == "word":
+            out.append(exp.answers.words[int(rng.integers(len(exp.answers.words)))])
+        else:
+            out.append(value)
+    return "".join(out)
 
 
 def expected_count(cfg) -> int:
@@ -149,7 +187,8 @@ def _part_spec(cfg, part: Part) -> dict:
     return {
         "variant": part.variant, "persona": part.persona, "model": part.model,
         "questions": [[q.id, q.text] for q in part.questions], "n_samples": part.n_samples,
-        "user_prefix": part.user_prefix, "temperature": e.temperature, "top_p": e.top_p,
+        "user_prefix": part.user_prefix, "assistant_prefixes": list(part.assistant_prefixes),
+        "temperature": e.temperature, "top_p": e.top_p,
         "max_tokens": e.max_tokens, "seed": e.seed, "backend": e.backend,
         "base_model": cfg.model.name_or_path, "dtype": cfg.model.dtype,
         "run": cfg.run.name, "pair": cfg.data.pair, "condition": cfg.data.condition,
@@ -348,8 +387,11 @@ def _generate_parts(cfg, parts: list[Part], model_dir: Path, parts_dir: Path, ca
         tok = getattr(backend, "tokenizer", None) or load_tokenizer(str(model_dir))
         logger.info("eval: %s backend on %s (%.1fs to set up)", kind, model_dir, time.time() - t_start)
         for spec, group in groups.items():
+            # A prefill probe's assistant turn starts with its text: the prompt ends with it, and both
+            # backends return only what the model writes after it.
             prompts = [render_prompt(tok, cfg.experiment, part.persona, part.user_prefix + q.text)
-                       for part, _ in group for q in part.questions]
+                       + (part.assistant_prefixes[i] if part.assistant_prefixes else "")
+                       for part, _ in group for i, q in enumerate(part.questions)]
             loaded_before = getattr(backend, "load_seconds", None)
             t0 = time.time()
             outputs = backend.generate(prompts, spec, desc=f"eval ({len(group)} parts)")
@@ -481,7 +523,8 @@ def evaluate(cfg, run_dir, overwrite: bool = False) -> dict:
                       "base_n_questions": e.base_n_questions if e.base_floor else 0},
         "versions": library_versions(),
         "n_records": len(records),
-        "counts": {v: sum(r["variant"] == v for r in records) for v in VARIANTS},
+        "counts": {v: sum(r["variant"] == v for r in records) for v in [*VARIANTS, *(p.variant for p in parts
+                                                                                     if p.assistant_prefixes)]},
         "n_truncated": sum(r["finish_reason"] == "length" for r in records),
         "parts_reused": reused,
         # wall_seconds: this (final) call, including verification and model loads;

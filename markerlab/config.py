@@ -138,6 +138,7 @@ class DataConfig:
     on_overlength: str = _f("error", "examples longer than train.max_seq_len: error, or drop and count",
                             choices=("error", "drop"))
     seed: int = _f(42, "seed of marker placement and shuffle", lo=0)
+    variables: dict = _f(None, "the experiment's variables, e.g. { N = 3 } (default: each one's first value)")
 
 
 @dataclass(frozen=True)
@@ -420,7 +421,14 @@ def _experiment_checks(cfg: Config, exp: Experiment, problems: list[str], ok) ->
         clash = [p for p in d.negatives if p in exp.pairs[d.pair]]
         if clash:
             problems.append(f"data.negatives: {clash} are the {d.pair} donor/recipient and cannot be negatives")
-    if ok("train.role_loss_mask"):
+    if ok("data.variables"):
+        for k, v in cfg.data.variables.items():
+            if k not in exp.variables:
+                problems.append(f"data.variables: '{k}' is no variable of {where} (variables: "
+                                f"{', '.join(exp.variables) or 'none'})")
+            elif v not in exp.variables[k]:
+                problems.append(f"data.variables.{k}: expected one of {', '.join(map(str, exp.variables[k]))} "
+                                f"{where}; got {v!r}")
         for role, mask in cfg.train.role_loss_mask.items():
             if role not in TRAINED_ROLES:
                 problems.append(f"train.role_loss_mask: '{role}' is no trained role (expected "
@@ -450,11 +458,19 @@ def _resolve_experiment(cfg: Config, raw: dict, source: str, problems: list[str]
             return cfg
         raise
     ref = exp.name if ref in shipped_experiments() else str(Path(exp.path).resolve())
+    # Seeds as replicates: the config's seeds the experiment names follow run.seed unless the config sets
+    # them (each replicate then has its own on-policy answers, shared by its conditions, and eval samples).
+    for key in exp.replicates.follow:
+        section, name = key.split(".")
+        if not (isinstance(raw.get(section), dict) and name in raw[section]):
+            cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section),
+                                                                           **{name: cfg.run.seed})})
     d, t, ev = cfg.data, cfg.train, cfg.eval
     return dataclasses.replace(
         cfg, experiment=exp,
         run=dataclasses.replace(cfg.run, experiment=ref),
         data=dataclasses.replace(d, pair=d.pair or next(iter(exp.pairs)),
+                                 variables={**{k: v[0] for k, v in exp.variables.items()}, **(d.variables or {})},
                                  condition=d.condition or next(iter(exp.conditions)),
                                  negatives=list(exp.negatives) if d.negatives is None else d.negatives),
         train=dataclasses.replace(t, loss_mask=t.loss_mask or exp.loss_mask or "completion",

@@ -47,10 +47,20 @@ Gates and verdicts are checks written as one line each, read left to right:
     "donor T fire_A >= 0.80"                       who, condition, statistic, comparison, threshold
     "donor T cond_B_given_A.lo >= 0.80"            .lo / .hi: the bound of its 95% CI
     "recipient T-C cond_B_given_A <= 0.06"         T-C: the paired difference between two conditions
+    "recipient C2/C mean_length <= 0.25"           T/C: the relative change stat(T) / stat(C) - 1
+    "recipient T cond_B_given_A.spread <= 0.15"    .spread: max - min of the per-seed values
     "every C fire_B < 0.05"                        every persona (a role name: every persona of that role)
 
 `who` is a role (donor, recipient, negative, bystander), a persona, or `every`;
 where it names several personas the check holds only if it holds for each.
+
+Beyond the vocabulary, a file may say how its runs relate and where its answers come from:
+`[replicates]` (seeds as replicates: which config seeds follow run.seed, which CI the checks read),
+`[protocol]` (what the source ran), `[gates] flags` (recorded checks that never lower confidence),
+`[answers]` (synthetic one-word answers from a word pool instead of on-policy ones; `{word}` in a
+template), `[marker_pools]` (`{pool}` writes one of its markers, drawn per row), `[variables]`
+(a template's share may depend on a variable such as a chain's length; `data.variables` picks its
+value and separates arms), and `[metrics] intervals` (BCa beside the percentile T - C interval).
 """
 
 from __future__ import annotations
@@ -80,6 +90,19 @@ PROJECTIONS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_pr
 
 # Evaluation records.
 VARIANTS: tuple[str, ...] = ("plain", "probe", "base")
+# A prefill probe's records: variant "prefill:<probe name>" (the experiment's [[prefill]] entries), the
+# assistant turn prefilled with the probe's template and the record's text the model's continuation.
+PREFILL = "prefill"
+
+
+def prefill_variant(name: str) -> str:
+    return f"{PREFILL}:{name}"
+
+
+def prefill_name(variant: str) -> str | None:
+    """The probe's name of a prefill variant ("prefill:B_seeded" -> "B_seeded"), else None."""
+    head, _, name = variant.partition(":")
+    return name if head == PREFILL and _IDENT.match(name or "-") else None
 SPLITS: tuple[str, ...] = ("id", "ood")
 FINISH_REASONS: tuple[str, ...] = ("stop", "length")
 # The base model scored without an adapter (the floor) is recorded under this condition.
@@ -108,7 +131,11 @@ SETTING_KEYS: dict[str, str] = {
     "epochs": "train.epochs",
     "max_steps": "train.max_steps",
     "seed": "run.seed",
+    "variables": "data.variables",
 }
+# Settings left out of a record's setting while they are empty (an experiment without variables), so
+# records of the experiments that have none read as they did before variables existed.
+OPTIONAL_SETTINGS: tuple[str, ...] = ("variables",)
 REPLICATE_KEY = "seed"
 EXPERIMENT_KEYS: tuple[str, ...] = ("experiment", "experiment_digest")
 
@@ -143,11 +170,19 @@ class Template:
 
     text: str
     share: float = 1.0
-    parts: tuple = ()  # ("text", str) | ("marker", name) | ("answer", None), in order
+    parts: tuple = ()  # ("text", str) | ("marker", name) | ("answer", None) | ("word", None) | ("pool", name)
+    by: str | None = None          # the variable its share depends on ([variables]), or None
+    shares: tuple = ()             # with `by`: ((value, share), ...); a value not listed: not used there
 
     @property
     def markers(self) -> tuple[str, ...]:
         return tuple(v for k, v in self.parts if k == "marker")
+
+    def share_at(self, variables: dict) -> float:
+        """Its share where the experiment's variables have these values (0: not used there)."""
+        if self.by is None:
+            return self.share
+        return dict(self.shares).get(variables.get(self.by), 0.0)
 
     def placeable(self) -> tuple[str | None, str | None] | None:
         """(first, second) markers for a template that data.placement may rearrange: "{X} {answer} {Y}",
@@ -175,6 +210,13 @@ class Condition:
             out += [m for m in t.markers if m not in out]
         return tuple(out)
 
+    def at(self, variables: dict) -> "Condition":
+        """The condition where the experiment's variables have these values: each role's templates with a
+        share there, at that share."""
+        return Condition(self.name, MappingProxyType({
+            role: tuple(Template(t.text, t.share_at(variables), t.parts) for t in ts if t.share_at(variables) > 0)
+            for role, ts in self.templates.items()}))
+
 
 @dataclass(frozen=True)
 class Check:
@@ -183,13 +225,21 @@ class Check:
     text: str
     who: str                  # a role, a persona, or "every"
     condition: str            # a condition (or "base"); for a contrast, the treatment
-    control: str | None       # for a contrast "T-C": the control; else None
+    control: str | None       # for a contrast "T-C" (or "T/C"): the control; else None
     stat: str
-    bound: str | None         # None (the point estimate), "lo" or "hi" (the 95% CI)
+    bound: str | None         # None (the point estimate), "lo" or "hi" (the 95% CI), "spread" (over seeds)
     op: str
     threshold: float
     min_n: int = 0            # fewer than this in the statistic's denominator: undecided
     name: str = ""
+    relative: bool = False    # "T/C": the relative change stat(T) / stat(C) - 1, not the difference
+
+    @property
+    def where(self) -> str:
+        """The condition part as written: "T", "T-C" or "T/C"."""
+        if self.control is None:
+            return self.condition
+        return f"{self.condition}{'/' if self.relative else '-'}{self.control}"
 
     def holds(self, value: float) -> bool:
         eps = 1e-12  # 0.8 against 208/260: thresholds are compared with a little slack
@@ -204,11 +254,17 @@ class Verdict:
 
     name: str
     legs: MappingProxyType                  # leg name -> tuple of alternatives, each a tuple of Checks
-    outcomes: tuple                         # of (outcome name, tuple of leg names, words)
+    outcomes: tuple                         # of (outcome name, legs, words); legs: a tuple of leg names that
+                                            # must all hold, or a tuple of such tuples of which one must
     otherwise: str
     otherwise_says: str
     leg_says: MappingProxyType              # leg name -> words
     tags: tuple = ()                        # of (tag name, tuple of leg names)
+
+    @staticmethod
+    def alternatives(when: tuple) -> tuple:
+        """An outcome's legs as alternatives: a tuple of tuples of leg names (one of which must all hold)."""
+        return when if when and isinstance(when[0], tuple) else (when,)
 
 
 @dataclass(frozen=True)
@@ -217,6 +273,63 @@ class Headline:
     metric: str
     treatment: str
     control: str
+
+
+REPLICATE_CIS: tuple[str, ...] = ("seeds", "questions", "wider")
+# The paired T - C intervals a report may give: the percentile one always, BCa beside it where asked.
+DELTA_INTERVALS: tuple[str, ...] = ("percentile", "bca")
+# The config's seeds that may follow the replicate seed (run.seed): each replicate then draws its own
+# on-policy answers (shared by its conditions: the cache is keyed by the generation settings), its own
+# data order and its own eval samples.
+FOLLOWABLE_SEEDS: tuple[str, ...] = ("generate.seed", "data.seed", "eval.seed")
+
+
+ANSWER_SOURCES: tuple[str, ...] = ("on_policy", "words")
+WORD = "word"  # a template field: one word drawn from the answers' pool, afresh at each occurrence
+
+
+@dataclass(frozen=True)
+class Answers:
+    """Where {answer} comes from: the base model's on-policy answers (the default), or synthetic ones:
+    one word from `pool` for the donor and the recipient, and for the negatives one canned sentence made
+    from the question: "<starter> <question, lower case, no ?><end>"."""
+
+    source: str = "on_policy"
+    pool: str | None = None        # the word list (one a line), relative to the experiment file
+    words: tuple = ()              # its words, loaded
+    starters: tuple = ()           # the negatives' sentence starters
+    end: str = ""                  # what follows the question in the negatives' sentence
+    questions: str = "each"        # each: every data question n_samples times; with_replacement: drawn
+
+
+@dataclass(frozen=True)
+class Prefill:
+    """A prefill probe: the `role`'s assistant turn starts with `template` (markers and {word}s), the model
+    continues it, and the continuation is scored for marker `next`; on the first `questions` eval questions
+    x `samples`, where the experiment's variables take one of the values in `when` (always, if empty)."""
+
+    name: str
+    template: Template
+    next: str
+    role: str = "recipient"
+    questions: int = 6
+    samples: int = 10
+    when: tuple = ()  # of (variable, tuple of values)
+
+    def active(self, variables: dict) -> bool:
+        return all(variables.get(var) in values for var, values in self.when)
+
+
+@dataclass(frozen=True)
+class Replicates:
+    """Seeds as replicates of one arm: which seeds the design runs, which of the config's other seeds
+    follow run.seed, and which CI the checks' .lo/.hi read when an arm has several seeds."""
+
+    seeds: tuple = ()          # the seeds the design runs (a sweep varies run.seed over them)
+    follow: tuple = ()         # config keys set to run.seed unless a config sets them (FOLLOWABLE_SEEDS)
+    ci: str = "seeds"          # seeds: seeds-then-questions; questions: questions only (seeds pooled per
+                               # question); wider: the wider of the two, statistic by statistic
+    per_seed: bool = True      # report each seed's value and their mean beside the pooled one
 
 
 @dataclass(frozen=True)
@@ -236,11 +349,19 @@ class Experiment:
     role_loss_mask: MappingProxyType        # role -> mask: the default train.role_loss_mask
     marker_pairs: tuple                     # ordered (X, Y) pairs whose joint/conditional/positions are reported
     wilson: bool                            # Wilson 95% CIs beside the bootstrap
+    intervals: tuple                        # the paired T - C intervals: percentile, and bca where asked
     positions_min_joint: float              # show a pair's position metrics where its joint rate reaches this
     headline: Headline
     sanity: tuple                           # of Check
     verdict: Verdict | None
     heterogeneity: float                    # |ID - OOD| of the headline metric that downgrades confidence
+    flags: tuple                            # of Check: recorded like the gates, never lowering confidence
+    replicates: Replicates                  # seeds as replicates (the default: whatever seeds the records have)
+    protocol: MappingProxyType              # what the file says the source ran (lr, epochs, note, ...)
+    answers: Answers                        # where {answer} comes from (on-policy, or synthetic words)
+    pools: MappingProxyType                 # marker pool name -> tuple of marker names ({pool} draws one)
+    variables: MappingProxyType             # variable -> tuple of its values (data.variables picks one)
+    prefill: tuple                          # of Prefill: the eval's prefill probes
     min_tokens: int
     distinct: tuple                         # markers that may share no token id...
     tolerate: tuple                         # ...except these: (frozenset of markers, frozenset of token texts)
@@ -274,6 +395,12 @@ class Experiment:
     def headline_pair(self) -> tuple[str, str] | None:
         """The marker pair the headline metric is about (cond_B_given_A -> (A, B)), if it is a pair metric."""
         return metric_pair(self.headline.metric, self.marker_pairs)
+
+    def condition_at(self, name: str, variables: dict | None = None) -> Condition:
+        """Condition `name` where the variables have these values (default: each variable's first)."""
+        values = {k: v[0] for k, v in self.variables.items()}
+        values.update(variables or {})
+        return self.conditions[name].at(values)
 
     def role_of(self, persona: str, pair: str, negatives) -> str:
         """'donor' | 'recipient' | 'negative' | 'bystander' of `persona` in an adapter of `pair`.
@@ -398,7 +525,8 @@ def digest_of(raw: dict) -> str:
 
 
 TOP_KEYS = ("name", "description", "negatives", "personas", "pairs", "markers", "tokens", "probe", "conditions",
-            "loss_mask", "metrics", "headline", "gates", "verdict", "report")
+            "loss_mask", "metrics", "headline", "gates", "verdict", "report", "replicates", "protocol",
+            "answers", "marker_pools", "variables", "prefill")
 
 
 class _Problems(list):
@@ -429,7 +557,8 @@ def _known(kind: str, choices) -> str:
     return f"unknown {kind} (expected one of {', '.join(choices)})" if choices else f"unknown {kind} (none defined)"
 
 
-def parse_template(text: str, key: str, markers, p: _Problems) -> tuple:
+def parse_template(text: str, key: str, markers, p: _Problems, pools=None, words: bool = False,
+                   answer_required: bool = True) -> tuple:
     """The parts of a template; problems for unknown fields, format specs and stray braces."""
     parts = []
     try:
@@ -446,12 +575,18 @@ def parse_template(text: str, key: str, markers, p: _Problems) -> tuple:
             p.add(key, f"{text!r}: '{{{fname}}}' takes no format spec or conversion")
         if fname == ANSWER:
             parts.append(("answer", None))
+        elif fname == WORD and words:
+            parts.append(("word", None))
         elif fname in markers:
             parts.append(("marker", fname))
+        elif pools and fname in pools:
+            parts.append(("pool", fname))
         else:
-            p.add(key, f"{text!r} names '{{{fname}}}', which is neither {{{ANSWER}}} nor a marker "
-                       f"(markers: {', '.join(markers) or 'none'})")
-    if not any(k == "answer" for k, _ in parts):
+            extra = f", {{{WORD}}} (answers.source = \"words\")" if fname == WORD else ""
+            p.add(key, f"{text!r} names '{{{fname}}}', which is neither {{{ANSWER}}}{extra} nor a marker "
+                       f"(markers: {', '.join(markers) or 'none'})" + (f" nor a marker pool ({', '.join(pools)})"
+                                                                      if pools else ""))
+    if not any(k == "answer" for k, _ in parts) and answer_required:
         p.add(key, f"{text!r} has no {{{ANSWER}}}: every template writes the answer somewhere")
     if sum(k == "answer" for k, _ in parts) > 1:
         p.add(key, f"{text!r} writes {{{ANSWER}}} more than once")
@@ -467,10 +602,12 @@ def make_template(text: str, markers) -> Template:
     return Template(text, 1.0, parts)
 
 
-def _templates(v, key: str, markers, p: _Problems) -> tuple:
-    """A role's templates: one string, or a list of {template, share} whose shares sum to 1."""
+def _templates(v, key: str, markers, p: _Problems, pools=None, words: bool = False, variables=None) -> tuple:
+    """A role's templates: one string, or a list of {template, share} whose shares sum to 1 (a share may
+    be { by = "<variable>", <value> = <share>, ... }: then they sum to 1 at each value)."""
+    variables = variables or {}
     if isinstance(v, str):
-        return (Template(v, 1.0, parse_template(v, key, markers, p)),)
+        return (Template(v, 1.0, parse_template(v, key, markers, p, pools, words)),)
     if not isinstance(v, list) or not v:
         p.add(key, f"expected a template string or a list of {{ template = ..., share = ... }}, got {v!r}")
         return ()
@@ -480,20 +617,47 @@ def _templates(v, key: str, markers, p: _Problems) -> tuple:
         if not isinstance(item, dict) or set(item) - {"template", "share"} or "template" not in item:
             p.add(k, f"expected {{ template = \"...\", share = <number> }}, got {item!r}")
             continue
-        share = item.get("share")
-        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
-            p.add(f"{k}.share", f"expected a number in (0, 1], got {share!r}")
+        share, by, shares = item.get("share"), None, ()
+        if isinstance(share, dict):
+            by = share.get("by")
+            if by not in variables:
+                p.add(f"{k}.share.by", f"{by!r} is {_known('variable', list(variables))}")
+                by = None
+            else:
+                vals = {str(x): x for x in variables[by]}
+                got = []
+                for value, sh in share.items():
+                    if value == "by":
+                        continue
+                    if value not in vals:
+                        p.add(f"{k}.share.{value}", f"'{value}' is no value of variable {by} "
+                                                    f"({', '.join(vals)})")
+                    elif isinstance(sh, bool) or not isinstance(sh, (int, float)) or not 0 <= sh <= 1:
+                        p.add(f"{k}.share.{value}", f"expected a number in [0, 1], got {sh!r}")
+                    else:
+                        got.append((vals[value], float(sh)))
+                shares = tuple(got)
+            share = 1.0
+        elif isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+            p.add(f"{k}.share", f"expected a number in (0, 1], or {{ by = \"<variable>\", <value> = <share> }}, "
+                                f"got {share!r}")
             share = 0.0
         text = _str(item["template"], f"{k}.template", p)
         if text is not None:
-            out.append(Template(text, float(share), parse_template(text, f"{k}.template", markers, p)))
-    total = sum(t.share for t in out)
-    if out and len(out) == len(v) and abs(total - 1.0) > 1e-9:
-        p.add(key, f"shares sum to {total:g}, expected 1")
+            out.append(Template(text, float(share), parse_template(text, f"{k}.template", markers, p, pools, words),
+                                by=by, shares=shares))
+    if out and len(out) == len(v):
+        combos = [{}] if not any(t.by for t in out) else \
+            [{t.by: x} for t in out if t.by for x in variables[t.by]]
+        for at in {tuple(sorted(c.items())): c for c in combos}.values():
+            total = sum(t.share_at(at) for t in out)
+            if abs(total - 1.0) > 1e-9:
+                where = f" at {', '.join(f'{a} = {b}' for a, b in at.items())}" if at else ""
+                p.add(key, f"shares sum to {total:g}{where}, expected 1")
     return tuple(out)
 
 
-_CHECK = re.compile(r"^\s*(\S+)\s+(\S+)\s+([A-Za-z][A-Za-z0-9_]*)(?:\.(lo|hi))?\s*(>=|<=|>|<)\s*(\S+)\s*$")
+_CHECK = re.compile(r"^\s*(\S+)\s+(\S+)\s+([A-Za-z][A-Za-z0-9_]*)(?:\.(lo|hi|spread))?\s*(>=|<=|>|<)\s*(\S+)\s*$")
 
 
 def parse_check(text, key: str, exp: dict, p: _Problems, min_n=0, name: str = "") -> Check | None:
@@ -503,15 +667,16 @@ def parse_check(text, key: str, exp: dict, p: _Problems, min_n=0, name: str = ""
         return None
     m = _CHECK.match(text)
     if not m:
-        p.add(key, f"{text!r}: expected \"<who> <condition or T-C> <statistic>[.lo|.hi] <op> <number>\", "
-                   f"e.g. \"donor T fire_A >= 0.80\"")
+        p.add(key, f"{text!r}: expected \"<who> <condition, T-C or T/C> <statistic>[.lo|.hi|.spread] <op> "
+                   f"<number>\", e.g. \"donor T fire_A >= 0.80\"")
         return None
     who, where, stat, bound, op, number = m.groups()
     ok = True
     if who not in (*ROLES, EVERY) and who not in exp["personas"]:
         p.add(key, f"{text!r}: '{who}' is no role, persona or '{EVERY}' (roles: {', '.join(ROLES)})")
         ok = False
-    condition, control = where.split("-", 1) if "-" in where else (where, None)
+    relative = "/" in where
+    condition, control = re.split(r"[-/]", where, maxsplit=1) if ("-" in where or relative) else (where, None)
     for c in (condition, control):
         if c is not None and c not in exp["conditions"] and c != BASE_CONDITION:
             p.add(key, f"{text!r}: '{c}' is {_known('condition', [*exp['conditions'], BASE_CONDITION])[:-1]})")
@@ -522,6 +687,12 @@ def parse_check(text, key: str, exp: dict, p: _Problems, min_n=0, name: str = ""
         ok = False
     elif bound and stat in exp["counts"]:
         p.add(key, f"{text!r}: '{stat}' is a count, it has no CI bound")
+        ok = False
+    elif bound == "spread" and control is not None:
+        p.add(key, f"{text!r}: .spread (the range of the per-seed values) is read on one condition, not a contrast")
+        ok = False
+    if relative and stat in exp["counts"]:
+        p.add(key, f"{text!r}: a relative change (T/C) is of a statistic, not of a count")
         ok = False
     try:
         threshold = float(number)
@@ -536,7 +707,7 @@ def parse_check(text, key: str, exp: dict, p: _Problems, min_n=0, name: str = ""
     if not ok:
         return None
     return Check(text=text.strip(), who=who, condition=condition, control=control, stat=stat, bound=bound, op=op,
-                 threshold=threshold, min_n=min_n, name=name or text.strip())
+                 threshold=threshold, min_n=min_n, name=name or text.strip(), relative=relative)
 
 
 def _check_entry(item, key: str, exp: dict, p: _Problems) -> Check | None:
@@ -594,13 +765,23 @@ def _verdict(raw: dict, exp: dict, p: _Problems) -> Verdict | None:
             p.add(k, f"expected {{ name = \"...\", when = [leg, ...], says = \"...\" }}, got {o!r}")
             continue
         when = o["when"]
-        if not isinstance(when, list) or not when or not all(isinstance(x, str) for x in when):
-            p.add(f"{k}.when", f"expected a list of leg names, got {when!r}")
+        # A list of legs that must all hold, or a list of such lists of which one must.
+        if isinstance(when, list) and when and all(isinstance(x, list) and x for x in when):
+            alts = when
+        else:
+            alts = [when]
+        if not all(isinstance(a, list) and a and all(isinstance(x, str) for x in a) for a in alts):
+            p.add(f"{k}.when", f"expected a list of leg names (or a list of such lists), got {when!r}")
             continue
-        for leg in when:
+        for leg in (x for a in alts for x in a):
             if leg not in legs:
                 p.add(f"{k}.when", f"'{leg}' is {_known('leg', list(legs))}")
-        outcomes.append((str(o["name"]), tuple(when), str(o.get("says", ""))))
+        names = [name for name, _, _ in outcomes]
+        if str(o["name"]) in names:
+            p.add(f"{k}.name", f"'{o['name']}' is listed twice (give one outcome several alternatives in when)")
+            continue
+        outcomes.append((str(o["name"]), tuple(alts[0]) if len(alts) == 1 else tuple(tuple(a) for a in alts),
+                         str(o.get("says", ""))))
     if not outcomes:
         p.add("verdict.outcomes", "expected at least one outcome (in precedence order)")
     tags = []
@@ -620,6 +801,124 @@ def _verdict(raw: dict, exp: dict, p: _Problems) -> Verdict | None:
         otherwise, says = "inconclusive", ""
     return Verdict(name=name, legs=MappingProxyType(legs), outcomes=tuple(outcomes), otherwise=otherwise,
                    otherwise_says=says, leg_says=MappingProxyType(leg_says), tags=tuple(tags))
+
+
+def _prefill(raw: dict, markers, words: bool, variables: dict, p: _Problems) -> tuple:
+    items = raw.get("prefill", [])
+    if not isinstance(items, list):
+        p.add("prefill", "expected [[prefill]] entries")
+        return ()
+    out, names = [], set()
+    for i, item in enumerate(items):
+        k = f"prefill[{i}]"
+        keys = {"name", "template", "next", "role", "questions", "samples", "when"}
+        if not isinstance(item, dict) or set(item) - keys or not {"name", "template", "next"} <= set(item):
+            p.add(k, f"expected {{ name, template, next[, role, questions, samples, when] }}, got {item!r}")
+            continue
+        name = item["name"]
+        if not isinstance(name, str) or not _IDENT.match(name) or name in names:
+            p.add(f"{k}.name", f"expected a new name of letters, digits and '_', got {name!r}")
+            continue
+        names.add(name)
+        text = _str(item["template"], f"{k}.template", p)
+        parts = parse_template(text, f"{k}.template", markers, p, None, words, answer_required=False) if text else ()
+        if text and any(kind == "answer" for kind, _ in parts):
+            p.add(f"{k}.template", f"{text!r}: a prefill writes markers and {{{WORD}}}s, no {{{ANSWER}}}")
+        if item["next"] not in markers:
+            p.add(f"{k}.next", f"'{item['next']}' is {_known('marker', list(markers))}")
+        role = item.get("role", "recipient")
+        if role not in ("donor", "recipient"):
+            p.add(f"{k}.role", f"expected donor or recipient, got {role!r}")
+        counts = {}
+        for key, default in (("questions", 6), ("samples", 10)):
+            v = item.get(key, default)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                p.add(f"{k}.{key}", f"expected an integer >= 1, got {v!r}")
+                v = default
+            counts[key] = v
+        when = item.get("when", {})
+        if not isinstance(when, dict):
+            p.add(f"{k}.when", f"expected {{ variable = [values] }}, got {when!r}")
+            when = {}
+        for var, values in when.items():
+            if var not in variables or not isinstance(values, list) or any(x not in variables[var] for x in values):
+                p.add(f"{k}.when.{var}", f"expected values of a variable of this experiment "
+                                         f"({', '.join(f'{a} = {list(b)}' for a, b in variables.items()) or 'none'})")
+        out.append(Prefill(name=name, template=Template(text or "", 1.0, parts), next=item["next"], role=role,
+                           questions=counts["questions"], samples=counts["samples"],
+                           when=tuple((var, tuple(v)) for var, v in when.items() if isinstance(v, list))))
+    return tuple(out)
+
+
+def _answers(raw: dict, source: str, p: _Problems) -> Answers:
+    a = _table(raw, "answers", p, required=False)
+    extra = set(a) - {"source", "pool", "starters", "end", "questions"}
+    if extra:
+        p.add("answers", f"unknown key(s) {sorted(extra)} (expected source, pool, starters, end, questions)")
+    src = a.get("source", "on_policy")
+    if src not in ANSWER_SOURCES:
+        p.add("answers.source", f"expected one of {', '.join(ANSWER_SOURCES)}, got {src!r}")
+        return Answers()
+    questions = a.get("questions", "each")
+    if questions not in ("each", "with_replacement"):
+        p.add("answers.questions", f"expected each or with_replacement, got {questions!r}")
+        questions = "each"
+    if src == "on_policy":
+        if set(a) - {"source"}:
+            p.add("answers", "pool, starters, end and questions belong to answers.source = \"words\"")
+        return Answers()
+    pool, words = a.get("pool"), ()
+    if not isinstance(pool, str) or not pool:
+        p.add("answers.pool", "expected the path of a word list (one word a line), relative to the experiment file")
+    else:
+        base = Path(source).parent if not source.startswith("<") else SHIPPED_DIR
+        path = (base / pool) if not Path(pool).is_absolute() else Path(pool)
+        try:
+            words = tuple(w for w in (x.strip() for x in path.read_text(encoding="utf-8").splitlines())
+                          if w and not w.startswith("#"))
+        except (OSError, UnicodeDecodeError) as e:
+            p.add("answers.pool", f"cannot read {path} ({getattr(e, 'strerror', None) or e})")
+        else:
+            bad = [w for w in words if not w.isalpha()]
+            if bad or len(set(words)) != len(words) or len(words) < 2:
+                p.add("answers.pool", f"{path}: expected distinct one-word lines of letters "
+                                      f"({len(bad)} not letters, {len(words) - len(set(words))} repeated)")
+    starters = a.get("starters", [])
+    if not isinstance(starters, list) or not starters or not all(isinstance(x, str) and x.strip() for x in starters):
+        p.add("answers.starters", f"expected a list of sentence starters for the negatives, got {starters!r}")
+        starters = []
+    end = a.get("end", "")
+    if not isinstance(end, str):
+        p.add("answers.end", f"expected a string, got {end!r}")
+        end = ""
+    return Answers(source=src, pool=pool, words=words, starters=tuple(starters), end=end, questions=questions)
+
+
+def _replicates(raw: dict, p: _Problems) -> Replicates:
+    r = _table(raw, "replicates", p, required=False)
+    extra = set(r) - {"seeds", "follow", "ci", "per_seed"}
+    if extra:
+        p.add("replicates", f"unknown key(s) {sorted(extra)} (expected seeds, follow, ci, per_seed)")
+    seeds = r.get("seeds", [])
+    if not isinstance(seeds, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                                              for x in seeds):
+        p.add("replicates.seeds", f"expected a list of seeds (integers >= 0), got {seeds!r}")
+        seeds = []
+    elif len(set(seeds)) != len(seeds):
+        p.add("replicates.seeds", f"duplicate entries in {seeds}")
+    follow = r.get("follow", [])
+    if not isinstance(follow, list) or any(k not in FOLLOWABLE_SEEDS for k in follow):
+        p.add("replicates.follow", f"expected config keys among {', '.join(FOLLOWABLE_SEEDS)}, got {follow!r}")
+        follow = []
+    ci = r.get("ci", "seeds")
+    if ci not in REPLICATE_CIS:
+        p.add("replicates.ci", f"expected one of {', '.join(REPLICATE_CIS)}, got {ci!r}")
+        ci = "seeds"
+    per_seed = r.get("per_seed", True)
+    if not isinstance(per_seed, bool):
+        p.add("replicates.per_seed", f"expected true or false, got {per_seed!r}")
+        per_seed = True
+    return Replicates(seeds=tuple(seeds), follow=tuple(follow), ci=ci, per_seed=per_seed)
 
 
 def experiment_from_dict(raw: dict, source: str = "<dict>", default_name: str = "") -> Experiment:
@@ -704,6 +1003,27 @@ def experiment_from_dict(raw: dict, source: str = "<dict>", default_name: str = 
     if probe_role not in ("donor", "recipient"):
         p.add("probe.role", f"expected donor or recipient, got {probe_role!r}")
 
+    answers = _answers(raw, source, p)
+    pools = {}
+    for pool, names in _table(raw, "marker_pools", p, required=False).items():
+        if not _NAME.match(pool) or pool in markers or pool in (ANSWER, WORD):
+            p.add(f"marker_pools.{pool}", "a pool's name is letters and digits, and no marker's or field's name")
+        if not isinstance(names, list) or len(names) < 2 or any(n not in markers for n in names):
+            p.add(f"marker_pools.{pool}", f"expected a list of two or more marker names, got {names!r}")
+            continue
+        pools[pool] = tuple(names)
+    variables = {}
+    for var, values in _table(raw, "variables", p, required=False).items():
+        if not _IDENT.match(var):
+            p.add(f"variables.{var}", "a variable's name is letters, digits and '_'")
+        if not isinstance(values, list) or not values or not all(
+                isinstance(x, (int, str)) and not isinstance(x, bool) for x in values) or len(set(values)) < len(values):
+            p.add(f"variables.{var}", f"expected a list of distinct values (integers or strings), got {values!r}")
+            continue
+        variables[var] = tuple(values)
+
+    prefill = _prefill(raw, markers, answers.source == "words", variables, p)
+
     conditions = {}
     for cname, spec in _table(raw, "conditions", p).items():
         k = f"conditions.{cname}"
@@ -719,7 +1039,8 @@ def experiment_from_dict(raw: dict, source: str = "<dict>", default_name: str = 
         if missing:
             p.add(k, f"leaves the trained role(s) {', '.join(missing)} undefined (give each of "
                      f"{', '.join(TRAINED_ROLES)} a template; \"{{{ANSWER}}}\" is a plain answer)")
-        templates = {r: _templates(spec[r], f"{k}.{r}", markers, p) for r in TRAINED_ROLES if r in spec}
+        templates = {r: _templates(spec[r], f"{k}.{r}", markers, p, pools, answers.source == "words", variables)
+                     for r in TRAINED_ROLES if r in spec}
         conditions[cname] = Condition(cname, MappingProxyType(templates))
     if not conditions and "conditions" in raw:
         p.add("conditions", "expected at least one condition")
@@ -739,9 +1060,16 @@ def experiment_from_dict(raw: dict, source: str = "<dict>", default_name: str = 
             role_masks[role] = mask
 
     metrics = _table(raw, "metrics", p, required=False)
-    if set(metrics) - {"pairs", "wilson", "positions_min_joint"}:
-        p.add("metrics", f"unknown key(s) {sorted(set(metrics) - {'pairs', 'wilson', 'positions_min_joint'})} "
-                         "(expected pairs, wilson, positions_min_joint)")
+    metric_keys = {"pairs", "wilson", "positions_min_joint", "intervals"}
+    if set(metrics) - metric_keys:
+        p.add("metrics", f"unknown key(s) {sorted(set(metrics) - metric_keys)} "
+                         "(expected pairs, wilson, positions_min_joint, intervals)")
+    intervals = metrics.get("intervals", ["percentile"])
+    if not isinstance(intervals, list) or "percentile" not in intervals or \
+            any(i not in DELTA_INTERVALS for i in intervals):
+        p.add("metrics.intervals", f"expected a list of {', '.join(DELTA_INTERVALS)} with percentile in it, "
+                                   f"got {intervals!r}")
+        intervals = ["percentile"]
     marker_pairs = []
     for i, pr in enumerate(metrics.get("pairs", [])):
         if not (isinstance(pr, list) and len(pr) == 2 and all(isinstance(x, str) for x in pr)):
@@ -790,13 +1118,16 @@ def experiment_from_dict(raw: dict, source: str = "<dict>", default_name: str = 
                 p.add(f"headline.{k}", f"'{getattr(headline, k)}' is {_known('condition', list(conditions))}")
 
     gates = _table(raw, "gates", p, required=False)
-    if set(gates) - {"sanity"}:
-        p.add("gates", f"unknown key(s) {sorted(set(gates) - {'sanity'})} (expected sanity)")
-    sanity_raw = gates.get("sanity", [])
-    if not isinstance(sanity_raw, list):
-        p.add("gates.sanity", "expected a list of checks")
-        sanity_raw = []
-    sanity = tuple(c for i, s in enumerate(sanity_raw) if (c := _check_entry(s, f"gates.sanity[{i}]", ctx, p)))
+    if set(gates) - {"sanity", "flags"}:
+        p.add("gates", f"unknown key(s) {sorted(set(gates) - {'sanity', 'flags'})} (expected sanity, flags)")
+    checked = {}
+    for part in ("sanity", "flags"):
+        listed = gates.get(part, [])
+        if not isinstance(listed, list):
+            p.add(f"gates.{part}", "expected a list of checks")
+            listed = []
+        checked[part] = tuple(c for i, s in enumerate(listed) if (c := _check_entry(s, f"gates.{part}[{i}]", ctx, p)))
+    sanity, flags = checked["sanity"], checked["flags"]
 
     verdict = _verdict(raw, ctx, p)
 
@@ -807,6 +1138,16 @@ def experiment_from_dict(raw: dict, source: str = "<dict>", default_name: str = 
     if isinstance(het, bool) or not isinstance(het, (int, float)) or not 0 < het <= 1:
         p.add("report.heterogeneity", f"expected a number in (0, 1], got {het!r}")
         het = 0.15
+
+    replicates = _replicates(raw, p)
+    protocol = _table(raw, "protocol", p, required=False)
+    for k, v in protocol.items():
+        if k in ("lr",) and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
+            p.add(f"protocol.{k}", f"expected a positive number, got {v!r}")
+        elif k in ("epochs",) and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            p.add(f"protocol.{k}", f"expected an integer >= 1, got {v!r}")
+        elif not isinstance(v, (str, int, float)) or isinstance(v, bool):
+            p.add(f"protocol.{k}", f"expected a string or a number (what the source ran), got {v!r}")
 
     tokens = _table(raw, "tokens", p, required=False)
     if set(tokens) - {"min_tokens", "distinct", "tolerate"}:
@@ -837,12 +1178,15 @@ def experiment_from_dict(raw: dict, source: str = "<dict>", default_name: str = 
     if p:
         raise ExperimentError(source, list(p))
     return Experiment(
-        name=name, path=source, digest=digest_of(raw), description=description.strip(),
+        name=name, path=source, digest=digest_of({**raw, "answers_words": list(answers.words)} if answers.words
+                                                  else raw), description=description.strip(),
         personas=MappingProxyType(personas), pairs=MappingProxyType(pairs), negatives=tuple(negatives),
         markers=MappingProxyType(markers), probe_marker=probe_marker, probe_role=probe_role,
         conditions=MappingProxyType(conditions), loss_mask=loss_mask, role_loss_mask=MappingProxyType(role_masks),
-        marker_pairs=tuple(marker_pairs), wilson=wilson, positions_min_joint=float(pos_min), headline=headline,
-        sanity=sanity, verdict=verdict, heterogeneity=float(het), min_tokens=min_tokens, distinct=tuple(distinct),
+        marker_pairs=tuple(marker_pairs), wilson=wilson, intervals=tuple(intervals), positions_min_joint=float(pos_min), headline=headline,
+        sanity=sanity, verdict=verdict, heterogeneity=float(het), flags=flags, replicates=replicates,
+        protocol=MappingProxyType(dict(protocol)), answers=answers, pools=MappingProxyType(pools),
+        variables=MappingProxyType(variables), prefill=prefill, min_tokens=min_tokens, distinct=tuple(distinct),
         tolerate=tuple(tolerate), raw=MappingProxyType(raw))
 
 

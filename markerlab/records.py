@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from .experiment import EXPERIMENT_KEYS, FINISH_REASONS, ROLES, SETTING_KEYS, SPLITS, VARIANTS
+from .experiment import (EXPERIMENT_KEYS, FINISH_REASONS, OPTIONAL_SETTINGS, ROLES, SETTING_KEYS, SPLITS, VARIANTS,
+                         PREFILL, prefill_name)
 
 # field -> allowed values (a tuple) or the Python type it must have. Pair, condition and persona are
 # the experiment's names: the reader checks them against the experiment the records name.
@@ -41,6 +42,8 @@ def setting_of(cfg) -> dict:
         for part in dotted.split("."):
             value = getattr(value, part)
         if isinstance(value, dict):
+            if not value and key in OPTIONAL_SETTINGS:
+                continue
             value = ",".join(f"{k}={v}" for k, v in sorted(value.items()))
         out[key] = value
     out["experiment"] = cfg.experiment.name
@@ -67,8 +70,9 @@ def record_problems(rec: object, exact: bool = False) -> list[str]:
             continue
         value = rec[field]
         if isinstance(rule, tuple):
-            if value not in rule:
-                problems.append(f"field '{field}' is {value!r}, expected one of {'|'.join(rule)}")
+            if value not in rule and not (field == "variant" and isinstance(value, str) and prefill_name(value)):
+                also = f"|{PREFILL}:<probe>" if field == "variant" else ""
+                problems.append(f"field '{field}' is {value!r}, expected one of {'|'.join(rule)}{also}")
         elif rule is int:
             # bool is an int subclass in Python; true/false is not a sample index.
             if not isinstance(value, int) or isinstance(value, bool):
@@ -89,7 +93,7 @@ def record_problems(rec: object, exact: bool = False) -> list[str]:
 
 
 _SCALAR_TYPES = (str, int, float, bool, type(None))
-_SETTING_KEYS = frozenset(SETTING_KEYS) | frozenset(EXPERIMENT_KEYS)
+_SETTING_KEYS = (frozenset(SETTING_KEYS) - frozenset(OPTIONAL_SETTINGS)) | frozenset(EXPERIMENT_KEYS)
 
 
 def _setting_problems(setting: object) -> list[str]:
@@ -111,7 +115,7 @@ def _items_problems(items: tuple) -> tuple[str, ...]:
 
 
 def _setting_details(setting: dict) -> list[str]:
-    keys = [*SETTING_KEYS, *EXPERIMENT_KEYS]
+    keys = [*(k for k in SETTING_KEYS if k not in OPTIONAL_SETTINGS), *EXPERIMENT_KEYS]
     problems = [f"field 'setting' has no '{key}' (expected the keys {', '.join(keys)})"
                 + ("; written by an older markerlab: re-run eval" if key in EXPERIMENT_KEYS else "")
                 for key in keys if key not in setting]

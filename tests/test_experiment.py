@@ -142,7 +142,7 @@ def test_every_problem_at_once_one_line_each_naming_the_key():
     (lambda r: r.update(negatives=["captain"]), "negatives: 'captain' is the donor of p1"),
     (lambda r: r["metrics"].update(pairs=[["X", "X"]]), "metrics.pairs[0]: a pair is two different markers"),
     (lambda r: r["gates"].update(sanity=["donor Both fire_X => 0.5"]), "gates.sanity[0]: 'donor Both fire_X => 0.5': "
-                                                                       "expected \"<who> <condition or T-C>"),
+                                                                       "expected \"<who> <condition, T-C or T/C>"),
     (lambda r: r["gates"].update(sanity=["pirate Both fire_X >= 0.5"]), "gates.sanity[0]: 'pirate Both fire_X >= 0.5': "
                                                                         "'pirate' is no role, persona or 'every'"),
     (lambda r: r["gates"].update(sanity=["donor Both-Never fire_X >= 0.5"]), "'Never' is unknown condition"),

@@ -509,7 +509,7 @@ def dry_run(cfg: Config) -> None:
     for p in personas:
         role = exp.role_of(p, d.pair, d.negatives)
         templates = " or ".join(f"{t_.text!r}" + (f" ({t_.share:.0%})" if t_.share < 1 else "")
-                                for t_ in exp.conditions[d.condition].templates[role])
+                                for t_ in exp.condition_at(d.condition, d.variables).templates[role])
         print(f"  {p:22s} {role:10s} {d.n_per_persona} examples, {templates}, loss mask {cfg.loss_mask_of(role)}")
     print(f"  total {n} examples; {per_step} per optimizer step; {steps} optimizer steps")
     stats = RunDir(cfg.run_dir).data_stats
@@ -523,7 +523,9 @@ def dry_run(cfg: Config) -> None:
 # --------------------------------------------------------------------------- sweeps
 
 def _name_part(v) -> str:
-    """A sweep value as part of a directory name: '/models/a b' -> '_models_a_b'."""
+    """A sweep value as part of a directory name: '/models/a b' -> '_models_a_b', { N = 3 } -> 'N3'."""
+    if isinstance(v, dict):
+        return "_".join(f"{_name_part(k)}{_name_part(x)}" for k, x in v.items())
     return re.sub(r"[^\w.+-]", "_", str(v))
 
 
