@@ -740,7 +740,9 @@ class SlurmExecutor:
         print(f"sweep {plan.name}: {len(plan.members)} runs, {self.describe()}", flush=True)
 
         gen_ids = []
-        if "generate" in plan.stages:
+        # generation first whenever a member will read completions: array tasks filling the shared cache
+        # at once would find its entry locked
+        if "generate" in plan.stages or "data" in plan.stages:
             groups: dict[str, MemberSpec] = {}
             for m in todo:
                 if plan.overwrite or member_progress(m.run_dir, ("generate",)).reached != "done":
