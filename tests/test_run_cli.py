@@ -236,7 +236,8 @@ def test_status_without_slurm_prints_a_line_per_member(tmp_path):
         "generate": {"status": "done"}, "data": {"status": "done"},
         "train": {"status": "failed", "error": "training stopped by SIGTERM after step 3 of 6 with a checkpoint"}}}))
     line = cli(TINY_SWEEP, *sets, "--status").stdout.splitlines()[2]
-    assert line.startswith("pair1_C") and "train stopped (training stopped by SIGTERM after step 3" in line
+    assert line.startswith("pair1_C") and "train stopped" in line, line
+    assert line.endswith("(training stopped by SIGTERM after step 3 of 6 with a checkpoint)"), line
     p = cli(REPO / "configs" / "tiny" / "pair1_C.toml", *sets, "--status")
     assert p.stdout.startswith("pair1_C  train stopped")
     assert not (tmp_path / "sweep").exists()  # --status writes nothing

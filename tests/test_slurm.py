@@ -5,9 +5,9 @@ as CI does before the test line. Without one these tests skip, saying why (in CI
 
 One scenario, run once for the module because SLURM's delays are the cost (a requeued job waits for
 its credential to expire) and the two cores are shared: the SLURM sweep is submitted with --detach and
-the sequential reference sweep runs in the background meanwhile. The first two members are stopped
+the sequential reference sweep runs in the background meanwhile. The first three members are stopped
 inside training step 3: pair1_T with `scontrol requeue` (SLURM runs it again), pair1_C with `scancel`
-(it stays missing). The report job writes the partial report and --status is read; then the same
+(it stays missing), pair1_T_P2neg with the time-limit warning (submitit checkpoints and requeues it). The report job writes the partial report and --status is read; then the same
 command, run again without --detach, submits the cancelled member alone and waits for the final
 report. The tests below check what each step left.
 """
@@ -31,7 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 MEMBERS = ("pair1_T", "pair1_C", "pair1_T_P2neg", "pair2_T", "pair2_C", "pair2_T_P2neg")
-REQUEUED, CANCELLED = "pair1_T", "pair1_C"  # the first two array tasks: they start together
+# stopped inside training step 3: requeued by `scontrol requeue`, cancelled by `scancel`, and warned by the
+# signal SLURM sends before the time limit (submitit then checkpoints and requeues it)
+REQUEUED, CANCELLED, WARNED = "pair1_T", "pair1_C", "pair1_T_P2neg"
 # The tiny sweep, smaller still: 16 examples a member, 6 optimizer steps (a checkpoint every 2), a
 # handful of short evaluation samples; what matters here is where each member runs, not what it learns.
 SHRINK = ["generate.n_questions=2", "generate.n_samples=2", "generate.max_tokens=4", "data.n_per_persona=4",
@@ -109,11 +111,13 @@ def scenario(tmp_path_factory):
     try:
         jobs = json.loads((sw / "slurm" / "jobs.json").read_text())["submissions"][0]
 
-        # 2. stop two members in the middle of training: freeze each trainer once checkpoint 2 of 6 is on
-        # disk, so that SLURM's SIGTERM lands inside step 3 whatever the machine's load; then requeue one
-        # (`scontrol requeue`: SLURM runs it again) and cancel the other (`scancel`: it stays missing)
+        # 2. stop three members in the middle of training: freeze each trainer once checkpoint 2 of 6 is on
+        # disk, so that SLURM's signal lands inside step 3 whatever the machine's load; then requeue one
+        # (`scontrol requeue`: SIGTERM, and SLURM runs it again), cancel one (`scancel`: SIGTERM, and it
+        # stays missing) and send one the time-limit warning (`scancel --signal=USR2`, what SLURM sends
+        # slurm.signal_delay_s before the limit: submitit's handler checkpoints and requeues it)
         frozen = {}
-        pending = {REQUEUED: "requeue", CANCELLED: "cancel"}
+        pending = {REQUEUED: ["scontrol", "requeue"], CANCELLED: ["scancel"], WARNED: ["scancel", "--signal=USR2"]}
 
         def freeze_ready():
             for name in list(pending):
@@ -123,9 +127,7 @@ def scenario(tmp_path_factory):
                     os.kill(pid, signal.SIGSTOP)
                     frozen[name] = sorted(p.name for p in (run_dir / "checkpoints").iterdir()
                                           if p.name.startswith("step_"))
-                    action = pending.pop(name)
-                    subprocess.run(["scontrol", "requeue", job] if action == "requeue" else ["scancel", job],
-                                   check=True)
+                    subprocess.run([*pending.pop(name), job], check=True)
                     time.sleep(1)
                     os.kill(pid, signal.SIGCONT)
                 elif job_state(job) not in ("PENDING", "RUNNING"):
@@ -134,6 +136,7 @@ def scenario(tmp_path_factory):
 
         wait_for("checkpoint 2 of the members to stop", freeze_ready, every=0.05)
         cancelled_job, requeued_job = jobs["members"][CANCELLED]["job"], jobs["members"][REQUEUED]["job"]
+        warned_job = jobs["members"][WARNED]["job"]
 
         # 4. the first submission's report job: the partial report; --status
         report_job = jobs["report"]["job"]
@@ -157,7 +160,7 @@ def scenario(tmp_path_factory):
     print(f"--status after the first submission:\n{status.stdout}the rerun's last lines:\n"
           + "\n".join(rerun.stdout.splitlines()[-14:]))
     return SimpleNamespace(root=root, sw=sw, jobs=jobs, first=first, cancelled_job=cancelled_job,
-                           requeued_job=requeued_job, frozen=frozen, report_state=report_state, partial=partial,
+                           requeued_job=requeued_job, warned_job=warned_job, frozen=frozen, report_state=report_state, partial=partial,
                            status=status, rerun=rerun, status_after=status_after)
 
 
@@ -170,8 +173,10 @@ def test_every_member_ran_under_sbatch(scenario):
         attempts = read_jsonl(s.sw / "slurm" / "tasks" / f"{name}.jsonl")
         assert attempts and all(a["job"] for a in attempts), name  # SLURM_JOB_ID set: a SLURM job ran it
         assert attempts[-1]["event"] == "end" and attempts[-1]["exit"] == 0, (name, attempts)
-        manifest = json.loads((s.root / "slurm" / name / "manifest.json").read_text())
-        assert all(st["status"] == "done" for st in manifest["stages"].values()), (name, manifest["stages"])
+        stages = json.loads((s.root / "slurm" / name / "manifest.json").read_text())["stages"]
+        # every stage but the adapter's own report (the sweep's report job reports on all of them)
+        assert [k for k, v in stages.items() if v["status"] == "done"] == ["generate", "data", "train", "merge",
+                                                                            "eval"], (name, stages)
     # generation ran as one job (the six share the base model and sampling settings), before any member;
     # the rerun needed none (the cancelled member had generated already)
     tasks = s.sw / "slurm" / "tasks"
@@ -218,9 +223,9 @@ def test_each_task_saw_its_own_gpus(scenario):
     assert all(x[2] != y[2] for x, y in overlapping), overlapping
 
 
-def stopped_then_resumed(s, name: str, job_after: str) -> None:
+def stopped_then_resumed(s, name: str, job_after: str, signal_name: str = "SIGTERM") -> list[dict]:
     """`name` was stopped inside step 3 (its checkpoint 2 on disk), saved, and resumed from step 3 to the
-    uninterrupted run's adapter and records, byte for byte."""
+    uninterrupted run's adapter and records, byte for byte. Returns its attempts."""
     assert s.frozen[name] and s.frozen[name][-1] < "step_000006", f"{name}: training had ended: {s.frozen[name]}"
     attempts = read_jsonl(s.sw / "slurm" / "tasks" / f"{name}.jsonl")
     ends = [a for a in attempts if a["event"] == "end"]
@@ -229,12 +234,13 @@ def stopped_then_resumed(s, name: str, job_after: str) -> None:
     run = s.root / "slurm" / name
     summary = json.loads((run / "train_summary.json").read_text())
     assert summary["resumed_from_step"] == 3, summary["resumed_from_step"]
-    assert "training stopped by SIGTERM after step 3 of 6" in (s.sw / "slurm" / "logs" / f"{ends[0]['job']}_0_log.out"
-                                                               ).read_text()
+    log = (s.sw / "slurm" / "logs" / f"{ends[0]['job']}_0_log.out").read_text()
+    assert f"training stopped by {signal_name} after step 3 of 6" in log
     ref = s.root / "local" / name
     for f in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "eval/completions.jsonl",
               "data/train.jsonl"):
         assert (run / f).read_bytes() == (ref / f).read_bytes(), f
+    return attempts
 
 
 def test_a_member_requeued_mid_training_ends_with_the_uninterrupted_adapter(scenario):
@@ -242,6 +248,16 @@ def test_a_member_requeued_mid_training_ends_with_the_uninterrupted_adapter(scen
     stopped_then_resumed(s, REQUEUED, job_after=s.requeued_job)  # the same job, run again by SLURM
     attempts = read_jsonl(s.sw / "slurm" / "tasks" / f"{REQUEUED}.jsonl")
     assert [a["restart"] for a in attempts if a["event"] == "start"] == [0, 1]
+
+
+def test_a_member_warned_of_its_time_limit_is_checkpointed_and_requeued_by_submitit(scenario):
+    s = scenario
+    attempts = stopped_then_resumed(s, WARNED, job_after=s.warned_job, signal_name="SIGUSR2")
+    assert [a["restart"] for a in attempts if a["event"] == "start"] == [0, 1]
+    first_end = next(a for a in attempts if a["event"] == "end")
+    assert first_end["checkpointed"] is True  # submitit's handler called MemberTask.checkpoint
+    log = (s.sw / "slurm" / "logs" / f"{s.warned_job}_0_log.out").read_text()
+    assert "has stopped; requeueing" in log and f"Requeued job {s.warned_job}" in log
 
 
 def test_a_cancelled_member_is_named_missing_then_the_same_command_finishes_it(scenario):
@@ -257,7 +273,7 @@ def test_a_cancelled_member_is_named_missing_then_the_same_command_finishes_it(s
     lines = s.status.stdout.splitlines()
     assert lines[0].startswith("sweep sw (slurm): 5 of 6 members finished, 1 not")
     line = next(x for x in lines if x.startswith(CANCELLED))
-    assert "train stopped (training stopped by SIGTERM after step 3" in line, line
+    assert "train stopped" in line and "(training stopped by SIGTERM after step 3 of 6" in line, line
     assert f"job {s.cancelled_job} CANCELLED" in line and "log " in line, line
     assert sum(x.split()[0] in MEMBERS for x in lines) == 6
     # the rerun submitted the cancelled member alone, which resumed from its checkpoint

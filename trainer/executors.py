@@ -14,7 +14,8 @@ sbatch,
      unfinished member still needs (GenerateTask);
   2. the unfinished members as one job array that starts once generation succeeded (afterok; a failed
      generation cancels it), each task running the member's stage pipeline in its own process, exactly
-     `python -m trainer.run MEMBER.toml` (MemberTask);
+     `python -m trainer.run MEMBER.toml --stages ...` with every requested stage but the adapter's own
+     report, as the per-GPU path does (MemberTask);
   3. the cross-run report as one job after the array, however it ended (afterany; ReportTask).
 Then it waits and prints members done / running / pending / failed as they change, or, under
 `--detach`, returns at once: the report job writes the report either way.
@@ -124,6 +125,12 @@ class SweepPlan:
     def logs_dir(self) -> Path:
         return (self.slurm_dir / "logs").absolute()
 
+    @property
+    def member_stages(self) -> tuple[str, ...]:
+        """What a member runs in a worker or job, and must have done to count as finished: the requested
+        stages less `report` (one adapter's own report; the sweep's report is built over all of them)."""
+        return tuple(s for s in self.stages if s != "report")
+
     def attempts_file(self, member: str) -> Path:
         return (self.slurm_dir / "tasks" / f"{member}.jsonl").absolute()
 
@@ -230,7 +237,7 @@ def write_sweep_report(plan: SweepPlan, why_missing: Callable[[MemberSpec, Progr
 
     finished, missing = [], []
     for m in plan.members:
-        p = member_progress(m.run_dir, plan.stages)
+        p = member_progress(m.run_dir, plan.member_stages)
         if p.finished:
             finished.append(m)
         else:
@@ -325,8 +332,7 @@ class LocalExecutor:
             for dev in devices:
                 if dev not in running and queue:
                     m = queue.pop(0)
-                    cmd = [*self.worker, str(m.config),
-                           "--stages", ",".join(s for s in stages if s != "report") or "generate"]
+                    cmd = [*self.worker, str(m.config), "--stages", ",".join(plan.member_stages) or "generate"]
                     if plan.overwrite:
                         cmd.append("--overwrite")
                     print(f"  gpu {dev}: {m.name}", flush=True)
@@ -392,22 +398,44 @@ class _ChildTask:
             _append_jsonl(record, _attempt("start", command=cmd))
         print(f"[{what}] {' '.join(cmd)}  (CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES')})", flush=True)
         self._proc = subprocess.Popen(cmd, cwd=cwd, env=env, preexec_fn=_ignore_stop_signals)
-        rc = self._proc.wait()
-        if record:
-            _append_jsonl(record, _attempt("end", exit=rc))
-        return rc
+        self._checkpointed = False
+        rc = None
+        try:
+            rc = self._proc.wait()
+            return rc
+        finally:  # also when submitit's warning handler requeued the job and exits this process (SystemExit)
+            if rc is None:
+                rc = self._proc.poll()
+            if record:
+                _append_jsonl(record, _attempt("end", exit=rc, checkpointed=self._checkpointed))
 
     def _let_it_save(self) -> None:
-        """Pass SLURM's warning on to the child (it may have had it already) and give it time to save."""
+        """Pass SLURM's warning on to the child (it may have had it already) and give it time to save.
+
+        This runs inside submitit's signal handler, which interrupted Popen.wait() in _run while it held
+        the Popen's wait lock: so the child's exit is watched with waitid(WNOWAIT), which leaves it to
+        that wait to reap.
+        """
         proc = self._proc
-        if proc is None or proc.poll() is not None:
+        self._checkpointed = True
+        if proc is None or proc.returncode is not None:
             return
-        print(f"[slurm] warning signal: waiting up to {self.grace_s:.0f} s for pid {proc.pid} to save", flush=True)
+        print(f"[slurm] warning signal: waiting up to {self.grace_s:.0f} s for pid {proc.pid} to save and stop",
+              flush=True)
         try:
-            proc.send_signal(warning_signal())
-            proc.wait(timeout=self.grace_s)
-        except (subprocess.TimeoutExpired, ProcessLookupError):
-            pass
+            os.kill(proc.pid, warning_signal())
+        except ProcessLookupError:
+            return
+        deadline = time.time() + self.grace_s
+        while time.time() < deadline:
+            try:
+                if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                    print(f"[slurm] pid {proc.pid} has stopped; requeueing", flush=True)
+                    return
+            except ChildProcessError:
+                return
+            time.sleep(0.2)
+        print(f"[slurm] pid {proc.pid} still runs after {self.grace_s:.0f} s; requeueing anyway", flush=True)
 
 
 class MemberTask(_ChildTask):
@@ -686,7 +714,7 @@ class SlurmExecutor:
         states = query_states(_job_ids(jobs))
         finished, missing = [], []
         for m in plan.members:
-            p = member_progress(m.run_dir, plan.stages)
+            p = member_progress(m.run_dir, plan.member_stages)
             (finished.append(m.name) if p.finished
              else missing.append(f"{m.name}: {missing_reason(m, p, plan, jobs, states)}"))
         summary = None
@@ -710,8 +738,8 @@ class SlurmExecutor:
         states = query_states(_job_ids(jobs))
         last = latest_jobs(jobs)
         todo, live = [], []
-        for m in plan.members:
-            p = member_progress(m.run_dir, plan.stages)
+        for m in plan.members if plan.member_stages else ():
+            p = member_progress(m.run_dir, plan.member_stages)
             job = last.get(m.name)
             alive = job and states.get(job["job"], ("", ""))[0] in ALIVE
             if alive:
@@ -765,7 +793,7 @@ class SlurmExecutor:
                 ex.update_parameters(slurm_additional_parameters={"requeue": True, "kill-on-invalid-dep": "yes",
                                                                   **s.additional_parameters})
             grace = max(10.0, s.signal_delay_s - 20.0)
-            tasks = [MemberTask(m.name, str(m.config.absolute()), plan.stages, plan.overwrite, str(plan.cwd),
+            tasks = [MemberTask(m.name, str(m.config.absolute()), plan.member_stages, plan.overwrite, str(plan.cwd),
                                 str(plan.attempts_file(m.name)), grace) for m in todo]
             submitted = self._submit(ex, tasks, dependency="afterok:" + ":".join(gen_ids) if gen_ids else "")
             for m, job in zip(todo, submitted):
@@ -798,7 +826,7 @@ class SlurmExecutor:
                 states = query_states(watched)
                 counts = {"done": 0, "running": 0, "pending": 0, "failed": 0}
                 for m in plan.members:
-                    p = member_progress(m.run_dir, plan.stages)
+                    p = member_progress(m.run_dir, plan.member_stages)
                     state = states.get(last.get(m.name, {}).get("job", ""), ("", ""))[0]
                     if p.finished:
                         counts["done"] += 1
@@ -858,9 +886,9 @@ def status_lines(plan: SweepPlan) -> list[str]:
     no_squeue = on_slurm and shutil.which("squeue") is None
     rows, n_done = [], 0
     for m in plan.members:
-        p = member_progress(m.run_dir, plan.stages)
+        p = member_progress(m.run_dir, plan.member_stages or plan.stages)
         n_done += p.finished
-        reached = p.reached + (f" ({p.detail})" if p.detail else "")
+        reached = p.reached
         job = last.get(m.name)
         if job:
             state, reason = ("?", "") if no_squeue else job_state(plan, m.name, job["job"], states)
@@ -871,7 +899,7 @@ def status_lines(plan: SweepPlan) -> list[str]:
         else:
             where = "no job"
             log = str(m.run_dir / "train_log.txt") if (m.run_dir / "train_log.txt").is_file() else "-"
-        rows.append((m.name, reached, where, log))
+        rows.append((m.name, reached, where, log, p.detail))
     w = [max(len(r[i]) for r in rows) for i in range(3)]
     missing = len(plan.members) - n_done
     summary = plan.report_dir / "summary.json"
@@ -888,7 +916,8 @@ def status_lines(plan: SweepPlan) -> list[str]:
     head = (f"sweep {plan.name} ({'slurm' if on_slurm else 'local'}): {n_done} of {len(plan.members)} members "
             f"finished" + (f", {missing} not" if missing else "") + f"; {report}")
     lines = [head]
-    lines += [f"{n:<{w[0]}}  {r:<{w[1]}}  {j:<{w[2]}}  log {log}" for n, r, j, log in rows]
+    lines += [f"{n:<{w[0]}}  {r:<{w[1]}}  {j:<{w[2]}}  log {log}" + (f"  ({detail})" if detail else "")
+              for n, r, j, log, detail in rows]
     if no_squeue:
         lines.append("(squeue is not on PATH here: job states unknown)")
     last_sub = jobs["submissions"][-1] if jobs.get("submissions") else {}
