@@ -199,6 +199,8 @@ def test_slurm_without_sbatch_is_one_line(tmp_path):
     ('slurm.additional_parameters={"--mail-type" = "FAIL"}',
      "--set: slurm.additional_parameters: '--mail-type' is not an sbatch option name"),
     ("slurm.setup=[1]", "--set: slurm.setup: expected a list of shell lines (strings), got [1]"),
+    ("slurm.timeout_min=1", f"{TINY_SWEEP}: slurm.signal_delay_s: 120 s before the time limit is at or before the "
+                            f"start of a 1 min job (slurm.timeout_min); expected fewer seconds"),
 ])
 def test_bad_slurm_values_are_one_line_naming_the_key(tmp_path, setting, says):
     p = cli(TINY_SWEEP, "--set", f"run.out_dir={tmp_path}", "--set", setting, check=False)
@@ -259,3 +261,31 @@ def test_a_job_slurm_forgot_is_told_by_its_attempts(tmp_path):
     with open(attempts, "a") as f:
         f.write(json.dumps({"event": "end", "job": "7_0", "exit": 75}) + "\n")
     assert job_state(plan, "pair1_T", "7_0", {}) == ("ENDED", "exit 75")
+
+
+def test_a_member_whose_last_job_failed_is_not_finished_even_if_its_manifest_says_done(tmp_path):
+    """A failed --overwrite leaves the old manifest (all done) behind: the last job's attempt decides."""
+    from trainer.executors import judge_member
+
+    cfg = load_config(TINY_SWEEP, [f"run.out_dir={tmp_path}"])
+    plan = R._sweep_plan(cfg, [f"run.out_dir={tmp_path}"], ["generate", "data"], True, False)
+    m = plan.members[0]
+    m.run_dir.mkdir(parents=True)
+    (m.run_dir / "manifest.json").write_text(json.dumps({"stages": {"generate": {"status": "done"},
+                                                                    "data": {"status": "done"}}}))
+    log = tmp_path / "7_0_0_log.out"
+    log.write_text("[pair1_T] python -m trainer.run ...\nerror: data/train.jsonl: 17 lines, recorded 16\nTraceback\n")
+    jobs = {"submissions": [{"members": {m.name: {"job": "7_0", "log": str(log)}}}]}
+    assert judge_member(plan, m, {"submissions": []}, {}).finished  # no job: the manifest decides
+    assert not judge_member(plan, m, jobs, {"7_0": ("PENDING", "")}).finished  # queued to be redone
+    attempts = plan.attempts_file(m.name)
+    attempts.parent.mkdir(parents=True)
+    attempts.write_text(json.dumps({"event": "start", "job": "7_0"}) + "\n"
+                        + json.dumps({"event": "end", "job": "7_0", "exit": 2}) + "\n")
+    p = judge_member(plan, m, jobs, {"7_0": ("FAILED", "NonZeroExitCode")})
+    assert not p.finished and p.reached == "last job FAILED"
+    assert p.detail == "error: data/train.jsonl: 17 lines, recorded 16"
+    with open(attempts, "a") as f:  # run again, and this time it ended well
+        f.write(json.dumps({"event": "start", "job": "7_0"}) + "\n" + json.dumps({"event": "end", "job": "7_0",
+                                                                                  "exit": 0}) + "\n")
+    assert judge_member(plan, m, jobs, {"7_0": ("COMPLETED", "")}).finished

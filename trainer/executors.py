@@ -225,8 +225,11 @@ def _with_lock(rd: RunDir, fn: Callable, wait_s: float = 0.0):
             time.sleep(2)
 
 
-def write_sweep_report(plan: SweepPlan, why_missing: Callable[[MemberSpec, Progress], str] | None = None) -> dict | None:
+def write_sweep_report(plan: SweepPlan, judge: Callable[[MemberSpec], Progress] | None = None,
+                       why_missing: Callable[[MemberSpec, Progress], str] | None = None) -> dict | None:
     """analysis.report over the finished members into plan.report_dir; the missing ones are listed in it.
+
+    `judge(member)` says where a member stands (default: its manifest; on SLURM also its last job).
 
     summary.json gets "sweep": {"members", "finished", "missing": [{"member", "reached", "why"}],
     "complete"}; when a member is missing, every report.md under the report directory opens with a
@@ -237,7 +240,7 @@ def write_sweep_report(plan: SweepPlan, why_missing: Callable[[MemberSpec, Progr
 
     finished, missing = [], []
     for m in plan.members:
-        p = member_progress(m.run_dir, plan.member_stages)
+        p = judge(m) if judge else member_progress(m.run_dir, plan.member_stages)
         if p.finished:
             finished.append(m)
         else:
@@ -500,10 +503,13 @@ class ReportTask:
         jobs = read_jobs(plan)
         states = query_states(_job_ids(jobs))
 
+        def judge(m):
+            return judge_member(plan, m, jobs, states)
+
         def why(m, p):
             return missing_reason(m, p, plan, jobs, states)
 
-        summary = _with_lock(RunDir(plan.sweep_dir), lambda: write_sweep_report(plan, why), wait_s=300)
+        summary = _with_lock(RunDir(plan.sweep_dir), lambda: write_sweep_report(plan, judge, why), wait_s=300)
         if summary is None:
             print(f"[report] no member of sweep {plan.name} finished: no report written", flush=True)
             return None
@@ -569,6 +575,18 @@ def query_states(ids: set[str]) -> dict[str, tuple[str, str]]:
     return found
 
 
+def _log_error(log: Path) -> str:
+    """The last one-line error (`error: ...`, what a user's mistake prints) in the end of a task's log."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 65536))
+            tail = f.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return ""
+    errors = [x.strip() for x in tail if x.startswith("error: ")]
+    return errors[-1] if errors else ""
+
+
 def _task_error(log_dir: Path, job: str) -> str:
     """The last line of the error a task's submitit result holds, if it ended in one."""
     result = log_dir / f"{job}_0_result.pkl"
@@ -618,6 +636,28 @@ def read_attempts(path: Path) -> list[dict]:
     return out
 
 
+def judge_member(plan: SweepPlan, m: MemberSpec, jobs: dict, states: dict) -> Progress:
+    """Where a member of a SLURM sweep stands: its manifest, unless its last job says otherwise.
+
+    A member whose job is queued or running is not finished yet, whatever its manifest says (an
+    --overwrite has not reset it yet); one whose last job ended without a successful last attempt
+    is not finished either, even if its manifest says done from an earlier run (a failed --overwrite).
+    """
+    p = member_progress(m.run_dir, plan.member_stages)
+    job = latest_jobs(jobs).get(m.name)
+    if job is None:
+        return p
+    state, _ = job_state(plan, m.name, job["job"], states)
+    if state in ALIVE:
+        return Progress(False, p.reached if not p.finished else f"{state.lower()} again", p.detail)
+    attempts = [a for a in read_attempts(plan.attempts_file(m.name)) if a.get("job") == job["job"]]
+    if attempts and attempts[-1].get("event") == "end" and attempts[-1].get("exit") == 0:
+        return p
+    if p.finished:
+        return Progress(False, f"last job {state}", _log_error(Path(job["log"])))
+    return p
+
+
 def missing_reason(m: MemberSpec, p: Progress, plan: SweepPlan, jobs: dict, states: dict) -> str:
     """Why a member is not finished, in a few words: where it stopped, its job's state, its log."""
     parts = [p.reached + (f": {p.detail}" if p.detail else "")]
@@ -625,8 +665,8 @@ def missing_reason(m: MemberSpec, p: Progress, plan: SweepPlan, jobs: dict, stat
     if job:
         state, reason = job_state(plan, m.name, job["job"], states)
         parts.append(f"job {job['job']} {state}" + (f" ({reason})" if reason and state in ("GONE", "ENDED") else ""))
-        if not p.detail:
-            err = _task_error(plan.logs_dir, job["job"])
+        if not p.detail:  # the run stopped before a stage could record why: the log's last error line
+            err = _log_error(Path(job["log"])) or _task_error(plan.logs_dir, job["job"])
             if err:
                 parts.append(err)
         parts.append(f"log {job['log']}")
@@ -702,7 +742,11 @@ class SlurmExecutor:
             submission = self._submit_all(plan)
         if submission is None:  # nothing to run: every member finished; the report, here
             print(f"sweep {plan.name}: every member has finished; nothing to submit", flush=True)
-            summary = (_with_lock(rd, lambda: write_sweep_report(plan)) if "report" in plan.stages else None)
+            jobs = read_jobs(plan)
+            states = query_states(_job_ids(jobs))
+            summary = (_with_lock(rd, lambda: write_sweep_report(
+                plan, lambda m: judge_member(plan, m, jobs, states),
+                lambda m, p: missing_reason(m, p, plan, jobs, states))) if "report" in plan.stages else None)
             return SweepResult(summary, tuple(m.name for m in plan.members), ())
         if plan.detach:
             print(f"detached: the jobs run on; `{plan.command} --status` shows where they stand"
@@ -714,7 +758,7 @@ class SlurmExecutor:
         states = query_states(_job_ids(jobs))
         finished, missing = [], []
         for m in plan.members:
-            p = member_progress(m.run_dir, plan.member_stages)
+            p = judge_member(plan, m, jobs, states)
             (finished.append(m.name) if p.finished
              else missing.append(f"{m.name}: {missing_reason(m, p, plan, jobs, states)}"))
         summary = None
@@ -739,7 +783,7 @@ class SlurmExecutor:
         last = latest_jobs(jobs)
         todo, live = [], []
         for m in plan.members if plan.member_stages else ():
-            p = member_progress(m.run_dir, plan.member_stages)
+            p = judge_member(plan, m, jobs, states)
             job = last.get(m.name)
             alive = job and states.get(job["job"], ("", ""))[0] in ALIVE
             if alive:
@@ -749,10 +793,11 @@ class SlurmExecutor:
                 live.append((m, job))
             elif plan.overwrite or not p.finished:
                 todo.append(m)
-        for m, job in live:
-            print(f"  {m.name}: job {job['job']} {states[job['job']][0]}, left to run", flush=True)
         if not todo and not live:
             return None
+        print(f"sweep {plan.name}: {len(plan.members)} runs, {self.describe()}", flush=True)
+        for m, job in live:
+            print(f"  {m.name}: job {job['job']} {states[job['job']][0]}, left to run", flush=True)
         # an older report job still waiting would report before the new members end: this one replaces it
         stale = [s["report"]["job"] for s in jobs.get("submissions", [])
                  if s.get("report") and states.get(s["report"]["job"], ("", ""))[0] in ALIVE]
@@ -765,7 +810,6 @@ class SlurmExecutor:
         record = {"submitted": _now(), "t": t_submit, "command": plan.command, "stages": list(plan.stages),
                   "overwrite": plan.overwrite, "generate": [], "members": {}, "report": None,
                   "replaced_report_jobs": stale}
-        print(f"sweep {plan.name}: {len(plan.members)} runs, {self.describe()}", flush=True)
 
         gen_ids = []
         # generation first whenever a member will read completions: array tasks filling the shared cache
@@ -826,14 +870,13 @@ class SlurmExecutor:
                 states = query_states(watched)
                 counts = {"done": 0, "running": 0, "pending": 0, "failed": 0}
                 for m in plan.members:
-                    p = member_progress(m.run_dir, plan.member_stages)
                     state = states.get(last.get(m.name, {}).get("job", ""), ("", ""))[0]
-                    if p.finished:
-                        counts["done"] += 1
-                    elif state in RUNNING:
+                    if state in RUNNING:
                         counts["running"] += 1
                     elif state in ALIVE:
                         counts["pending"] += 1
+                    elif judge_member(plan, m, jobs, states).finished:
+                        counts["done"] += 1
                     else:
                         counts["failed"] += 1
                 rep = f"; report job {states.get(report['job'], ('ENDED', ''))[0]}" if report else ""
@@ -886,7 +929,8 @@ def status_lines(plan: SweepPlan) -> list[str]:
     no_squeue = on_slurm and shutil.which("squeue") is None
     rows, n_done = [], 0
     for m in plan.members:
-        p = member_progress(m.run_dir, plan.member_stages or plan.stages)
+        p = (judge_member(plan, m, jobs, states) if plan.member_stages
+             else member_progress(m.run_dir, plan.stages))
         n_done += p.finished
         reached = p.reached
         job = last.get(m.name)
