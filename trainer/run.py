@@ -48,7 +48,6 @@ from typing import Callable
 from markerlab.config import STAGES as STAGE_NAMES
 from markerlab.config import Config, ConfigError, load_config, run_dir_problems
 from markerlab.errors import UserError, cli_main
-from markerlab.experiment import PAIRS, role_of
 from markerlab.io import atomic_write_text, file_record, read_json, record_mismatch, write_json
 from markerlab.provenance import git_commit, library_versions
 from markerlab.rundir import RunDir, remove
@@ -161,7 +160,7 @@ def check_train_inputs(cfg, rd):
     from data.records import read_examples
 
     if rd.train_jsonl.is_file():
-        read_examples(rd.train_jsonl)
+        read_examples(rd.train_jsonl, cfg.experiment)
 
 
 def run_train(cfg, rd, manifest):
@@ -456,6 +455,9 @@ def run_one(cfg: Config, stages: list[str], overwrite: bool) -> Path:
         text = cfg.to_toml()
         if not rd.config.is_file() or rd.config.read_bytes() != text.encode("utf-8"):
             atomic_write_text(rd.config, text)
+        exp_text = Path(cfg.experiment.path).read_text(encoding="utf-8")
+        if not rd.experiment.is_file() or rd.experiment.read_text(encoding="utf-8") != exp_text:
+            atomic_write_text(rd.experiment, exp_text)  # the run's own copy: reports read it
         manifest = Manifest(rd, cfg, model_dir)
         if first:
             for s in STAGE_NAMES[first:]:
@@ -493,17 +495,20 @@ def dry_run(cfg: Config) -> None:
         for member in sweep_members(cfg, []):
             print(f"# sweep member {member.run.name}: {member.source} -> {member.run_dir}")
         return
-    d, t = cfg.data, cfg.train
-    donor, recipient = PAIRS[d.pair]
+    d, t, exp = cfg.data, cfg.train, cfg.experiment
+    donor, recipient = exp.pairs[d.pair]
     personas = [donor, recipient, *d.negatives]
     n = d.n_per_persona * len(personas)
     per_step = t.micro_batch_size * t.grad_accum
     steps = total_steps(n, t.micro_batch_size, t.grad_accum, t.epochs, t.max_steps)
     print("# dataset statistics (planned)")
+    print(f"experiment {exp.name} ({exp.path}, digest {exp.digest})")
     print(f"pair {d.pair}: donor {donor}, recipient {recipient}; condition {d.condition}; placement {d.placement}")
     for p in personas:
-        role = role_of(p, d.pair, d.negatives)
-        print(f"  {p:22s} {role:10s} {d.n_per_persona} examples")
+        role = exp.role_of(p, d.pair, d.negatives)
+        templates = " or ".join(f"{t_.text!r}" + (f" ({t_.share:.0%})" if t_.share < 1 else "")
+                                for t_ in exp.conditions[d.condition].templates[role])
+        print(f"  {p:22s} {role:10s} {d.n_per_persona} examples, {templates}, loss mask {cfg.loss_mask_of(role)}")
     print(f"  total {n} examples; {per_step} per optimizer step; {steps} optimizer steps")
     stats = RunDir(cfg.run_dir).data_stats
     if stats.is_file():
