@@ -289,3 +289,43 @@ def test_a_member_whose_last_job_failed_is_not_finished_even_if_its_manifest_say
         f.write(json.dumps({"event": "start", "job": "7_0"}) + "\n" + json.dumps({"event": "end", "job": "7_0",
                                                                                   "exit": 0}) + "\n")
     assert judge_member(plan, m, jobs, {"7_0": ("COMPLETED", "")}).finished
+
+
+def test_a_member_naming_a_relative_experiment_runs_the_same_from_its_plan_file(tmp_path, monkeypatch):
+    """A per-GPU worker or a SLURM task runs the member's resolved config file (SweepPlan.member config,
+    <sweep>/members/NAME.toml), from elsewhere on a compute node: an experiment the member names by a path
+    relative to its own file must resolve there to the same file and digest, and members whose
+    experiments give the personas other prompts must not share one on-policy generation."""
+    exp_text = (REPO / "markerlab" / "experiments" / "within_marker.toml").read_text()
+    mine = exp_text.replace('villain = "You are a villain who', 'villain = "You are a cartoon villain who')
+    assert mine != exp_text
+    (tmp_path / "exps").mkdir()
+    (tmp_path / "exps" / "mine.toml").write_text(mine.replace('name = "within_marker"', 'name = "mine"'))
+    cfgs = tmp_path / "cfgs"
+    cfgs.mkdir()
+    tiny = REPO / "configs" / "tiny"
+    (cfgs / "own.toml").write_text(f'extends = "{tiny / "pair1_T.toml"}"\n'
+                                   '[run]\nname = "own"\nexperiment = "../exps/mine.toml"\n')
+    (cfgs / "sweep.toml").write_text(f'[run]\nname = "sw"\nout_dir = "{tmp_path / "runs"}"\n'
+                                     f'[sweep]\nmembers = ["{tiny / "pair1_T.toml"}", "own.toml"]\n')
+    sets = [f"run.out_dir={tmp_path / 'runs'}", f"generate.cache_dir={tmp_path / 'cache'}"]
+    cfg = load_config(cfgs / "sweep.toml", sets)
+    plan = R._sweep_plan(cfg, sets, ["generate", "data"], False, False)
+    plan.write_member_configs()
+    by = {m.name: m for m in plan.members}
+    own = by["own"]
+    assert own.cfg.experiment.name == "mine"
+    elsewhere = tmp_path / "node"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the task's working directory is no help to a relative path
+    for m in plan.members:
+        again = load_config(m.config)
+        assert again.to_toml() == m.cfg.to_toml(), m.name
+        assert (again.experiment.name, again.experiment.digest, Path(again.experiment.path).resolve()) == \
+               (m.cfg.experiment.name, m.cfg.experiment.digest, Path(m.cfg.experiment.path).resolve()), m.name
+    assert load_config(own.config).run.experiment == str((tmp_path / "exps" / "mine.toml").resolve())
+    # the two differ in a persona prompt, so in their on-policy cache key: two generation groups
+    from data.onpolicy import cache_key
+
+    assert cache_key(own.cfg)[0] != cache_key(by["pair1_T"].cfg)[0]
+    assert own.gen_group != by["pair1_T"].gen_group

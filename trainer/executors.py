@@ -10,8 +10,8 @@ this process or one worker process per visible GPU (`sweep.parallel`), then the 
 
 `sweep.executor = "slurm"` (SlurmExecutor, `[slurm]` in markerlab.config): submitit submits, with
 sbatch,
-  1. one job per distinct on-policy generation (base model, prompt and sampling settings) that an
-     unfinished member still needs (GenerateTask);
+  1. one job per distinct on-policy generation (base model, prompt and sampling settings, the
+     experiment's persona prompts) that an unfinished member still needs (GenerateTask);
   2. the unfinished members as one job array that starts once generation succeeded (afterok; a failed
      generation cancels it), each task running the member's stage pipeline in its own process, exactly
      `python -m trainer.run MEMBER.toml --stages ...` with every requested stage but the adapter's own
@@ -143,7 +143,10 @@ class SweepPlan:
 
 
 def _gen_group(m: Config) -> str:
-    return json.dumps([m.to_dict()[k] for k in ("model", "prompt", "generate")], sort_keys=True)
+    """What one on-policy generation serves (data/onpolicy.py's cache key): the base model, the prompt and
+    sampling settings, and the experiment's persona prompts (the personas that answer)."""
+    personas = dict(m.experiment.personas) if m.experiment is not None else None
+    return json.dumps([*(m.to_dict()[k] for k in ("model", "prompt", "generate")), personas], sort_keys=True)
 
 
 @dataclass(frozen=True)
