@@ -491,7 +491,8 @@ def _resolve_experiment(cfg: Config, raw: dict, source: str, problems: list[str]
         exp = load_experiment(ref, base)
     except UserError as e:
         if problems:  # report the config's problems with the experiment's, all at once
-            problems.append(f"run.experiment: {e}")
+            msg = str(e)  # one line naming the key once ("run.experiment: unknown experiment ...")
+            problems.append(msg if msg.startswith("run.experiment:") else f"run.experiment: {msg}")
             return cfg
         raise
     ref = exp.name if ref in shipped_experiments() else str(Path(exp.path).resolve())

@@ -207,6 +207,17 @@ def test_bad_slurm_values_are_one_line_naming_the_key(tmp_path, setting, says):
     assert one_line_error(p).startswith(f"error: {says}")
 
 
+def test_slurm_problems_come_with_the_rest_of_the_configs_one_line_each(tmp_path):
+    p = cli(TINY_SWEEP, "--set", f"run.out_dir={tmp_path}", "--set", "slurm.cpus_per_task=0", "--set", "train.lr=-1",
+            "--set", "run.experiment=nope", check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert lines[0] == "error: --set: 3 problems in the config:", p.stderr
+    assert sorted(x.strip().split(":")[0] for x in lines[1:]) == ["run.experiment", "slurm.cpus_per_task", "train.lr"]
+    assert any(x.strip().startswith("run.experiment: unknown experiment 'nope'") for x in lines), p.stderr
+    assert not any(tmp_path.iterdir())
+
+
 def test_detach_needs_a_sweep_on_slurm(tmp_path):
     p = cli(TINY_SWEEP, "--set", f"run.out_dir={tmp_path}", "--detach", check=False)
     assert "--detach: only a sweep on SLURM runs without this process" in one_line_error(p)
