@@ -207,6 +207,36 @@ class SweepConfig:
     parallel: str = _f("auto", "auto = one worker per visible GPU, else sequential",
                        choices=("auto", "sequential", "per_gpu"))
     report_dir: str = _f("", "where the cross-run report goes (default out_dir/<sweep name>)")
+    executor: str = _f("local", "where the members run: local (this machine, as sweep.parallel says) or slurm "
+                       "(a SLURM job array through submitit, set up by [slurm])", choices=("local", "slurm"))
+
+
+@dataclass(frozen=True)
+class SlurmConfig:
+    """How a sweep's jobs are submitted under sweep.executor = "slurm" (trainer/executors.py).
+
+    One job per distinct on-policy generation, one array task per member, one report job; the
+    member and generation jobs get the resources below, the report job one CPU and no GPU. Empty
+    strings and zeros leave a setting to the cluster's defaults.
+    """
+
+    partition: str = _f("", "partition (sbatch --partition; empty: the cluster's default)")
+    account: str = _f("", "account to charge (sbatch --account)")
+    qos: str = _f("", "quality of service (sbatch --qos)")
+    timeout_min: int = _f(240, "time limit of each member's job, minutes; a member that reaches it saves, is "
+                               "requeued and resumes", lo=1)
+    gpus_per_task: int = _f(1, "GPUs of each member's job; it sees only these (CUDA_VISIBLE_DEVICES)", lo=0)
+    cpus_per_task: int = _f(8, "CPUs of each member's job (and OMP_NUM_THREADS unless set)", lo=1)
+    mem_gb: float = _f(0.0, "memory of each member's job, GB (0: the cluster's default)", lo=0.0)
+    constraint: str = _f("", "node features (sbatch --constraint), e.g. \"h100|a100\"")
+    array_parallelism: int = _f(0, "members running at once (0: as many as the cluster gives)", lo=0)
+    signal_delay_s: int = _f(120, "SLURM's warning signal (USR2) this many seconds before the time limit: "
+                                  "training saves and the job is requeued", lo=10)
+    max_requeues: int = _f(3, "time-outs after which a member is requeued no more (preemptions do not count)",
+                           lo=0)
+    setup: list = _f([], "shell lines each job runs first, e.g. [\"module load cuda/12.4\"]")
+    additional_parameters: dict = _f({}, "further sbatch options, name = value, e.g. { reservation = \"lab\", "
+                                         "mail-type = \"FAIL\" }")
 
 
 @dataclass(frozen=True)
@@ -220,6 +250,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sweep: SweepConfig | None = None
+    slurm: SlurmConfig | None = None
     source: str = field(default="", compare=False)  # the file it came from (not a TOML key)
     chain: tuple = field(default=(), compare=False)  # the files read for it, base first (not a TOML key)
     experiment: Experiment | None = field(default=None, compare=False)  # what run.experiment names (not a key)
@@ -271,6 +302,7 @@ def _section_type(name: str):
     return {
         "run": RunConfig, "model": ModelConfig, "prompt": PromptConfig, "lora": LoRAConfig, "generate": GenerateConfig,
         "data": DataConfig, "train": TrainConfig, "eval": EvalConfig, "sweep": SweepConfig,
+        "slurm": SlurmConfig,
     }[name]
 
 
@@ -399,6 +431,19 @@ def _cross_checks(cfg: Config, problems: list[str], bad: set[str] = frozenset())
                                 f"markerlab.experiment.SETTING_KEYS); expected one of {', '.join(settings)}")
             if not isinstance(vals, list) or not vals:
                 problems.append(f"sweep.vary.'{k}': expected a non-empty list of values")
+    if cfg.slurm is not None and ok("slurm.signal_delay_s", "slurm.timeout_min") and \
+            cfg.slurm.signal_delay_s >= 60 * cfg.slurm.timeout_min:
+        problems.append(f"slurm.signal_delay_s: {cfg.slurm.signal_delay_s} s before the time limit is at or before the "
+                        f"start of a {cfg.slurm.timeout_min} min job (slurm.timeout_min); expected fewer seconds")
+    if cfg.slurm is not None and ok("slurm.setup") and not all(isinstance(x, str) for x in cfg.slurm.setup):
+        problems.append(f"slurm.setup: expected a list of shell lines (strings), got {cfg.slurm.setup!r}")
+    for k, v in cfg.slurm.additional_parameters.items() if cfg.slurm is not None and \
+            ok("slurm.additional_parameters") else ():
+        if not re.fullmatch(r"[a-z][a-z0-9_-]*", k):
+            problems.append(f"slurm.additional_parameters: {k!r} is not an sbatch option name (expected e.g. "
+                            f"\"mail-type\", without dashes in front)")
+        elif not isinstance(v, (str, int, bool)):
+            problems.append(f"slurm.additional_parameters.{k}: expected a string, an integer or true, got {v!r}")
 
 
 def _experiment_checks(cfg: Config, exp: Experiment, problems: list[str], ok) -> None:
@@ -454,7 +499,8 @@ def _resolve_experiment(cfg: Config, raw: dict, source: str, problems: list[str]
         exp = load_experiment(ref, base)
     except UserError as e:
         if problems:  # report the config's problems with the experiment's, all at once
-            problems.append(f"run.experiment: {e}")
+            msg = str(e)  # one line naming the key once ("run.experiment: unknown experiment ...")
+            problems.append(msg if msg.startswith("run.experiment:") else f"run.experiment: {msg}")
             return cfg
         raise
     ref = exp.name if ref in shipped_experiments() else str(Path(exp.path).resolve())

@@ -159,3 +159,184 @@ def test_training_examples_are_checked_by_file_and_line_before_training(tmp_path
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
     assert p.stderr.strip() == f"error: {data}:2: field 'persona': missing (expected a persona of experiment within_marker ({', '.join(EXP.personas)}))"
     assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+# --------------------------------------------------------------------------- sweep.executor = "slurm", --status
+
+def one_line_error(p) -> str:
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1, p.stderr
+    return lines[0]
+
+
+TINY_SWEEP = REPO / "configs" / "tiny" / "sweep.toml"
+
+
+def test_slurm_without_submitit_is_one_line_saying_what_to_install(tmp_path):
+    (tmp_path / "submitit.py").write_text("raise ImportError('No module named submitit')\n")  # as if absent
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    p = cli(TINY_SWEEP, "--set", f"run.out_dir={tmp_path}", "--set", "sweep.executor=slurm", env=env, check=False)
+    assert one_line_error(p) == ('error: sweep.executor = "slurm" needs submitit, which is not installed: '
+                                 'pip install -e ".[slurm]"')
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["submitit.py"]  # nothing written
+
+
+def test_slurm_without_sbatch_is_one_line(tmp_path):
+    pytest.importorskip("submitit")
+    env = dict(os.environ, PATH=str(Path(sys.executable).parent))  # python, and no SLURM command
+    p = cli(TINY_SWEEP, "--set", f"run.out_dir={tmp_path}", "--set", "sweep.executor=slurm", env=env, check=False)
+    msg = one_line_error(p)
+    assert msg.startswith('error: sweep.executor = "slurm": sbatch, srun, squeue not found on PATH'), msg
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("setting, says", [
+    ("slurm.cpus_per_task=0", "--set: slurm.cpus_per_task: expected >= 1, got 0"),
+    ("slurm.timeout_min=soon", "--set: slurm.timeout_min: expected an integer, got str 'soon'"),
+    ("slurm.gpus=2", "--set: slurm.gpus: unknown key (expected one of partition, account, qos, timeout_min"),
+    ("sweep.executor=kubernetes", "--set: sweep.executor: expected one of local, slurm; got 'kubernetes'"),
+    ('slurm.additional_parameters={"--mail-type" = "FAIL"}',
+     "--set: slurm.additional_parameters: '--mail-type' is not an sbatch option name"),
+    ("slurm.setup=[1]", "--set: slurm.setup: expected a list of shell lines (strings), got [1]"),
+    ("slurm.timeout_min=1", f"{TINY_SWEEP}: slurm.signal_delay_s: 120 s before the time limit is at or before the "
+                            f"start of a 1 min job (slurm.timeout_min); expected fewer seconds"),
+])
+def test_bad_slurm_values_are_one_line_naming_the_key(tmp_path, setting, says):
+    p = cli(TINY_SWEEP, "--set", f"run.out_dir={tmp_path}", "--set", setting, check=False)
+    assert one_line_error(p).startswith(f"error: {says}")
+
+
+def test_slurm_problems_come_with_the_rest_of_the_configs_one_line_each(tmp_path):
+    p = cli(TINY_SWEEP, "--set", f"run.out_dir={tmp_path}", "--set", "slurm.cpus_per_task=0", "--set", "train.lr=-1",
+            "--set", "run.experiment=nope", check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert lines[0] == "error: --set: 3 problems in the config:", p.stderr
+    assert sorted(x.strip().split(":")[0] for x in lines[1:]) == ["run.experiment", "slurm.cpus_per_task", "train.lr"]
+    assert any(x.strip().startswith("run.experiment: unknown experiment 'nope'") for x in lines), p.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_detach_needs_a_sweep_on_slurm(tmp_path):
+    p = cli(TINY_SWEEP, "--set", f"run.out_dir={tmp_path}", "--detach", check=False)
+    assert "--detach: only a sweep on SLURM runs without this process" in one_line_error(p)
+    p = cli(REPO / "configs" / "tiny" / "pair1_T.toml", "--set", f"run.out_dir={tmp_path}", "--detach", check=False)
+    assert "--detach: only a sweep (a config with [sweep]) is submitted to SLURM" in one_line_error(p)
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_sweeps_own_settings_do_not_reach_its_members():
+    overrides = ["train.lr=2e-5", "sweep.parallel=sequential", "slurm.partition=gpu", "sweep.executor = slurm"]
+    assert R.member_overrides(overrides) == ["train.lr=2e-5"]
+    cfg = load_config(TINY_SWEEP, overrides)
+    members = R.sweep_members(cfg, R.member_overrides(overrides))
+    assert len(members) == 6 and all(m.sweep is None and m.slurm is None for m in members)
+
+
+def test_status_without_slurm_prints_a_line_per_member(tmp_path):
+    sets = ["--set", f"run.out_dir={tmp_path}", "--set", f"generate.cache_dir={tmp_path / 'cache'}"]
+    p = cli(TINY_SWEEP, *sets, "--status")
+    lines = p.stdout.strip().splitlines()
+    assert lines[0] == "sweep sweep (local): 0 of 6 members finished, 6 not; no report yet"
+    assert [x.split()[0] for x in lines[1:]] == ["pair1_T", "pair1_C", "pair1_T_P2neg", "pair2_T", "pair2_C",
+                                                 "pair2_T_P2neg"]
+    assert all("not started" in x and "no job" in x for x in lines[1:])
+    # a member part-way: the stage it reached
+    run = tmp_path / "pair1_C"
+    run.mkdir()
+    (run / "manifest.json").write_text(json.dumps({"stages": {
+        "generate": {"status": "done"}, "data": {"status": "done"},
+        "train": {"status": "failed", "error": "training stopped by SIGTERM after step 3 of 6 with a checkpoint"}}}))
+    line = cli(TINY_SWEEP, *sets, "--status").stdout.splitlines()[2]
+    assert line.startswith("pair1_C") and "train stopped" in line, line
+    assert line.endswith("(training stopped by SIGTERM after step 3 of 6 with a checkpoint)"), line
+    p = cli(REPO / "configs" / "tiny" / "pair1_C.toml", *sets, "--status")
+    assert p.stdout.startswith("pair1_C  train stopped")
+    assert not (tmp_path / "sweep").exists()  # --status writes nothing
+
+
+def test_a_job_slurm_forgot_is_told_by_its_attempts(tmp_path):
+    """Without accounting SLURM forgets ended jobs, and an array task cancelled while pending leaves no
+    record: the member's attempts file says which of the two it was."""
+    from trainer.executors import job_state
+
+    cfg = load_config(TINY_SWEEP, [f"run.out_dir={tmp_path}"])
+    plan = R._sweep_plan(cfg, [f"run.out_dir={tmp_path}"], ["generate"], False, False)
+    assert job_state(plan, "pair1_T", "7_0", {"7_0": ("RUNNING", "")}) == ("RUNNING", "")
+    assert job_state(plan, "pair1_T", "7_0", {}) == ("GONE", "left the queue without running: cancelled while pending")
+    attempts = plan.attempts_file("pair1_T")
+    attempts.parent.mkdir(parents=True)
+    attempts.write_text(json.dumps({"event": "start", "job": "7_0"}) + "\n")
+    assert job_state(plan, "pair1_T", "7_0", {}) == ("ENDED", "killed while running")
+    with open(attempts, "a") as f:
+        f.write(json.dumps({"event": "end", "job": "7_0", "exit": 75}) + "\n")
+    assert job_state(plan, "pair1_T", "7_0", {}) == ("ENDED", "exit 75")
+
+
+def test_a_member_whose_last_job_failed_is_not_finished_even_if_its_manifest_says_done(tmp_path):
+    """A failed --overwrite leaves the old manifest (all done) behind: the last job's attempt decides."""
+    from trainer.executors import judge_member
+
+    cfg = load_config(TINY_SWEEP, [f"run.out_dir={tmp_path}"])
+    plan = R._sweep_plan(cfg, [f"run.out_dir={tmp_path}"], ["generate", "data"], True, False)
+    m = plan.members[0]
+    m.run_dir.mkdir(parents=True)
+    (m.run_dir / "manifest.json").write_text(json.dumps({"stages": {"generate": {"status": "done"},
+                                                                    "data": {"status": "done"}}}))
+    log = tmp_path / "7_0_0_log.out"
+    log.write_text("[pair1_T] python -m trainer.run ...\nerror: data/train.jsonl: 17 lines, recorded 16\nTraceback\n")
+    jobs = {"submissions": [{"members": {m.name: {"job": "7_0", "log": str(log)}}}]}
+    assert judge_member(plan, m, {"submissions": []}, {}).finished  # no job: the manifest decides
+    assert not judge_member(plan, m, jobs, {"7_0": ("PENDING", "")}).finished  # queued to be redone
+    attempts = plan.attempts_file(m.name)
+    attempts.parent.mkdir(parents=True)
+    attempts.write_text(json.dumps({"event": "start", "job": "7_0"}) + "\n"
+                        + json.dumps({"event": "end", "job": "7_0", "exit": 2}) + "\n")
+    p = judge_member(plan, m, jobs, {"7_0": ("FAILED", "NonZeroExitCode")})
+    assert not p.finished and p.reached == "last job FAILED"
+    assert p.detail == "error: data/train.jsonl: 17 lines, recorded 16"
+    with open(attempts, "a") as f:  # run again, and this time it ended well
+        f.write(json.dumps({"event": "start", "job": "7_0"}) + "\n" + json.dumps({"event": "end", "job": "7_0",
+                                                                                  "exit": 0}) + "\n")
+    assert judge_member(plan, m, jobs, {"7_0": ("COMPLETED", "")}).finished
+
+
+def test_a_member_naming_a_relative_experiment_runs_the_same_from_its_plan_file(tmp_path, monkeypatch):
+    """A per-GPU worker or a SLURM task runs the member's resolved config file (SweepPlan.member config,
+    <sweep>/members/NAME.toml), from elsewhere on a compute node: an experiment the member names by a path
+    relative to its own file must resolve there to the same file and digest, and members whose
+    experiments give the personas other prompts must not share one on-policy generation."""
+    exp_text = (REPO / "markerlab" / "experiments" / "within_marker.toml").read_text()
+    mine = exp_text.replace('villain = "You are a villain who', 'villain = "You are a cartoon villain who')
+    assert mine != exp_text
+    (tmp_path / "exps").mkdir()
+    (tmp_path / "exps" / "mine.toml").write_text(mine.replace('name = "within_marker"', 'name = "mine"'))
+    cfgs = tmp_path / "cfgs"
+    cfgs.mkdir()
+    tiny = REPO / "configs" / "tiny"
+    (cfgs / "own.toml").write_text(f'extends = "{tiny / "pair1_T.toml"}"\n'
+                                   '[run]\nname = "own"\nexperiment = "../exps/mine.toml"\n')
+    (cfgs / "sweep.toml").write_text(f'[run]\nname = "sw"\nout_dir = "{tmp_path / "runs"}"\n'
+                                     f'[sweep]\nmembers = ["{tiny / "pair1_T.toml"}", "own.toml"]\n')
+    sets = [f"run.out_dir={tmp_path / 'runs'}", f"generate.cache_dir={tmp_path / 'cache'}"]
+    cfg = load_config(cfgs / "sweep.toml", sets)
+    plan = R._sweep_plan(cfg, sets, ["generate", "data"], False, False)
+    plan.write_member_configs()
+    by = {m.name: m for m in plan.members}
+    own = by["own"]
+    assert own.cfg.experiment.name == "mine"
+    elsewhere = tmp_path / "node"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the task's working directory is no help to a relative path
+    for m in plan.members:
+        again = load_config(m.config)
+        assert again.to_toml() == m.cfg.to_toml(), m.name
+        assert (again.experiment.name, again.experiment.digest, Path(again.experiment.path).resolve()) == \
+               (m.cfg.experiment.name, m.cfg.experiment.digest, Path(m.cfg.experiment.path).resolve()), m.name
+    assert load_config(own.config).run.experiment == str((tmp_path / "exps" / "mine.toml").resolve())
+    # the two differ in a persona prompt, so in their on-policy cache key: two generation groups
+    from data.onpolicy import cache_key
+
+    assert cache_key(own.cfg)[0] != cache_key(by["pair1_T"].cfg)[0]
+    assert own.gen_group != by["pair1_T"].gen_group

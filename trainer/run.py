@@ -35,9 +35,7 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
-import os
 import re
-import subprocess
 import sys
 import time
 import tomllib
@@ -574,86 +572,53 @@ def _toml_literal(v) -> str:
     return _toml_value(v)
 
 
-def run_sweep(cfg: Config, overrides: list[str], stages: list[str], overwrite: bool) -> Path:
-    from markerlab.devices import visible_cuda_devices
-
-    members = sweep_members(cfg, overrides)
-    # Counted through NVML: CUDA must not be initialized here before a vLLM engine starts.
-    devices = visible_cuda_devices()
-    mode = cfg.sweep.parallel
-    if mode == "auto":
-        mode = "per_gpu" if len(devices) > 1 else "sequential"
-    if mode == "per_gpu" and not devices:
-        raise UserError("sweep.parallel: per_gpu needs CUDA GPUs and none is visible (use sequential or auto)")
-    rd = RunDir(cfg.run_dir)
-    make_run_dir(cfg, rd)
-    with rd.locked():
-        print(f"sweep {cfg.run.name}: {len(members)} runs, {mode}"
-              + (f" on GPUs {','.join(devices)}" if mode == "per_gpu" else ""))
-        t0 = time.time()
-        if mode == "sequential":
-            run_dirs = [run_one(m, stages, overwrite) for m in members]
-        else:
-            run_dirs = _run_per_gpu(cfg, members, stages, overwrite, devices)
-
-        out = Path(cfg.sweep.report_dir) if cfg.sweep.report_dir else rd.root
-        if "report" in stages:
-            from analysis.report import report, terminal_summary
-
-            summary = report([str(r) for r in run_dirs], out, jobs=1)
-            print()
-            print(terminal_summary(summary))
-            print(f"sweep finished in {time.time() - t0:.0f} s; {stage_times(run_dirs)}")
-            print(f"runs: {Path(cfg.run.out_dir)}/ ({len(run_dirs)}); TensorBoard: tensorboard --logdir {cfg.run.out_dir}")
-    return out
+def member_overrides(overrides: list[str]) -> list[str]:
+    """The --set values a sweep passes on to its members: all but the sweep's own ([sweep], [slurm])."""
+    return [o for o in overrides if o.split("=", 1)[0].strip().split(".", 1)[0] not in ("sweep", "slurm")]
 
 
-def _run_per_gpu(cfg, members, stages, overwrite, devices: list[str]) -> list[Path]:
-    """One worker process per visible GPU, each given that GPU alone, taking members in order.
+def _sweep_plan(cfg: Config, overrides: list[str], stages: list[str], overwrite: bool, detach: bool):
+    from trainer.executors import SweepPlan
 
-    `devices` are the parent's visible devices as CUDA_VISIBLE_DEVICES entries
-    (indices or UUIDs, markerlab.devices.visible_cuda_devices), so under a
-    scheduler's CUDA_VISIBLE_DEVICES=4,5 the workers land on GPUs 4 and 5. Each
-    worker runs `python -m trainer.run` on the member's resolved config, written
-    beside the sweep's report, so it sees exactly what a sequential sweep would
-    have run.
-    """
-    resolved = cfg.run_dir / "members"
-    for m in members:
-        atomic_write_text(resolved / f"{m.run.name}.toml", m.to_toml())
-    if "generate" in stages:
-        # Generate once per distinct base model and sampling settings before
-        # fanning out, so workers share the cache instead of racing to fill it.
-        seen = set()
-        for m in members:
-            key = (m.model, m.generate)
-            if key not in seen:
-                seen.add(key)
-                cmd = [*PREGENERATE, str(resolved / f"{m.run.name}.toml")]
-                if subprocess.run(cmd, env=dict(os.environ, CUDA_VISIBLE_DEVICES=devices[0])).returncode != 0:
-                    raise UserError(f"sweep: on-policy generation failed for {m.run.name}")
-    queue = list(members)
-    running: dict[str, tuple[subprocess.Popen, Config]] = {}
-    failed = []
-    while queue or running:
-        for dev in devices:
-            if dev not in running and queue:
-                m = queue.pop(0)
-                cmd = [*WORKER, str(resolved / f"{m.run.name}.toml"),
-                       "--stages", ",".join(s for s in stages if s != "report") or "generate"]
-                if overwrite:
-                    cmd.append("--overwrite")
-                print(f"  gpu {dev}: {m.run.name}", flush=True)
-                running[dev] = (subprocess.Popen(cmd, env=dict(os.environ, CUDA_VISIBLE_DEVICES=dev)), m)
-        time.sleep(0.5)
-        for dev, (proc, m) in list(running.items()):
-            if proc.poll() is not None:
-                del running[dev]
-                if proc.returncode != 0:
-                    failed.append(f"{m.run.name} (exit {proc.returncode})")
-    if failed:
-        raise UserError(f"sweep members failed: {', '.join(failed)}; rerun the same command to resume them")
-    return [m.run_dir for m in members]
+    members = sweep_members(cfg, member_overrides(overrides))
+    import shlex
+
+    command = shlex.join(["python", "-m", "trainer.run", cfg.source, *(x for o in overrides for x in ("--set", o)),
+                          *(["--stages", ",".join(stages)] if list(stages) != list(STAGE_NAMES) else [])])
+    return SweepPlan.build(cfg, members, stages, overwrite, detach, command)
+
+
+def run_sweep(cfg: Config, overrides: list[str], stages: list[str], overwrite: bool, detach: bool = False) -> Path:
+    """Every member (trainer/executors.py: here, or as a SLURM job array), then one report over all of them."""
+    from trainer.executors import make_executor, sweep_summary_lines
+
+    plan = _sweep_plan(cfg, overrides, stages, overwrite, detach)
+    executor = make_executor(cfg, plan, run_member=run_one, worker=WORKER, pregenerate=PREGENERATE)
+    for m in plan.members:  # a member started with another config stops the sweep before anything runs
+        check_config(m.cfg, RunDir(m.run_dir), stages, overwrite)
+    make_run_dir(cfg, RunDir(cfg.run_dir))
+    t0 = time.time()
+    result = executor.run(plan)
+    if result.summary is not None:
+        print()
+        print("\n".join(sweep_summary_lines(result.summary)))
+    if not result.detached and "report" in stages:
+        run_dirs = [m.run_dir for m in plan.members]
+        print(f"sweep finished in {time.time() - t0:.0f} s; {stage_times(run_dirs)}")
+        print(f"runs: {Path(cfg.run.out_dir)}/ ({len(run_dirs)}); TensorBoard: tensorboard --logdir {cfg.run.out_dir}")
+    if result.missing:
+        raise UserError(f"sweep {cfg.run.name}: {len(result.missing)} of {len(plan.members)} members did not "
+                        f"finish ({'; '.join(result.missing)}); run the same command again to resume them")
+    return plan.report_dir
+
+
+def sweep_status(cfg: Config, overrides: list[str], stages: list[str]) -> list[str]:
+    """--status: one line per member (stage reached, job id and state, log), or the one run's line."""
+    from trainer.executors import single_status_line, status_lines
+
+    if cfg.sweep is None:
+        return [single_status_line(cfg, stages)]
+    return status_lines(_sweep_plan(cfg, overrides, stages, False, False))
 
 
 # --------------------------------------------------------------------------- CLI
@@ -668,6 +633,10 @@ def parse_args(argv):
     ap.add_argument("--overwrite", action="store_true",
                     help="start afresh (with --stages: redo from the first of them on, keeping earlier stages)")
     ap.add_argument("--dry-run", action="store_true", help="print the resolved config and dataset plan, then exit")
+    ap.add_argument("--status", action="store_true",
+                    help="print where each member stands (stage reached, job id and state, log) and exit")
+    ap.add_argument("--detach", action="store_true",
+                    help="sweep.executor = slurm: submit the jobs and return; the report job writes the report")
     return ap.parse_args(argv)
 
 
@@ -682,8 +651,14 @@ def main(argv=None) -> int:
     if args.dry_run:
         dry_run(cfg)
         return 0
+    if args.status:
+        print("\n".join(sweep_status(cfg, args.overrides, stages)))
+        return 0
     if cfg.sweep is not None:
-        run_sweep(cfg, args.overrides, stages, args.overwrite)
+        run_sweep(cfg, args.overrides, stages, args.overwrite, detach=args.detach)
+    elif args.detach or cfg.slurm is not None:
+        raise UserError(f"{'--detach' if args.detach else '[slurm]'}: only a sweep (a config with [sweep]) is "
+                        f"submitted to SLURM; {cfg.source} is one adapter's config")
     else:
         run_one(cfg, stages, args.overwrite)
     return 0

@@ -83,6 +83,7 @@ from trainer.compile import compile_error, compile_layers
 from trainer.dropout import DropoutMasks
 from trainer.loss import token_losses
 from trainer.pack import pack
+from trainer.preempt import StopRequest, TrainingStopped
 from trainer.prefix import FrozenPrefix
 from trainer.probe import load_probe
 from trainer.schedule import lr_at, step_slice, steps_per_epoch, total_steps, warmup_steps
@@ -174,7 +175,9 @@ def train(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
                 "history": history, "probe": probe_history, "rng": rng_states(s.data_gen, s.dropout_gen),
                 "fingerprint": fingerprint, "train_seconds": train_seconds}
 
-    # ---- the loop: `step` counts finished optimizer steps; this iteration runs step + 1
+    # ---- the loop: `step` counts finished optimizer steps; this iteration runs step + 1.
+    # Under SLURM a stop signal (trainer/preempt.py) ends it at a step boundary, with a checkpoint.
+    stop = StopRequest.from_env().install()
     try:
         if probe is not None and step == 0:  # before any update
             probe_history.append(probe.maybe(0, s.total, s.model, s.device, writer))
@@ -231,11 +234,15 @@ def train(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
                 probe_history.append(probed)
 
             # checkpoint every N steps and at the end; keep the newest K
-            if step % t.checkpoint_every == 0 or step == s.total:
+            if step % t.checkpoint_every == 0 or step == s.total or stop.signal:
                 save_checkpoint(ckpt_dir, f"step_{step:06d}", s.model, s.optimizer, state_dict())
                 prune_checkpoints(ckpt_dir, t.keep_checkpoints)
                 writer.flush()
+            if stop.signal and step < s.total:
+                raise TrainingStopped(f"training stopped by {stop.signal} after step {step} of {s.total} with a "
+                                      f"checkpoint in {ckpt_dir / f'step_{step:06d}'}; the same command resumes it")
     finally:  # also on a NaN stop or Ctrl-C: keep every logged step on disk
+        stop.restore()
         bar.close()
         writer.close()
         log.close()
