@@ -201,12 +201,14 @@ class ChatFormat:
 
 
 def _added_tokens(tokenizer) -> dict[str, int]:
+    """The tokenizer's added and special tokens (text -> id), less whitespace-only ones (some vocabularies add
+    runs of spaces or newlines: text, not markup)."""
     added = dict(tokenizer.get_added_vocab())
     for t in getattr(tokenizer, "all_special_tokens", []):
         i = tokenizer.convert_tokens_to_ids(t)
         if isinstance(i, int) and i >= 0:
             added.setdefault(t, i)
-    return added
+    return {t: i for t, i in added.items() if t.strip()}
 
 
 def _leading_added(text: str, added: dict[str, int]) -> list[str]:
