@@ -594,8 +594,8 @@ class VLLMBackend(Backend):
     made with generation_config="vllm", so a generation_config.json's
     defaults (Qwen2.5's top_k 20, repetition_penalty 1.05, ...) never reach
     a request; its eos ids still end a turn, and so do `stop_ids` (the chat
-    template's end-of-turn token among them), passed as stop_token_ids. Every vLLM import, start, call and
-    close runs inside _VLLMProcessState (spawned engine workers; inductor's
+    template's end-of-turn token among them), passed as stop_token_ids.
+    Every vLLM import, start, call and close runs inside _VLLMProcessState (spawned engine workers; inductor's
     compile threads given back afterwards). On CUDA the GPU's free memory is
     logged before each engine start (a shortfall is one line saying what holds
     the memory), and `close` waits until the engine's memory is free again

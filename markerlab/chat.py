@@ -134,9 +134,10 @@ class ChatFormat:
         expected = f0 + system + f1 + user + f2
         if text != expected:
             at = next((i for i, (a, b) in enumerate(zip(text, expected)) if a != b), min(len(text), len(expected)))
+            got, want = text[max(0, at - 20):at + 30], expected[max(0, at - 20):at + 30]
             raise UserError(
                 f"model {self.model}: the chat template rendered a prompt other than the analysed one at character "
-                f"{at} (got {_line(text[max(0, at - 20):at + 30])}, expected {_line(expected[max(0, at - 20):at + 30])}): "
+                f"{at} (got {_line(got)}, expected {_line(want)}): "
                 f"it rewrote the persona prompt or the question (whitespace at either end is trimmed by some "
                 f"templates), or added a system prompt of its own")
         return text
