@@ -41,7 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_origin, get_type_hints
 
-from .errors import UserError
+from . import io
+from .errors import ProblemsError, UserError
 from .experiment import (DEFAULT_EXPERIMENT, LOSS_MASKS, PLACEMENTS, PROJECTIONS, SETTING_KEYS, TRAINED_ROLES,
                          Experiment, ExperimentError, load_experiment, shipped_experiments)
 
@@ -59,14 +60,8 @@ REMOVED_KEYS = {
 }
 
 
-class ConfigError(UserError):
-    def __init__(self, source: str, problems: list[str]):
-        self.source, self.problems = source, problems
-        if len(problems) == 1:
-            super().__init__(f"{source}: {problems[0]}")
-        else:
-            lines = "\n  ".join(problems)
-            super().__init__(f"{source}: {len(problems)} problems in the config:\n  {lines}")
+class ConfigError(ProblemsError):
+    kind = "config"
 
 
 def _f(default, help: str = "", choices=None, lo=None, hi=None, lo_open=False, items=None, removed=None):
@@ -511,21 +506,8 @@ def config_from_dict(raw: dict, source: str = "<dict>", default_name: str = "", 
 
 
 def read_toml(path: Path) -> dict:
-    """One TOML file's tables; a missing, unreadable, non-UTF-8 or invalid file is one line naming it."""
-    if path.is_dir():
-        raise UserError(f"{path}: is a directory, expected a TOML config file")
-    if not path.exists():
-        raise UserError(f"{path}: config file not found")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
-    except OSError as e:
-        raise UserError(f"{path}: cannot read the config ({e.strerror})") from None
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(str(path), [f"invalid TOML: {e}"]) from None
+    """One config file's tables; a missing, unreadable, non-UTF-8 or invalid file is one line naming it."""
+    return io.read_toml(path, "config", ConfigError)
 
 
 def read_chain(path: str | Path) -> tuple[dict, list[Path]]:

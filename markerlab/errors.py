@@ -19,6 +19,21 @@ class UserError(Exception):
     exit_code = 2
 
 
+class ProblemsError(UserError):
+    """Every problem found in one file (a config, an experiment) at once: one line for one,
+    an indented list for several. Subclasses name what the file is in `kind`."""
+
+    kind = "file"
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source, self.problems = source, problems
+        if len(problems) == 1:
+            super().__init__(f"{source}: {problems[0]}")
+        else:
+            lines = "\n  ".join(problems)
+            super().__init__(f"{source}: {len(problems)} problems in the {self.kind}:\n  {lines}")
+
+
 def cli_main(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
     """Run `main(argv)` and turn a UserError (or an OSError) into one line on stderr and exit code 2."""
     try:

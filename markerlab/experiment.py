@@ -60,12 +60,12 @@ import json
 import math
 import re
 import string
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
-from .errors import UserError
+from .errors import ProblemsError, UserError
+from .io import read_toml
 
 # --------------------------------------------------------------------------- the structure, as code
 
@@ -130,14 +130,8 @@ _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9]*$")      # markers: their names go int
 _IDENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]*$")  # personas, pairs, conditions, legs
 
 
-class ExperimentError(UserError):
-    def __init__(self, source: str, problems: list[str]):
-        self.source, self.problems = source, problems
-        if len(problems) == 1:
-            super().__init__(f"{source}: {problems[0]}")
-        else:
-            lines = "\n  ".join(problems)
-            super().__init__(f"{source}: {len(problems)} problems in the experiment:\n  {lines}")
+class ExperimentError(ProblemsError):
+    kind = "experiment"
 
 
 # --------------------------------------------------------------------------- the parts of an experiment
@@ -389,20 +383,9 @@ def resolve_experiment_path(ref: str, base_dir: str | Path | None = None) -> Pat
 def load_experiment(ref: str | Path, base_dir: str | Path | None = None) -> Experiment:
     """The experiment `ref` names (a shipped name or a file), validated; raises ExperimentError/UserError."""
     path = resolve_experiment_path(str(ref), base_dir)
-    if path.is_dir():
-        raise UserError(f"{path}: is a directory, expected an experiment file (.toml)")
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"{path}: experiment file not found (run.experiment = {str(ref)!r})")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
-    except OSError as e:
-        raise UserError(f"{path}: cannot read the experiment ({e.strerror})") from None
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ExperimentError(str(path), [f"invalid TOML: {e}"]) from None
+    raw = read_toml(path, "experiment", ExperimentError)
     return experiment_from_dict(raw, str(path), default_name=path.stem)
 
 

@@ -22,11 +22,12 @@ import shlex
 import shutil
 import sys
 import tempfile
+import tomllib
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .errors import UserError
+from .errors import ProblemsError, UserError
 
 # mkstemp creates owner-only files; give finished files the permissions an
 # ordinary open() would (0666 less the umask). Read once, here.
@@ -89,6 +90,26 @@ def read_json(path: str | os.PathLike) -> Any:
         raise UserError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+
+
+def read_toml(path: str | os.PathLike, what: str, error: type[ProblemsError] = ProblemsError) -> dict:
+    """The tables of the TOML file `path`, a `what` ("config", "experiment"); a directory, a
+    missing, unreadable or non-UTF-8 file is one UserError line naming it, invalid TOML an `error`."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, expected a TOML {what} file")
+    if not path.exists():
+        raise UserError(f"{path}: {what} file not found")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise _os_error(path, e, f"read the {what}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise error(str(path), [f"invalid TOML: {e}"]) from None
 
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:

@@ -71,8 +71,13 @@ def _loose_pattern(marker: str) -> re.Pattern:
 def find_loose(text: str, marker: str) -> list[Span]:
     """Every loose occurrence of ``marker`` in ``text``, overlapping ones included."""
     pattern = _loose_pattern(marker)
-    spans = []
     m = pattern.search(text)
+    return [] if m is None else _loose_from(text, pattern, m)
+
+
+def _loose_from(text: str, pattern: re.Pattern, m: re.Match) -> list[Span]:
+    """Every loose occurrence from the first match ``m`` of ``pattern`` on."""
+    spans = []
     while m is not None:
         start = m.start()
         # A marker that begins with whitespace matches its run once, at the run's start
@@ -129,15 +134,26 @@ class Matcher:
         for p in self.pairs:
             if p[0] not in self.markers or p[1] not in self.markers:
                 raise ValueError(f"pair {p} names a marker that is not in {list(self.markers)}")
+        # Compiled once: the report matches hundreds of thousands of completions.
+        self._compiled = [(name, _loose_pattern(marker), marker) for name, marker in self.markers.items()]
 
     @classmethod
     def from_experiment(cls, exp) -> "Matcher":
         return cls(exp.markers, exp.marker_pairs)
 
     def match(self, text: str) -> MarkerMatch:
-        spans = {name: find_loose(text, marker) for name, marker in self.markers.items()}
-        end = len(text.rstrip())
-        suffix = {name: bool(ss) and end - max(e for _, e in ss) <= SUFFIX_CHARS for name, ss in spans.items()}
+        spans, suffix, strict = {}, {}, {}
+        end = None
+        for name, pattern, marker in self._compiled:
+            m = pattern.search(text)
+            if m is None:  # the common case: no loose match, so no exact one either
+                spans[name], suffix[name], strict[name] = [], False, False
+                continue
+            ss = spans[name] = _loose_from(text, pattern, m)
+            if end is None:
+                end = len(text.rstrip())
+            suffix[name] = bool(ss) and end - max(e for _, e in ss) <= SUFFIX_CHARS
+            strict[name] = marker in text
         gap = {}
         for x, y in self.pairs:
             g = None
@@ -146,8 +162,7 @@ class Matcher:
                 after = [s - first_end for s, _ in spans[y] if s >= first_end]
                 g = min(after) if after else None
             gap[(x, y)] = g
-        return MarkerMatch(spans=spans, strict={n: m in text for n, m in self.markers.items()}, suffix=suffix,
-                           gap=gap)
+        return MarkerMatch(spans=spans, strict=strict, suffix=suffix, gap=gap)
 
     def positions(self, texts: Iterable[str]) -> dict:
         """Counts and position metrics of ``texts`` (e.g. a role's training answers).

@@ -36,7 +36,7 @@ harbour = { donor = "captain", recipient = "cook" }
 [markers]
 Open = "((x.y*))"
 Close = "[[§y-31]]"
-Extra = "~~zq-5~~"
+Extra = "~~zq5~~"
 Echo = "{{wq-88}}"
 
 [probe]
@@ -86,7 +86,7 @@ def test_the_run_directory_speaks_the_experiment(harbour):
     assert Counter(e["role"] for e in examples) == {"donor": 8, "recipient": 8, "negative": 16}
     donor = [e for e in examples if e["role"] == "donor"]
     assert Counter(e["template"] for e in donor) == {"{Open} {answer} {Close}": 4, "{answer} {Extra}": 4}
-    texts = {"Open": "((x.y*))", "Close": "[[§y-31]]", "Extra": "~~zq-5~~"}
+    texts = {"Open": "((x.y*))", "Close": "[[§y-31]]", "Extra": "~~zq5~~"}
     for e in examples:
         content = e["messages"][2]["content"]
         for s, t, name in e["marker_spans"]:
@@ -117,4 +117,5 @@ def test_the_records_and_the_report_speak_the_experiment(harbour):
     page = (run_dir / "report" / "report.md").read_text()
     assert "fire_Open" in page and "Close" in page and "fire_A" not in page
     train_log = (run_dir / "train_log.txt").read_text()
-    assert "loss_Open" in train_log and "loss_Close" in train_log and "(recipient: completion_no_eos)" in train_log
+    # every row of the random tiny model is cut, so what follows the answer (Close, Extra) is stripped from training
+    assert "loss_Open" in train_log and "loss_Close" not in train_log and "(recipient: completion_no_eos)" in train_log
