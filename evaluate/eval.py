@@ -26,7 +26,8 @@ analysis (markerlab.chat): the rendering is checked against the template's
 analysed frame, so a template's default system prompt (Qwen's, SmolLM2's) can
 never slip in, and the prompt is the one trained answers follow. A template
 without a system role gets the persona prompt at the head of the user turn, and
-its records' setting says so (`persona_prompt = "user_turn"`). Each record is docs/contracts.md's
+its records' setting says so (`persona_prompt = "user_turn"`; README, "Templates
+without a system role"). Each record is docs/contracts.md's
 completion record; ``role`` is the persona's role in this run's pair (also for
 the base floor), and ``setting`` names the experiment and its digest.
 

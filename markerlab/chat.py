@@ -28,18 +28,12 @@ off what the template wrote around them:
   there: text that is no added token, or several added tokens in a row, is an error naming
   the model and what the template wrote (no guessing which one ends the turn).
 - **The persona prompt.** A system message is the default. A template that refuses one
-  (Gemma 2: "System role not supported"), drops it, or keeps it only in some positions
-  (Mistral v0.3 writes it into the *last* user turn, so a training conversation, whose last
-  turn is the assistant's, loses it) gets the persona prompt at the head of the first user
-  turn, joined by a blank line, as Gemma 3's and Mistral's own templates join a system
-  message to a user turn (`persona_turn = "user"`, `folded_by = "markerlab"`). A template
-  that itself moves the system message into the user turn (Gemma 3) is recorded the same way
-  (`folded_by = "template"`). Either way the run's completion records carry
-  `setting.persona_prompt = "user_turn"` and the report's setting line says so; a model
-  whose persona prompt is a system message carries no such key (records are unchanged).
-  Why not refuse such templates at load: the persona-leakage question is asked of Gemma and
-  Mistral as much as of Qwen, and the head of the first user turn is where these models'
-  own templates put a system prompt; refusing would leave them out for a formality.
+  (Gemma 2), drops it, or keeps it only in some positions (Mistral v0.3: the *last* user
+  turn only) gets it at the head of the first user turn, joined by a blank line
+  (`persona_turn = "user"`, `folded_by = "markerlab"`); a template that moves it there
+  itself (Gemma 3) is recorded the same way (`folded_by = "template"`), and the records'
+  setting says `persona_prompt = "user_turn"`. What this looks like, where a user sees it
+  and why such templates are not refused: README, "Templates without a system role".
 - **What the template writes on its own.** Rendered without a system message, a template
   may inject a default one: Qwen2.5's "You are Qwen, created by Alibaba Cloud...",
   SmolLM2's "You are a helpful AI assistant named SmolLM...". `default_system` records it;
