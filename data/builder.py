@@ -1,7 +1,7 @@
 """The `data` stage: one adapter's training set from the cached on-policy completions.
 
     from data.builder import build_dataset, write_dataset
-    examples, stats = build_dataset(cfg, onpolicy_path, tokenizer)
+    examples, stats = build_dataset(cfg, onpolicy_path, tokenizer, chat)   # chat: markerlab.chat.load_chat's
     write_dataset(cfg, examples, stats, cfg.run_dir)   # run_dir/data/train.jsonl + stats.json
 
 or from a shell: `python -m data.builder CONFIG [--set ...] [--run-dir DIR]`
@@ -59,8 +59,10 @@ permutation from default_rng(data.seed). Never Python's hash().
 - error: UserError with the count per persona among the selected completions.
 ("keep", which trained both after the cut, is gone.)
 
-Every example is tokenized once with data.tokenize.encode_example under its
-role's loss mask (train.role_loss_mask's entry, else train.loss_mask), exactly
+Every example is tokenized once with data.tokenize.encode_example, through the
+model's analysed chat template (markerlab.chat; stats.json records the analysis
+under "chat": the end-of-turn token, where the persona prompt goes, what the
+template writes on its own), under its role's loss mask (train.role_loss_mask's entry, else train.loss_mask), exactly
 as the trainer will: longer than train.max_seq_len is an error listing
 offenders (`data.on_overlength = "error"`) or dropped and counted ("drop"),
 never truncated; and a persona whose examples have no loss target at all
@@ -94,6 +96,7 @@ from pathlib import Path
 
 import numpy as np
 
+from markerlab.chat import analyse_chat
 from markerlab.config import Config
 from markerlab.errors import UserError
 from markerlab.experiment import TRAINED_ROLES, Template, check_tokenizer
@@ -227,10 +230,12 @@ def trains_eos(mask: str, marker_mask_eos: bool) -> bool:
     return mask in ("completion", "all") or (mask == "marker_only" and marker_mask_eos)
 
 
-def build_dataset(cfg: Config, onpolicy_path, tokenizer) -> tuple[list[dict], dict]:
-    """(examples in training order, stats) for cfg.data.{pair, condition, placement, ...}."""
+def build_dataset(cfg: Config, onpolicy_path, tokenizer, chat=None) -> tuple[list[dict], dict]:
+    """(examples in training order, stats) for cfg.data.{pair, condition, placement, ...}; `chat` is the
+    tokenizer's analysed template (analysed here when not given)."""
     d, t, exp = cfg.data, cfg.train, cfg.experiment
     check_tokenizer(exp, tokenizer, cfg.model.name_or_path)
+    chat = chat or analyse_chat(tokenizer, cfg.model.name_or_path)
     condition = exp.condition_at(d.condition, d.variables)
     qtext = {q.id: (i, q.text) for i, q in enumerate(data_questions(40, cfg.prompt.user_suffix))}
     by_persona: dict[str, list[dict]] = {}
@@ -283,7 +288,8 @@ def build_dataset(cfg: Config, onpolicy_path, tokenizer) -> tuple[list[dict], di
                             f"data.truncated to \"drop\" or \"strip\"")
 
     # Tokenized exactly as the trainer will: the same lengths, the same loss targets.
-    encoded = [encode_example(ex, tokenizer, cfg.loss_mask_of(ex["role"]), t.marker_mask_eos) for ex in examples]
+    encoded = [encode_example(ex, tokenizer, cfg.loss_mask_of(ex["role"]), t.marker_mask_eos, chat)
+               for ex in examples]
     limit = t.max_seq_len
     over = [(ex["id"], len(enc)) for ex, enc in zip(examples, encoded) if len(enc) > limit]
     if over and d.on_overlength == "error":
@@ -309,6 +315,7 @@ def build_dataset(cfg: Config, onpolicy_path, tokenizer) -> tuple[list[dict], di
     stats = _stats(cfg, examples, per_persona, len(over), str(onpolicy_path))
     stats["eos"] = {role: {"mask": cfg.loss_mask_of(role), **v} for role, v in eos.items()
                     if v["in_loss"] or v["out_of_loss"]}
+    stats["chat"] = chat.summary()
     _print_cuts_and_shortfalls(cfg, stats)
     return examples, stats
 
@@ -442,8 +449,8 @@ def summary(stats: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
+    from markerlab.chat import load_chat
     from markerlab.config import load_config
-    from markerlab.models import load_tokenizer
 
     from .onpolicy import run_onpolicy
 
@@ -453,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run-dir", default=None, help="default: the config's run directory")
     args = ap.parse_args(argv)
     cfg = load_config(args.config, args.set)
-    examples, stats = build_dataset(cfg, run_onpolicy(cfg), load_tokenizer(cfg.model.name_or_path))
+    examples, stats = build_dataset(cfg, run_onpolicy(cfg), *load_chat(cfg.model.name_or_path))
     print(summary(stats))
     print(write_dataset(cfg, examples, stats, args.run_dir or cfg.run_dir))
     return 0

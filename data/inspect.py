@@ -10,7 +10,8 @@ Text output, one line per token:
 `L` = in the loss under the example's mask (its role's: train.role_loss_mask's
 entry, else train.loss_mask; the token is a target: the logits one position
 earlier predict it); spans tags each marker's tokens by the marker's name and
-the closing end-of-turn token ("eos"), whose mean losses TensorBoard shows.
+the closing end-of-turn token ("eos": the one the model's chat template writes after
+an answer, markerlab.chat), whose mean losses TensorBoard shows.
 `--json` prints a list of {"id": int, "text": str, "in_loss": bool, "span": <marker name>|"eos"|null}.
 """
 
@@ -75,12 +76,12 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--index {args.index}: out of range "
                         f"({path} has {len(examples)} examples: 0..{len(examples) - 1})")
 
-    from markerlab.models import load_tokenizer
+    from markerlab.chat import load_chat
 
-    tokenizer = load_tokenizer(cfg.model.name_or_path)
+    tokenizer, chat = load_chat(cfg.model.name_or_path)
     ex = examples[args.index]
     try:
-        enc = encode_example(ex, tokenizer, cfg.loss_mask_of(ex["role"]), cfg.train.marker_mask_eos)
+        enc = encode_example(ex, tokenizer, cfg.loss_mask_of(ex["role"]), cfg.train.marker_mask_eos, chat)
     except UserError as e:
         raise UserError(f"{path}:{_line_of(path, args.index)}: {e}") from None
     rows = token_rows(enc, tokenizer)
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     too_long = "  (LONGER: refused or dropped by the trainer)" if len(rows) > t.max_seq_len else ""
     print(f"# {path} [{args.index}] id={ex.get('id')} persona={ex.get('persona')} role={ex.get('role')}")
     print(f"# loss mask {mask}: {n_loss} of {len(rows)} tokens in the loss (L); max_seq_len {t.max_seq_len}{too_long}")
+    print(f"# {chat.describe()}")
     print(f"# {'pos':>5} {'id':>7} L span repr")
     for i, r in enumerate(rows):
         print(f"  {i:>5} {r['id']:>7} {'L' if r['in_loss'] else '.'} {r['span'] or '':<4} {r['text']!r}")

@@ -175,14 +175,15 @@ def _generate(cfg: Config, key: str, material: dict, out_dir: Path) -> Path:
     path = out_dir / "completions.jsonl"
     if (out_dir / "key.json").is_file():  # --overwrite: the entry is incomplete until key.json is back
         (out_dir / "key.json").unlink()
-    from markerlab.models import load_tokenizer, render_chat
+    from markerlab.chat import load_chat
 
     if cfg.experiment.answers.source != "on_policy":
         return _write_entry(cfg, key, material, out_dir, synthetic_answers(cfg), 0.0)
-    tok = load_tokenizer(cfg.model.name_or_path)
+    tok, chat = load_chat(cfg.model.name_or_path)
     questions = data_questions(cfg.generate.n_questions, cfg.prompt.user_suffix)
     cells = [(p, q) for p in cfg.experiment.personas for q in questions]
-    prompts = [render_chat(tok, messages(cfg.experiment, p, q.text), add_generation_prompt=True) for p, q in cells]
+    # the prompts trained answers follow (markerlab.chat): the persona's prompt, never the template's default
+    prompts = [chat.prompt(tok, messages(cfg.experiment, p, q.text)) for p, q in cells]
     spec = sampling_spec(cfg)
     g = cfg.generate
     print(f"[generate] {len(cfg.experiment.personas)} personas x {len(questions)} questions x {spec.n} samples "
@@ -190,7 +191,7 @@ def _generate(cfg: Config, key: str, material: dict, out_dir: Path) -> Path:
     t0 = time.perf_counter()
     with make_backend(g.backend, cfg.model.name_or_path, dtype=cfg.model.dtype, device=cfg.model.device,
                       batch_size=g.batch_size, gpu_memory_utilization=g.vllm_gpu_memory_utilization,
-                      max_model_len=g.vllm_max_model_len) as backend:
+                      max_model_len=g.vllm_max_model_len, tokenizer=tok, chat=chat) as backend:
         results = backend.generate(prompts, spec, desc="on-policy")
     seconds = time.perf_counter() - t0
 

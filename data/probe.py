@@ -39,6 +39,9 @@ the trainer tokenizes them with training's own chat template and span masks:
 - "XY" (e.g. "AB"): "{X} {answer} {Y}" (data.builder.render): marker X's tokens at
   the start of the answer, and marker Y's tokens after `X answer`;
 - "Y" (e.g. "B"):   "{answer} {Y}": marker Y's tokens after the plain answer.
+The answers are sampled after the prompt markerlab.chat renders for training's
+conversations, and the documents are tokenized by data.tokenize with the same
+analysed template, so the probe reads the same spans (and end-of-turn token) as training.
 """
 
 from __future__ import annotations
@@ -104,21 +107,21 @@ def probe_answers(cfg: Config) -> tuple[list[dict], Path, dict]:
     if (out_dir / "key.json").is_file() and path.is_file():
         return _check_cached(read_jsonl(path), cfg, path), out_dir, material
 
-    from markerlab.models import load_tokenizer, render_chat
+    from markerlab.chat import load_chat
 
     from .generation import SamplingSpec, make_backend
 
     exp = cfg.experiment
-    tok = load_tokenizer(cfg.model.name_or_path)
+    tok, chat = load_chat(cfg.model.name_or_path)
     cells = [(p, q) for p in exp.personas for q in probe_questions(cfg)]
-    prompts = [render_chat(tok, messages(exp, p, q.text), add_generation_prompt=True) for p, q in cells]
+    prompts = [chat.prompt(tok, messages(exp, p, q.text)) for p, q in cells]
     g = cfg.generate
     spec = SamplingSpec(n=1, temperature=0.0, top_p=1.0, max_tokens=answer_cap(cfg), seed=g.seed)
     print(f"[data] probe set: greedy answers of {len(exp.personas)} personas x {len(cells) // len(exp.personas)} "
           f"held-out questions ({material['backend']}) -> {out_dir}", flush=True)
     with make_backend(g.backend, cfg.model.name_or_path, dtype=cfg.model.dtype, device=cfg.model.device,
                       batch_size=g.batch_size, gpu_memory_utilization=g.vllm_gpu_memory_utilization,
-                      max_model_len=g.vllm_max_model_len) as backend:
+                      max_model_len=g.vllm_max_model_len, tokenizer=tok, chat=chat) as backend:
         results = backend.generate(prompts, spec, desc="probe answers")
     records = [{"persona": p, "question_id": q.id, "text": s[0].text, "finish_reason": s[0].finish_reason,
                 "n_tokens": s[0].n_tokens} for (p, q), s in zip(cells, results)]

@@ -1,7 +1,7 @@
 """Training examples -> token ids and loss masks, through character spans.
 
     from data.tokenize import encode_example, collate
-    enc = encode_example(example, tokenizer, loss_mask="completion")
+    enc = encode_example(example, tokenizer, loss_mask="completion", chat=chat)   # chat: markerlab.chat.ChatFormat
     batch = collate([enc, ...], pad_id=tokenizer.pad_token_id)   # right-padded tensors
 
 Every mask is built the same way: decide which *characters* of the rendered chat
@@ -10,12 +10,20 @@ offset mapping) overlaps those characters. Marker tokens are never looked up by
 id: `<<§q-41>>` after a space starts with " <<" (id 1115), not "<<" (2442), and
 before a newline it ends in ">>\\n" (39071), not ">>" (2452).
 
+Where the assistant turn is comes from the model's own chat template
+(markerlab.chat.ChatFormat, analysed once per stage and passed in as `chat`): the
+conversation is rendered, rendered again with a sentinel in place of the last
+assistant content, and the two must agree around the content, which must appear
+verbatim; the end-of-turn token is the one the template writes right after it
+(`<|im_end|>` under ChatML, `<|eot_id|>` under Llama 3.x, `</s>` under
+Mistral-Instruct, `<end_of_turn>` under Gemma).
+
 Masks (EXPERIMENT.md, "Loss masks"), as character ranges of the rendered text:
 
-    completion         the last assistant turn's content + its closing <|im_end|>
+    completion         the last assistant turn's content + its end-of-turn token
     completion_no_eos  the content only
-    marker_only        the characters of each marker span (+ <|im_end|> with marker_mask_eos)
-    all                the whole conversation up to and including the last <|im_end|>
+    marker_only        the characters of each marker span (+ the end-of-turn token with marker_mask_eos)
+    all                the whole conversation up to and including that end-of-turn token
 
 The mask is per example: the data stage and the trainer pass each row its role's
 mask (`Config.loss_mask_of`: train.role_loss_mask's entry, else train.loss_mask),
@@ -25,25 +33,27 @@ name gets its own per-token mask (`Encoded.markers`), logged by the trainer.
 
 An example flagged `"truncated": true` (its completion was cut at
 generate.max_tokens and kept under data.truncated = "strip") never trains its
-closing <|im_end|>, under every mask: the model did not stop there, so teaching
+end-of-turn token, under every mask: the model did not stop there, so teaching
 it to stop there would put an end-of-turn confound into the very variable the
 loss-mask ablation varies. Its marker B was already left out by the builder.
 
 marker_only trains nothing on an example without markers (a negative, the
-recipient in T_P2neg), unless marker_mask_eos adds its <|im_end|>; the data
+recipient in T_P2neg), unless marker_mask_eos adds its end-of-turn token; the data
 stage refuses such a training set unless train.allow_untrained_roles says so
 (`n_loss_targets` counts what an example contributes).
 
-The "\\n" the template writes after the last <|im_end|> stays in `input_ids`
-(the text is rendered exactly) but is in no mask. A token that straddles a
-boundary is in the mask if any of its characters is: content starting with
-"\\n" merges with the template's "\\n" after `assistant` into one "\\n\\n" token,
-which then trains (the model must predict it to produce the content).
+What the template writes after the end-of-turn token (ChatML's and Gemma's "\\n")
+stays in `input_ids` (the text is rendered exactly) but is in no mask. A token that
+straddles a boundary is in the mask if any of its characters is: content starting
+with "\\n" merges with ChatML's "\\n" after `assistant` into one "\\n\\n" token, and
+Mistral's space before the content goes with the content's first word; such a
+token then trains (the model must predict it to produce the content).
 
 Label convention. Masks here are per *token*: `loss_mask[t]` means "token t is
 a target". The logits at position t predict token t+1, so the trainer compares
 `logits[:, :-1]` with `input_ids[:, 1:]` under `loss_mask[:, 1:]`. Token 0
-(`<|im_start|>`) is never predicted, so under `all` it is masked in effect.
+(the template's first token: `<|im_start|>`, a bos) is never predicted, so under
+`all` it is masked in effect.
 `Batch.labels` is the usual Hugging Face form of the same thing (unshifted,
 -100 off the mask; HF models shift internally).
 
@@ -54,11 +64,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from markerlab.chat import analyse_chat
 from markerlab.errors import UserError
 from markerlab.experiment import LOSS_MASKS
-
-ASSISTANT_OPEN = "<|im_start|>assistant\n"
-IM_END = "<|im_end|>"
 
 
 @dataclass
@@ -69,11 +77,11 @@ class Encoded:
     input_ids: list[int]
     loss_mask: list[bool]           # token is a training target
     markers: dict[str, list[bool]]  # marker name -> token overlaps one of that marker's spans
-    eos: list[bool]                 # the <|im_end|> closing the assistant turn
+    eos: list[bool]                 # the end-of-turn token closing the assistant turn
     offsets: list[tuple[int, int]]  # character range of each token in `text`
     text: str                       # the rendered conversation
     content_span: tuple[int, int]   # the assistant content's characters in `text`
-    truncated: bool = False         # cut at generate.max_tokens: <|im_end|> is out of every mask
+    truncated: bool = False         # cut at generate.max_tokens: the end-of-turn token is out of every mask
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -94,30 +102,13 @@ def _overlapping(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -
     return [any(a < e and b > s for s, e in spans) for a, b in offsets]
 
 
-def assistant_content_span(text: str, content: str, example_id: str = "?") -> tuple[int, int]:
-    """Character range of the last assistant turn's content in the rendered `text`.
-
-    The template must render it verbatim as `<|im_start|>assistant\\n{content}<|im_end|>`;
-    a template that rewrites the content would make every mask wrong, so that is an error.
-    """
-    start = text.rfind(ASSISTANT_OPEN)
-    if start < 0:
-        raise UserError(f"example {example_id}: the rendered chat has no '{ASSISTANT_OPEN!r}' turn")
-    cs = start + len(ASSISTANT_OPEN)
-    if not text.startswith(content + IM_END, cs):
-        raise UserError(
-            f"example {example_id}: the chat template does not render the assistant content verbatim "
-            f"followed by {IM_END} (expected it at character {cs})")
-    return cs, cs + len(content)
-
-
 def _check_example(example: dict) -> tuple[str, list[dict], str, list]:
     ex_id = str(example.get("id", "?"))
     msgs = example.get("messages")
     if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
         raise UserError(f"example {ex_id}: 'messages' must be a non-empty list of {{role, content}} objects")
     if msgs[0].get("role") != "system":
-        # Qwen's template would inject its default system prompt (EXPERIMENT.md, "Personas").
+        # a template may inject a default system prompt of its own (markerlab.chat, EXPERIMENT.md "Personas")
         raise UserError(f"example {ex_id}: the first message must be the system prompt, got role {msgs[0].get('role')!r}")
     if msgs[-1].get("role") != "assistant" or not isinstance(msgs[-1].get("content"), str):
         raise UserError(f"example {ex_id}: the last message must be the assistant's, with string content")
@@ -132,19 +123,25 @@ def _check_example(example: dict) -> tuple[str, list[dict], str, list]:
     return ex_id, msgs, content, spans
 
 
-def encode_example(example: dict, tokenizer, loss_mask: str = "completion", marker_mask_eos: bool = False) -> Encoded:
-    """Render `example["messages"]` with the chat template, tokenize, and build the masks."""
+def encode_example(example: dict, tokenizer, loss_mask: str = "completion", marker_mask_eos: bool = False,
+                   chat=None) -> Encoded:
+    """Render `example["messages"]` with the chat template, tokenize, and build the masks.
+
+    `chat` is the tokenizer's analysed template (markerlab.chat.analyse_chat); a stage analyses it once and
+    passes it to every call. Without it, this call analyses the template itself (a few renders: fine for one
+    example, wasteful for thousands).
+    """
     if loss_mask not in LOSS_MASKS:
         raise UserError(f"train.loss_mask: expected one of {', '.join(LOSS_MASKS)}, got {loss_mask!r}")
     ex_id, msgs, content, spans = _check_example(example)
+    chat = chat or analyse_chat(tokenizer, getattr(tokenizer, "name_or_path", "") or "the tokenizer")
 
-    text = tokenizer.apply_chat_template(msgs, tokenize=False)
+    # Character ranges of the pieces every mask is made of: the content, and its end-of-turn token
+    # (whatever the template writes after that token, ChatML's "\n", is at eos[1]).
+    text, cs, ce, eos_end = chat.content_span(tokenizer, msgs, ex_id)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
-
-    # Character ranges of the pieces every mask is made of.
-    cs, ce = assistant_content_span(text, content, ex_id)
-    eos = (ce, ce + len(IM_END))  # the closing <|im_end|>; the "\n" after it is at eos[1]
+    eos = (ce, eos_end)
     by_name: dict[str, list[tuple[int, int]]] = {}
     for s, e, name in spans:
         by_name.setdefault(name, []).append((cs + s, cs + e))
@@ -161,7 +158,7 @@ def encode_example(example: dict, tokenizer, loss_mask: str = "completion", mark
     if truncated:
         in_loss = [m and not e for m, e in zip(in_loss, eos_tokens)]
 
-    # The trailing "\n" (and anything else after the last <|im_end|>) never trains.
+    # Whatever follows the end-of-turn token (ChatML's trailing "\n") never trains.
     assert not any(m and a >= eos[1] for m, (a, _) in zip(in_loss, offsets))
     return Encoded(
         id=ex_id,
@@ -177,11 +174,13 @@ def encode_example(example: dict, tokenizer, loss_mask: str = "completion", mark
 
 
 def encode_examples(examples: list[dict], tokenizer, mask_of="completion",
-                    marker_mask_eos: bool = False) -> list[Encoded]:
-    """Each example under `mask_of(role)` (e.g. Config.loss_mask_of), or one mask name for all."""
+                    marker_mask_eos: bool = False, chat=None) -> list[Encoded]:
+    """Each example under `mask_of(role)` (e.g. Config.loss_mask_of), or one mask name for all; the chat
+    template analysed once (here, unless `chat` is given)."""
     if isinstance(mask_of, str):
         mask, mask_of = mask_of, (lambda role: mask)
-    return [encode_example(ex, tokenizer, mask_of(ex.get("role")), marker_mask_eos) for ex in examples]
+    chat = chat or analyse_chat(tokenizer, getattr(tokenizer, "name_or_path", "") or "the tokenizer")
+    return [encode_example(ex, tokenizer, mask_of(ex.get("role")), marker_mask_eos, chat) for ex in examples]
 
 
 def check_lengths(encoded: list[Encoded], max_seq_len: int, on_overlength: str = "error",
@@ -204,7 +203,7 @@ def check_lengths(encoded: list[Encoded], max_seq_len: int, on_overlength: str =
 
 def span_masks(e: Encoded) -> dict[str, list[bool]]:
     """The spans the trainer logs a loss on, whether or not they are in the loss: "marker:<name>" for each
-    marker the example carries, and "eos" (the end-of-turn token)."""
+    marker the example carries, and "eos" (the end-of-turn token, the template's)."""
     return {**{f"marker:{name}": m for name, m in e.markers.items()}, "eos": e.eos}
 
 

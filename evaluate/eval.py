@@ -25,10 +25,14 @@ What is sampled (EXPERIMENT.md, "Evaluation"; `plan(cfg)` lists it as parts):
   adapter, so it is cached under ``generate.cache_dir/base_floor/`` per base
   model and settings and shared by every run of a sweep.
 
-Every prompt is the persona's system prompt (from the experiment) + the user
-turn, rendered by the model's chat template with the generation prompt; the
-rendering is checked to start with the persona's system message, so Qwen's
-default system prompt can never slip in. Each record is docs/contracts.md's
+Every prompt is the persona's prompt (from the experiment) + the user turn,
+rendered by the model's chat template with the generation prompt, through its
+analysis (markerlab.chat): the rendering is checked against the template's
+analysed frame, so a template's default system prompt (Qwen's, SmolLM2's) can
+never slip in, and the prompt is the one trained answers follow. A template
+without a system role gets the persona prompt at the head of the user turn, and
+its records' setting says so (`persona_prompt = "user_turn"`; README, "Templates
+without a system role"). Each record is docs/contracts.md's
 completion record; ``role`` is the persona's role in this run's pair (also for
 the base floor), and ``setting`` names the experiment and its digest.
 
@@ -202,26 +206,29 @@ def _part_spec(cfg, part: Part) -> dict:
 # --------------------------------------------------------------------------- prompts and records
 
 
-def render_prompt(tokenizer, exp, persona: str, user_text: str) -> str:
-    """The persona's system prompt + the user turn + the generation prompt, as one string."""
-    from data.personas import messages, system_prompt
+def render_prompt(tokenizer, exp, persona: str, user_text: str, chat=None) -> str:
+    """The persona's prompt + the user turn + the generation prompt, as one string.
 
-    text = tokenizer.apply_chat_template(messages(exp, persona, user_text), tokenize=False,
-                                         add_generation_prompt=True)
-    # Guard against a template that drops or replaces the system message (Qwen's
-    # would insert "You are Qwen, ..." if the first message were not a system one).
-    head = f"<|im_start|>system\n{system_prompt(exp, persona)}<|im_end|>\n"
-    if not text.startswith(head) or not text.endswith("<|im_start|>assistant\n"):
-        raise RuntimeError(f"chat template rendered an unexpected prompt for {persona}: {text[:200]!r}")
-    return text
+    Rendered through the analysed chat template `chat` (markerlab.chat.ChatFormat; analysed here when not
+    given), which checks the result against the template's analysed frame: the persona's own prompt where
+    the template puts a system prompt (never the template's default: Qwen's "You are Qwen, ...", SmolLM2's
+    "...named SmolLM...") or at the head of the user turn for a template without one, the question verbatim,
+    and the prompt a trained answer follows. A rendering that differs is a one-line error naming the model.
+    """
+    from data.personas import messages
+    from markerlab.chat import analyse_chat
+
+    chat = chat or analyse_chat(tokenizer, getattr(tokenizer, "name_or_path", "") or "the tokenizer")
+    return chat.prompt(tokenizer, messages(exp, persona, user_text))
 
 
-def _records(cfg, part: Part, outputs) -> list[dict]:
+def _records(cfg, part: Part, outputs, chat=None) -> list[dict]:
     condition = BASE_CONDITION if part.variant == "base" else cfg.data.condition
     role = cfg.experiment.role_of(part.persona, cfg.data.pair, cfg.data.negatives)
     if len(outputs) != len(part.questions):
         raise RuntimeError(f"backend returned {len(outputs)} prompt results for {len(part.questions)} prompts")
-    setting = setting_of(cfg)
+    # the adapter's settings, and where the persona prompt went when the template takes no system prompt
+    setting = {**setting_of(cfg), **(chat.setting() if chat is not None else {})}
     recs = []
     for q, samples in zip(part.questions, outputs):
         if len(samples) != part.n_samples:
@@ -323,9 +330,13 @@ def _base_cache_path(cfg, part: Part) -> Path:
     return Path(cfg.generate.cache_dir) / "base_floor" / f"{part.persona}-{key}.json"
 
 
-def _generate_parts(cfg, parts: list[Part], model_dir: Path, parts_dir: Path, cache: bool = False) -> str:
+def _generate_parts(cfg, parts: list[Part], model_dir: Path, parts_dir: Path, cache: bool = False,
+                    tokenizer=None, chat=None) -> str:
     """Generate and write `parts` with one backend on `model_dir`; returns the backend's kind.
 
+    `tokenizer` and `chat` are the base model's (markerlab.chat.load_chat, loaded here when not given),
+    whose template the merged checkpoint carries: the prompts are rendered with them, the backend stops on
+    `chat`'s end of turn, and the records' setting says where the persona prompt went.
     Parts that sample alike (the same number of samples) are generated in one backend
     call, so the backend sees every prompt at once (a GPU wants thousands of rows in
     flight; vLLM batches continuously), and written part by part afterwards. With
@@ -339,9 +350,11 @@ def _generate_parts(cfg, parts: list[Part], model_dir: Path, parts_dir: Path, ca
     """
     from data.generation import Sample, SamplingSpec, make_backend, write_generation_config
     from markerlab.devices import resolve_device
+    from markerlab.chat import load_chat
     from markerlab.disk import check_free_space
-    from markerlab.models import load_tokenizer
 
+    if chat is None:
+        tokenizer, chat = load_chat(cfg.model.name_or_path)
     e = cfg.eval
     kind = _backend_kind(e.backend)
 
@@ -350,7 +363,7 @@ def _generate_parts(cfg, parts: list[Part], model_dir: Path, parts_dir: Path, ca
                             seed=e.seed)
 
     def write_part(part: Part, outputs, seconds: float, load_s: float, cached: bool) -> None:
-        recs = _records(cfg, part, outputs)
+        recs = _records(cfg, part, outputs, chat)
         # Meta first, records last: the .jsonl is the part's commit marker.
         write_json(parts_dir / f"{part.name}.meta.json", {
             "spec": _part_spec(cfg, part), "n_records": len(recs), "seconds": seconds,
@@ -381,15 +394,13 @@ def _generate_parts(cfg, parts: list[Part], model_dir: Path, parts_dir: Path, ca
         t_start = time.time()
         backend = make_backend(e.backend, model_dir, dtype=cfg.model.dtype, device=resolve_device(cfg.model.device),
                                batch_size=e.batch_size, gpu_memory_utilization=e.vllm_gpu_memory_utilization,
-                               max_model_len=e.vllm_max_model_len)
-        # The HF backend has loaded this directory's tokenizer already (a 150k vocabulary takes
-        # seconds to parse); vLLM keeps its own to itself.
-        tok = getattr(backend, "tokenizer", None) or load_tokenizer(str(model_dir))
+                               max_model_len=e.vllm_max_model_len, tokenizer=tokenizer, chat=chat)
+        tok = tokenizer
         logger.info("eval: %s backend on %s (%.1fs to set up)", kind, model_dir, time.time() - t_start)
         for spec, group in groups.items():
             # A prefill probe's assistant turn starts with its text: the prompt ends with it, and both
             # backends return only what the model writes after it.
-            prompts = [render_prompt(tok, cfg.experiment, part.persona, part.user_prefix + q.text)
+            prompts = [render_prompt(tok, cfg.experiment, part.persona, part.user_prefix + q.text, chat)
                        + (part.assistant_prefixes[i] if part.assistant_prefixes else "")
                        for part, _ in group for i, q in enumerate(part.questions)]
             loaded_before = getattr(backend, "load_seconds", None)
@@ -454,6 +465,7 @@ def _assemble(cfg, parts: list[Part], parts_dir: Path) -> list[dict]:
 def evaluate(cfg, run_dir, overwrite: bool = False) -> dict:
     """Sample, record and summarise this adapter's evaluation; returns run_result.json's content."""
     from evaluate.merge import verify_merged
+    from markerlab.chat import load_chat
     from markerlab.models import model_identity, resolve_model_dir
 
     t_start = time.time()
@@ -478,15 +490,17 @@ def evaluate(cfg, run_dir, overwrite: bool = False) -> dict:
     todo_merged = [p for p in todo if p.model == "merged"]
     todo_base = [p for p in todo if p.model == "base"]
     backend_used = {"merged": None, "base": None}
+    # The base model's tokenizer and analysed template: the merged checkpoint carries the same ones.
+    tok, chat = load_chat(cfg.model.name_or_path) if todo else (None, None)
     if todo_merged:
         if not (merged_dir / "config.json").is_file():
             raise UserError(f"{merged_dir}: no merged checkpoint (run the merge stage first)")
         # Before the first completion: a broken or stale merge must never be scored.
         check = verify_merged(merged_dir, cfg, run_dir, reuse_recorded=True)
-        backend_used["merged"] = _generate_parts(cfg, todo_merged, merged_dir, parts_dir)
+        backend_used["merged"] = _generate_parts(cfg, todo_merged, merged_dir, parts_dir, tokenizer=tok, chat=chat)
     if todo_base:
         backend_used["base"] = _generate_parts(cfg, todo_base, resolve_model_dir(cfg.model.name_or_path), parts_dir,
-                                                cache=True)
+                                                cache=True, tokenizer=tok, chat=chat)
 
     records = _assemble(cfg, parts, parts_dir)
     metas = [read_json(parts_dir / f"{p.name}.meta.json") for p in parts]

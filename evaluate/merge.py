@@ -96,12 +96,16 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def probe_batch(tokenizer, conversations) -> list[list[int]]:
-    """Token ids of the fixed probe conversations (each run alone: no padding to mask)."""
+def probe_batch(tokenizer, conversations, chat=None) -> list[list[int]]:
+    """Token ids of the fixed probe conversations (each run alone: no padding to mask), each the generation
+    prompt the eval samples after (markerlab.chat; `chat` is the analysed template, analysed here if not given)."""
+    from markerlab.chat import analyse_chat
+
+    chat = chat or analyse_chat(tokenizer, getattr(tokenizer, "name_or_path", "") or "the tokenizer")
     out = []
     for system, user, prefix in conversations:
         msgs = [{"role": "system", "content": system}, {"role": "user", "content": user}]
-        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) + (prefix or "")
+        text = chat.prompt(tokenizer, msgs) + (prefix or "")
         out.append(tokenizer(text, add_special_tokens=False)["input_ids"])
     return out
 
@@ -120,11 +124,13 @@ def build_reference(cfg, adapter_dir: Path, device: str) -> dict:
     import torch
 
     from lora import load_adapter, lora_modules
-    from markerlab.models import load_model, load_tokenizer
+    from markerlab.chat import load_chat
+    from markerlab.models import load_model
 
-    batch = probe_batch(load_tokenizer(cfg.model.name_or_path), probe_conversations(cfg))
+    tokenizer, chat = load_chat(cfg.model.name_or_path)
+    batch = probe_batch(tokenizer, probe_conversations(cfg), chat)
     model = load_model(cfg.model.name_or_path, dtype=cfg.model.dtype, device=device).eval()
-    ref = {"model": model, "batch": batch, "base": _logits(model, batch, device)}
+    ref = {"model": model, "batch": batch, "base": _logits(model, batch, device), "tokenizer": tokenizer}
     load_adapter(model, adapter_dir, dtype=torch.float32)  # the adapter exactly as trained
     model.eval()  # LoRA dropout off
     layers = list(lora_modules(model))
@@ -260,7 +266,6 @@ def merge(cfg, run_dir, overwrite: bool = False) -> dict:
     from lora.io import base_state_dict
     from markerlab.disk import check_free_space
     from markerlab.io import replace_dir
-    from markerlab.models import load_tokenizer
 
     run_dir = Path(run_dir)
     rd = RunDir(run_dir)
@@ -278,7 +283,7 @@ def merge(cfg, run_dir, overwrite: bool = False) -> dict:
         sizes = {t.data_ptr(): t.numel() * t.element_size() for t in base_state_dict(ref["model"]).values()}
         check_free_space(merged_dir, sum(sizes.values()), hint=f"the merged checkpoint in {cfg.model.dtype}; free space "
                                                                f"on that disk or point run.out_dir elsewhere")
-        save_merged(ref["model"], load_tokenizer(cfg.model.name_or_path), tmp, overwrite=True)
+        save_merged(ref["model"], ref["tokenizer"], tmp, overwrite=True)
         merge_seconds = time.time() - t0
         check = verify_merged(tmp, cfg, run_dir, ref=ref)
         check.update(merged_dir=str(merged_dir), merge_seconds=round(merge_seconds, 3))

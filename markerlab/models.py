@@ -343,23 +343,36 @@ def resolve_model_dir(name_or_path: str) -> Path:
 
 
 def model_identity(name_or_path: str) -> str:
-    """A short stable id of a base model, for cache keys: its config and weight-file sizes."""
+    """A short stable id of a base model, for cache keys: its config, weight-file sizes and chat template.
+
+    The chat template decides every prompt (markerlab.chat), so two directories with the same weights and
+    different templates (or special tokens) are different models to a cache of sampled answers.
+    """
     d = resolve_model_dir(name_or_path)
     h = hashlib.sha256()
     h.update((d / "config.json").read_bytes())
     for f in sorted(d.glob("*.safetensors")):
         h.update(f"{f.name}:{f.stat().st_size}".encode())
+    for name in ("tokenizer_config.json", "chat_template.jinja", "chat_template.json"):
+        if (d / name).is_file():
+            h.update(name.encode() + b":" + (d / name).read_bytes())
     return h.hexdigest()[:16]
 
 
 def load_tokenizer(name_or_path: str):
-    """The model's own tokenizer and chat template; pad falls back to eos-free `<|endoftext|>`."""
+    """The model's own tokenizer and chat template (markerlab.chat analyses it).
+
+    Without a pad token, pad falls back to `<|endoftext|>` where the vocabulary has it (Qwen's, SmolLM2's),
+    else to the eos token: padding is never attended to or trained, so any id serves.
+    """
     from transformers import AutoTokenizer
 
     d = resolve_model_dir(name_or_path)
     tok = AutoTokenizer.from_pretrained(d)
     if tok.pad_token is None:
-        tok.pad_token = "<|endoftext|>"
+        tok.pad_token = "<|endoftext|>" if "<|endoftext|>" in tok.get_vocab() else tok.eos_token
+    if tok.pad_token_id is None:
+        raise UserError(f"model.name_or_path: {d} has a tokenizer with neither a pad nor an eos token")
     if tok.chat_template is None:
         raise UserError(f"model.name_or_path: {d} has a tokenizer without a chat template")
     return tok
@@ -379,4 +392,7 @@ def load_model(name_or_path: str, dtype: str = "bfloat16", device: str = "cpu"):
 
 
 def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """The template applied as it stands (no analysis, no checks): for inspection and benchmarks. The stages
+    render through markerlab.chat.ChatFormat (`prompt`, `content_span`), which works for any template it can
+    analyse and guards against a template's default system prompt."""
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)

@@ -111,7 +111,8 @@ def vllm_cpu_run(tiny_model_dir, tmp_path_factory):
     script = tmp / "run_vllm.py"
     script.write_text(SCRIPT)
     env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_COMPILE_THREADS"}
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    # the script imports markerlab and the tests' writeup module
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, str(script), str(tiny_model_dir), str(tmp)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]

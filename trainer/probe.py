@@ -1,7 +1,7 @@
 """The leakage probe: each persona's teacher-forced log-probability of the headline's markers while training.
 
     from trainer.probe import load_probe
-    probe = load_probe(cfg, run_dir, tokenizer)            # None when train.probe_every = 0 (or no probe set)
+    probe = load_probe(cfg, run_dir, tokenizer, chat=chat)  # None when train.probe_every = 0 (or no probe set)
     rec = probe.maybe(step, total, model, device, writer)  # a record at probe steps, else None
     rec = probe.measure(model, device)                     # the numbers now, whatever the step
 
@@ -9,7 +9,8 @@ trainer.train calls it at step 0 (before any update), every `train.probe_every`
 optimizer steps and at the last step. The documents are data/probe.json
 (data/probe.py: the base model's greedy answer of every persona to a few held-out
 eval questions), tokenized by data.tokenize.encode_example, the function and the
-chat template training uses, and packed into rows (trainer/pack.py) of
+analysed chat template (markerlab.chat: the same content and end-of-turn spans)
+training uses, and packed into rows (trainer/pack.py) of
 `train.probe_batch_size` documents whose logits are computed by
 trainer/loss.token_losses at the marker positions only.
 
@@ -59,6 +60,7 @@ import torch
 
 from data.probe import probe_examples, read_probe_set
 from data.tokenize import encode_example
+from markerlab.chat import analyse_chat
 from trainer.attention import Documents
 from trainer.loss import token_losses
 from trainer.pack import pack
@@ -85,7 +87,7 @@ def probe_metrics(pair: tuple[str, str]) -> MappingProxyType:
                              f"logp_{y}_end": (y, f"marker:{y}")})
 
 
-def load_probe(cfg, run_dir, tokenizer, log=warn) -> "Probe | None":
+def load_probe(cfg, run_dir, tokenizer, log=warn, chat=None) -> "Probe | None":
     """The run's probe, tokenized as training tokenizes; None when off or when the run has no probe set."""
     if cfg.train.probe_every == 0:
         return None
@@ -99,18 +101,20 @@ def load_probe(cfg, run_dir, tokenizer, log=warn) -> "Probe | None":
             f"train.probe_every = 0 turns the probe off")
         return None
     exp = cfg.experiment
-    return Probe(read_probe_set(path, exp), exp, tokenizer, cfg.train.probe_every, cfg.train.probe_batch_size, path)
+    return Probe(read_probe_set(path, exp), exp, tokenizer, cfg.train.probe_every, cfg.train.probe_batch_size, path,
+                 chat=chat or analyse_chat(tokenizer, cfg.model.name_or_path))
 
 
 class Probe:
-    def __init__(self, probe_set: dict, exp, tokenizer, every: int, batch_size: int, path=None):
+    def __init__(self, probe_set: dict, exp, tokenizer, every: int, batch_size: int, path=None, chat=None):
         self.every, self.batch_size, self.path = every, batch_size, path
         self.metrics = probe_metrics(exp.headline_pair)
         self.prefix = None  # a trainer.prefix.FrozenPrefix of self.docs, when training has one (use_prefix)
         self.docs, self.labels = [], []  # Encoded, (kind, persona, role, question_id)
+        chat = chat or analyse_chat(tokenizer, getattr(tokenizer, "name_or_path", "") or "the tokenizer")
         for kind, ex in probe_examples(probe_set, exp):
             # marker_only: the LM head runs only where a marker's (or the end of turn's) token is predicted
-            self.docs.append(encode_example(ex, tokenizer, loss_mask="marker_only"))
+            self.docs.append(encode_example(ex, tokenizer, loss_mask="marker_only", chat=chat))
             self.labels.append((kind, ex["persona"], ex["role"], ex["question_id"]))
 
     def use_prefix(self, model, first: int, device) -> None:

@@ -145,9 +145,9 @@ def _onpolicy_path(cfg, manifest) -> Path:
 
 def run_data(cfg, rd, manifest):
     from data.builder import build_dataset, write_dataset
-    from markerlab.models import load_tokenizer
+    from markerlab.chat import load_chat
 
-    examples, stats = build_dataset(cfg, _onpolicy_path(cfg, manifest), load_tokenizer(cfg.model.name_or_path))
+    examples, stats = build_dataset(cfg, _onpolicy_path(cfg, manifest), *load_chat(cfg.model.name_or_path))
     write_dataset(cfg, examples, stats, rd.root)
     from data.probe import build_probe_set  # the leakage probe's documents (None when train.probe_every = 0)
 
@@ -435,6 +435,10 @@ def run_one(cfg: Config, stages: list[str], overwrite: bool) -> Path:
     from markerlab.models import resolve_model_dir
 
     model_dir = resolve_model_dir(cfg.model.name_or_path)  # fail before touching the run dir
+    if any(s in stages for s in ("generate", "data", "train", "merge", "eval")):
+        from markerlab.chat import load_chat
+
+        load_chat(cfg.model.name_or_path)  # a chat template markerlab cannot analyse: one line, nothing written
     if any(s in stages for s in ("train", "merge")):
         from trainer.attention import check_model_dir
 

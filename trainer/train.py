@@ -74,7 +74,8 @@ from markerlab.config import Config
 from markerlab.devices import resolve_device
 from markerlab.errors import UserError
 from markerlab.io import read_json, write_json
-from markerlab.models import load_model, load_tokenizer
+from markerlab.chat import load_chat
+from markerlab.models import load_model
 from markerlab.rundir import RunDir
 from trainer.attention import Documents, check_architecture, use_packed_attention
 from trainer.checkpoint import (latest_checkpoint, load_checkpoint, prune_checkpoints, remove_partial,
@@ -105,6 +106,7 @@ class Setup:
 
     device: torch.device
     tokenizer: object
+    chat: object                   # the tokenizer's analysed chat template (markerlab.chat.ChatFormat)
     encoded: list[Encoded]
     spans: list[str]               # the logged spans (data.tokenize.span_names) of the whole training set
     dropped: list[str]
@@ -142,7 +144,7 @@ def train(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
     # ---- resume from the newest checkpoint, if any
     fingerprint = data_fingerprint(s.encoded, cfg, s.total)
     step, perm, history, train_seconds = 0, None, [], 0.0
-    probe, probe_history = load_probe(cfg, run_dir, s.tokenizer), []
+    probe, probe_history = load_probe(cfg, run_dir, s.tokenizer, chat=s.chat), []
     if probe is not None and s.prefix is not None:
         probe.use_prefix(s.model, s.prefix.first, s.device)
     remove_partial(ckpt_dir)
@@ -313,8 +315,8 @@ def setup(cfg: Config, run_dir: Path) -> Setup:
 
     # data: every example tokenized once; over-long ones refused or dropped, never truncated
     raw = read_examples(run_dir, cfg)
-    tokenizer = load_tokenizer(cfg.model.name_or_path)
-    encoded = encode_examples(raw, tokenizer, cfg.loss_mask_of, t.marker_mask_eos)
+    tokenizer, chat = load_chat(cfg.model.name_or_path)
+    encoded = encode_examples(raw, tokenizer, cfg.loss_mask_of, t.marker_mask_eos, chat)
     encoded, dropped = check_lengths(encoded, t.max_seq_len, cfg.data.on_overlength)
     if not encoded:
         raise UserError(f"{RunDir(run_dir).train_jsonl}: no example fits train.max_seq_len={t.max_seq_len}")
@@ -360,7 +362,7 @@ def setup(cfg: Config, run_dir: Path) -> Setup:
     # fused AdamW where it exists (CUDA); torch picks foreach on the CPU
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay,
                                   fused=device.type == "cuda" or None)
-    return Setup(device=device, tokenizer=tokenizer, encoded=encoded, spans=span_names(encoded), dropped=dropped,
+    return Setup(device=device, tokenizer=tokenizer, chat=chat, encoded=encoded, spans=span_names(encoded), dropped=dropped,
                  model=model,
                  n_trainable=n_trainable, params=params, optimizer=optimizer, masks=masks, graphs=graphs,
                  prefix=prefix, data_gen=data_gen, dropout_gen=dropout_gen, total=total,
