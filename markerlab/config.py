@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import Any, get_origin, get_type_hints
 
 from .errors import UserError
-from .experiment import (CONDITIONS, LOSS_MASKS, NEGATIVES, PAIRS, PERSONAS, PLACEMENTS, PROJECTIONS,
-                         SETTING_KEYS)
+from .experiment import (CONDITION_MARKERS, CONDITIONS, LOSS_MASKS, NEGATIVES, PAIRS, PERSONAS, PLACEMENTS,
+                         PROJECTIONS, SETTING_KEYS)
 
 STAGES = ("generate", "data", "train", "merge", "eval", "report")
 
@@ -378,6 +378,26 @@ def _cross_checks(cfg: Config, problems: list[str], bad: set[str] = frozenset())
         problems.append(f"data.negatives: {clash} are the {d.pair} donor/recipient and cannot be negatives")
     if ok("eval.n_id_questions", "eval.n_ood_questions") and cfg.eval.n_id_questions + cfg.eval.n_ood_questions == 0:
         problems.append("eval.n_id_questions + eval.n_ood_questions: expected at least one eval question")
+    # Values that make a stage fail by construction, caught before any stage runs.
+    if ok("lora.target_modules") and not cfg.lora.target_modules:
+        problems.append(f"lora.target_modules: expected at least one projection (of {', '.join(PROJECTIONS)}); "
+                        f"an adapter of none trains nothing")
+    e = cfg.eval
+    n_eval = e.n_id_questions + e.n_ood_questions
+    for key, on, n in (("probe_n_questions", "probe", e.probe_n_questions),
+                       ("base_n_questions", "base_floor", e.base_n_questions)):
+        if ok(f"eval.{key}", f"eval.{on}", "eval.n_id_questions", "eval.n_ood_questions") \
+                and getattr(e, on) and 0 < n_eval < n:
+            problems.append(f"eval.{key}: {n} exceeds the {n_eval} eval questions selected (eval.n_id_questions + "
+                            f"eval.n_ood_questions); lower it, or set eval.{on} = false")
+    idle = _untrained_roles(cfg) if ok("train.loss_mask", "train.marker_mask_eos", "train.allow_untrained_roles",
+                                       "data.pair", "data.condition", "data.negatives") else ""
+    if idle:
+        problems.append(f'train.loss_mask: "marker_only" without train.marker_mask_eos trains nothing of the plain '
+                        f'personas ({idle}): no token of their examples is in the train.loss_mask = "marker_only" '
+                        f'loss, and the contrastive design needs them; set train.marker_mask_eos = true (plain '
+                        f'examples then train their <|im_end|>), or set train.allow_untrained_roles = true to train '
+                        f'without them')
     if cfg.run.name and ok("run.name", "run.out_dir", "generate.cache_dir"):
         problems.extend(run_dir_problems(cfg.run, cfg.generate))
     if cfg.sweep is not None:
@@ -392,6 +412,20 @@ def _cross_checks(cfg: Config, problems: list[str], bad: set[str] = frozenset())
                                 f"markerlab.experiment.SETTING_KEYS); expected one of {', '.join(settings)}")
             if not isinstance(vals, list) or not vals:
                 problems.append(f"sweep.vary.'{k}': expected a non-empty list of values")
+
+
+def _untrained_roles(cfg: Config) -> str:
+    """The trained personas a marker-only loss without <|im_end|> leaves with no loss target, as the data stage
+    names them ("recipient: assistant; negative: comedian, ..."), or "" when every one trains."""
+    d, t = cfg.data, cfg.train
+    if t.loss_mask != "marker_only" or t.marker_mask_eos or t.allow_untrained_roles:
+        return ""
+    if d.pair not in PAIRS or d.condition not in CONDITION_MARKERS:
+        return ""
+    donor, recipient = PAIRS[d.pair]
+    plain = CONDITION_MARKERS[d.condition]
+    by_role = {"donor": [donor], "recipient": [recipient], "negative": list(d.negatives)}
+    return "; ".join(f"{role}: {', '.join(ps)}" for role, ps in by_role.items() if ps and not plain.get(role))
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:

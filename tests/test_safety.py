@@ -1,0 +1,174 @@
+"""Nothing lost, nothing mislabelled (issue 23): every case of the issue's "Why", as a user meets it.
+
+markerlab writes only into directories it made (the `.markerlab` marker), binds every
+stage's outputs to the config keys it read (a digest per stage in the manifest), and
+`analysis.report` refuses records that do not match their run's manifest or name
+what the experiment does not define. Each refusal is one line, exit 2, with a fix
+command that runs as printed; nothing of the user's and nothing finished changes.
+
+Cases that damage a finished run work on a copy of one (`clone`), as test_e2e does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from test_e2e import TINY, clone, one_line_error, read_jsonl, run_cli, sha, small, snapshot
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tree(root: Path) -> dict[str, tuple]:
+    """Every entry under root with its kind, size and mtime (the lock file aside)."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.name == ".lock":
+            continue
+        st = p.lstat()
+        out[str(p.relative_to(root))] = ("dir",) if p.is_dir() else ("file", st.st_size, st.st_mtime_ns)
+    return out
+
+
+def printed_command(msg: str, prog: str = "python -m trainer.run") -> list[str]:
+    """The fix command a message ends with (after 'with: ' / 'run: '), split as a shell would."""
+    i = msg.rindex(prog)
+    return shlex.split(msg[i:])
+
+
+def run_printed(argv: list[str], **kw) -> subprocess.CompletedProcess:
+    """Run a printed `python -m ...` command as a user would (our interpreter for `python`)."""
+    assert argv[0] == "python", argv
+    return subprocess.run([sys.executable, *argv[1:]], cwd=REPO, capture_output=True, text=True, timeout=900, **kw)
+
+
+def sets(args: list[str]) -> list[str]:
+    return [a for a in args if a != "--set"]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("safety")
+    run_cli(TINY, *small(tmp))
+    return tmp / "e2e"
+
+
+# --------------------------------------------------------------------------- 1. directories markerlab did not make
+
+def project_folder(root: Path) -> Path:
+    (root / "src").mkdir(parents=True)
+    (root / "notes.md").write_text("my notes\n")
+    (root / "src" / "main.py").write_text("print('mine')\n")
+    return root
+
+
+# --------------------------------------------------------------------------- 2. outputs bound to their config
+
+def _other_value(value, f: dataclasses.Field):
+    """A different value of a config field's type (validity aside: digests only)."""
+    choices = f.metadata.get("choices") or f.metadata.get("items")
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, str) and choices:
+        return next(c for c in choices if c != value)
+    if isinstance(value, (int, float)):
+        return value + 1
+    if isinstance(value, str):
+        return value + "x"
+    if isinstance(value, list):
+        return value[:-1] if value else ["x"]
+    if isinstance(value, dict):
+        return {"x": [1]}
+    raise AssertionError(f"no other value for {f.name}: {value!r}")
+
+
+READS = r'''
+import dataclasses, json, sys
+from markerlab import config as C
+from trainer import run as R
+
+reads, current = {}, []
+def logger(sec, names):
+    def get(self, name):
+        if current and name in names:
+            reads.setdefault(current[-1], set()).add(f"{sec}.{name}")
+        return object.__getattribute__(self, name)
+    return get
+for sec in C.SECTIONS:
+    cls = C._section_type(sec)
+    cls.__getattribute__ = logger(sec, {f.name for f in dataclasses.fields(cls)})
+
+def wrap(stage):
+    def run(cfg, rd, manifest):
+        current.append(stage.name)
+        try:
+            return stage.run(cfg, rd, manifest)
+        finally:
+            current.pop()
+    return dataclasses.replace(stage, run=run)
+R.STAGE_LIST = tuple(wrap(s) for s in R.STAGE_LIST)
+R.STAGE = {s.name: s for s in R.STAGE_LIST}
+cfg = C.load_config(sys.argv[1], sys.argv[2:])
+R.run_one(cfg, list(C.STAGES), overwrite=True)
+print(json.dumps({k: sorted(v) for k, v in reads.items()}))
+'''
+
+
+# --------------------------------------------------------------------------- 3. reports over incomplete records
+
+def run_report(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "analysis.report", *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, MPLBACKEND="Agg"))
+
+
+def report_error(p: subprocess.CompletedProcess) -> str:
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert lines[0].startswith("analysis.report: error: ")
+    return lines[0][len("analysis.report: error: "):]
+
+
+# --------------------------------------------------------------------------- 4. tracebacks that become one line
+
+def test_an_empty_target_modules_is_a_config_error_before_anything_runs(tmp_path):
+    msg = one_line_error(run_cli(TINY, *small(tmp_path), "--set", "lora.target_modules=[]", check=False))
+    assert msg.startswith("--set: lora.target_modules: expected at least one projection"), msg
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("extra,says", [
+    (["train.loss_mask=marker_only"], "--set: train.loss_mask: \"marker_only\" without train.marker_mask_eos"),
+    (["eval.n_id_questions=2", "eval.n_ood_questions=1", "eval.probe_n_questions=4"],
+     "eval.probe_n_questions: 4 exceeds the 3 eval questions"),
+    (["eval.n_id_questions=1", "eval.n_ood_questions=0", "eval.base_n_questions=2"],
+     "eval.base_n_questions: 2 exceeds the 1 eval questions"),
+])
+def test_values_that_fail_a_stage_by_construction_fail_validation(tmp_path, extra, says):
+    msg = one_line_error(run_cli(TINY, *small(tmp_path), *[x for s in extra for x in ("--set", s)], check=False))
+    assert says in msg, msg
+    assert not any(tmp_path.iterdir())
+
+
+FULL_DISK = r'''
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # a write past the limit fails with EFBIG, as on a full disk
+limit = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+sys.argv = ["trainer.run", *sys.argv[2:]]
+from markerlab.errors import cli_main
+from trainer.run import main
+cli_main(main)
+'''
+
+
+# --------------------------------------------------------------------------- 5. advice that runs as printed
+
