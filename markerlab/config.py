@@ -219,6 +219,7 @@ class Config:
     sweep: SweepConfig | None = None
     source: str = field(default="", compare=False)  # the file it came from (not a TOML key)
     chain: tuple = field(default=(), compare=False)  # the files read for it, base first (not a TOML key)
+    overrides: tuple = field(default=(), compare=False)  # the --set texts it was loaded with (not a TOML key)
 
     @property
     def run_dir(self) -> Path:
@@ -243,6 +244,34 @@ class Config:
     def to_toml(self) -> str:
         return dumps_toml(self.to_dict())
 
+    def command(self, module: str, *args: str) -> str:
+        """The shell command that runs `python -m module` on this config, as its user gave it, plus `args`.
+
+        Repeats the config file and every --set override, shell-quoted, so a fix
+        command printed in an error runs as printed; a value set in code after
+        loading (a sweep member's run.name) is added as one more --set.
+        """
+        import shlex
+
+        argv = ["python", "-m", module, self.source or "CONFIG"]
+        for text in self.overrides:
+            argv += ["--set", text]
+        for key, value in self._set_in_code():
+            argv += ["--set", f"{key}={_toml_value(value)}"]
+        return shlex.join([*argv, *args])
+
+    def _set_in_code(self) -> list[tuple[str, Any]]:
+        """Keys whose value differs from what the file and the overrides give (set by code after loading)."""
+        if not self.source:
+            return []
+        try:
+            loaded = load_config(self.source, list(self.overrides))
+        except UserError:
+            return []
+        mine, theirs = self.to_dict(), loaded.to_dict()
+        return [(f"{sec}.{k}", v) for sec, table in mine.items() for k, v in table.items()
+                if theirs.get(sec, {}).get(k, object()) != v]
+
     def replace(self, **sections) -> "Config":
         """A copy with whole sections or `section__key=value` fields replaced."""
         new = {}
@@ -256,7 +285,7 @@ class Config:
         return dataclasses.replace(self, **new)
 
 
-SECTIONS = {f.name: f for f in dataclasses.fields(Config) if f.name not in ("source", "chain")}
+SECTIONS = {f.name: f for f in dataclasses.fields(Config) if f.name not in ("source", "chain", "overrides")}
 
 
 def _section_type(name: str):
@@ -554,8 +583,8 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     if problems:
         raise ConfigError("--set", problems)
     try:
-        return config_from_dict(raw, source=str(path), default_name=path.stem, required=REQUIRED_KEYS,
-                                chain=tuple(str(p) for p in chain))
+        cfg = config_from_dict(raw, source=str(path), default_name=path.stem, required=REQUIRED_KEYS,
+                               chain=tuple(str(p) for p in chain))
     except ConfigError as e:
         if not from_set:
             raise
@@ -565,6 +594,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         if all(blamed):
             raise ConfigError("--set", e.problems) from None
         raise ConfigError(str(path), [f"--set {p}" if b else p for p, b in zip(e.problems, blamed)]) from None
+    return dataclasses.replace(cfg, overrides=tuple(overrides))
 
 
 # --------------------------------------------------------------------------- TOML out

@@ -172,3 +172,43 @@ cli_main(main)
 
 # --------------------------------------------------------------------------- 5. advice that runs as printed
 
+@pytest.mark.slow
+def test_the_fix_for_a_damaged_cache_runs_as_printed(finished, tmp_path):
+    run_dir = clone(finished, tmp_path)
+    [cache] = (tmp_path / "_onpolicy").glob("*/completions.jsonl")
+    raw = cache.read_bytes()
+    cache.write_bytes(raw[: len(raw) // 2])
+    msg = one_line_error(run_cli(TINY, *small(tmp_path), check=False))
+    argv = printed_command(msg, "python -m data.onpolicy")
+    assert argv[:4] == ["python", "-m", "data.onpolicy", str(TINY)] and argv[-1] == "--overwrite", argv
+    assert sets(argv[4:-1]) == sets(small(tmp_path)), argv
+    p = run_printed(argv)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert sha(cache) == sha(finished.parent / "_onpolicy" / cache.parent.name / "completions.jsonl")
+    p = run_cli(TINY, *small(tmp_path))  # generate failed on the damaged cache: it runs again, and finds it
+    assert "[generate] cache hit" in p.stdout and p.stdout.count("already done, skipped") == 5
+
+
+@pytest.mark.slow
+def test_the_fix_for_missing_stages_runs_as_printed(finished, tmp_path):
+    args = small(tmp_path, name="fresh")
+    # a cache the run can find, so the printed command is quick
+    shutil.copytree(finished.parent / "_onpolicy", tmp_path / "_onpolicy")
+    msg = one_line_error(run_cli(TINY, *args, "--stages", "train", check=False))
+    argv = printed_command(msg)
+    assert argv[3] == str(TINY) and sets(argv[4:-2]) == sets(args) and argv[-2:] == ["--stages", "generate,data"]
+    p = run_printed(argv)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert sha(tmp_path / "fresh" / "data" / "train.jsonl") == sha(finished / "data" / "train.jsonl")
+
+
+def test_quoting_keeps_odd_values_one_argument(tmp_path):
+    from markerlab.config import load_config
+
+    odd = tmp_path / "dir with space"
+    cfg = load_config(TINY, [f"run.out_dir={odd}", "prompt.user_suffix= Answer 'briefly'; $HOME"])
+    argv = shlex.split(cfg.command("trainer.run", "--stages", "eval"))
+    assert argv == ["python", "-m", "trainer.run", str(TINY), "--set", f"run.out_dir={odd}",
+                    "--set", "prompt.user_suffix= Answer 'briefly'; $HOME", "--stages", "eval"]
+
+

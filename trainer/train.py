@@ -145,8 +145,8 @@ def train(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
     if last is not None:
         state = load_checkpoint(last, s.model, s.optimizer, s.device)
         if state["fingerprint"] != fingerprint:
-            raise UserError(f"{last}: this checkpoint was made from other data or batch settings; "
-                            f"pass --overwrite to start afresh")
+            raise UserError(f"{last}: this checkpoint was made from other data or batch settings; train afresh "
+                            f"with: {cfg.command('trainer.run', '--overwrite', '--stages', 'train,merge,eval,report')}")
         set_rng_states(state["rng"], s.data_gen, s.dropout_gen)
         step, perm, history, train_seconds = state["step"], state["perm"], state["history"], state["train_seconds"]
         probe_history = state.get("probe", [])
@@ -411,7 +411,7 @@ def read_examples(run_dir: Path, cfg: Config) -> list[dict]:
     path = RunDir(run_dir).train_jsonl
     if not path.is_file():
         raise UserError(f"{path}: file not found; build it first with: "
-                        f"python -m trainer.run {cfg.source or 'CONFIG'} --stages generate,data")
+                        f"{cfg.command('trainer.run', '--stages', 'generate,data')}")
     return read_train_jsonl(path)
 
 
