@@ -170,6 +170,27 @@ cli_main(main)
 '''
 
 
+@pytest.mark.slow
+def test_a_full_disk_while_a_checkpoint_is_saved_is_one_line_naming_the_file(finished, tmp_path):
+    run_dir = clone(finished, tmp_path)
+    sizes = {p.name: p.stat().st_size for p in sorted((run_dir / "checkpoints").glob("step_*"))[0].iterdir()}
+    limit = (sizes["lora.pt"] + sizes["optimizer.pt"]) // 2  # the optimizer state does not fit, the rest does
+    assert sizes["optimizer.pt"] > limit > max(p.stat().st_size for p in run_dir.rglob("*")
+                                               if p.is_file() and p.name != "optimizer.pt")
+    args = [*small(tmp_path), "--stages", "train", "--overwrite"]
+    p = subprocess.run([sys.executable, "-c", FULL_DISK, str(limit), str(TINY), *args], cwd=REPO,
+                       capture_output=True, text=True, timeout=900)
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error")]  # the rest: progress bars
+    assert p.returncode == 2 and len(errors) == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    msg = errors[0][len("error: "):]
+    assert "inline_container" not in p.stderr
+    assert msg.startswith(f"{run_dir / 'checkpoints'}/step_") and msg.endswith("/optimizer.pt: cannot write (File too large)"), msg
+    assert not [d for d in (run_dir / "checkpoints").iterdir() if d.name.startswith(".tmp")]
+    # with room again, the same command trains to the identical adapter
+    run_cli(TINY, *args)
+    assert sha(run_dir / "adapter/adapter_model.safetensors") == sha(finished / "adapter/adapter_model.safetensors")
+
+
 # --------------------------------------------------------------------------- 5. advice that runs as printed
 
 @pytest.mark.slow

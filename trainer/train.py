@@ -442,10 +442,42 @@ def open_train_log(path: Path, step: int, header: str):
     else:
         kept.append(header)
     path.parent.mkdir(parents=True, exist_ok=True)
-    f = open(path, "w", encoding="utf-8")
-    f.write("\n".join(kept) + "\n")
-    f.flush()
-    return f
+    log = TrainLog(path)
+    log.write("\n".join(kept) + "\n")
+    log.flush()
+    return log
+
+
+class TrainLog:
+    """RUN_DIR/train_log.txt, open for writing; a write that fails (a full disk) is one line naming it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.f = open(path, "w", encoding="utf-8")
+        except OSError as e:
+            raise self._error(e) from None
+
+    def _error(self, e: OSError) -> UserError:
+        return UserError(f"{self.path}: cannot write ({e.strerror or e})")
+
+    def write(self, text: str) -> None:
+        try:
+            self.f.write(text)
+        except OSError as e:
+            raise self._error(e) from None
+
+    def flush(self) -> None:
+        try:
+            self.f.flush()
+        except OSError as e:
+            raise self._error(e) from None
+
+    def close(self) -> None:
+        try:
+            self.f.close()
+        except OSError:  # what could not be written was reported by the write that failed
+            pass
 
 
 def format_log_line(rec: dict, total: int) -> str:
