@@ -71,6 +71,27 @@ def project_folder(root: Path) -> Path:
     return root
 
 
+def test_a_sweep_directory_of_an_older_markerlab_is_adopted_when_asked(tmp_path):
+    from markerlab.rundir import RunDir
+
+    sweep = tmp_path / "sw"
+    (sweep / "members").mkdir(parents=True)
+    (sweep / "members" / "pair1_T.toml").write_text("")
+    (sweep / "report.md").write_text("# report\n")
+    msg = RunDir(sweep).ownership_problem("sweep")
+    assert msg.startswith(f"{sweep}: not a sweep directory markerlab made") and "older" not in msg, msg
+    argv = printed_command(msg, "python -m markerlab.rundir")
+    assert argv == ["python", "-m", "markerlab.rundir", "--adopt", str(sweep)]
+    p = run_printed(argv)
+    assert p.returncode == 0 and "adopted as markerlab's sweep directory" in p.stdout, p.stderr
+    assert RunDir(sweep).ownership_problem("sweep") is None
+    assert "a sweep directory of markerlab, not a run's" in RunDir(sweep).ownership_problem("run")
+    # a project folder is adopted by no one
+    proj = project_folder(tmp_path / "proj")
+    p = run_printed(["python", "-m", "markerlab.rundir", "--adopt", str(proj)])
+    assert p.returncode == 2 and "adopts only directories it made" in p.stderr and not (proj / ".markerlab").exists()
+
+
 # --------------------------------------------------------------------------- 2. outputs bound to their config
 
 def _other_value(value, f: dataclasses.Field):
