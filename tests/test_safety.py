@@ -71,6 +71,83 @@ def project_folder(root: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
+def test_a_project_folder_is_never_written_into_adopted_or_emptied(tmp_path):
+    proj = project_folder(tmp_path / "proj")
+    before = tree(proj)
+    args = [TINY, *small(tmp_path, name="proj")]
+    for extra in (["--stages", "generate"], ["--overwrite"], ["--overwrite", "--stages", "train"], []):
+        msg = one_line_error(run_cli(*args, *extra, check=False))
+        assert msg.startswith(f"{proj}: not a run directory markerlab made"), (extra, msg)
+        assert "notes.md" in msg and "run.name" in msg, msg
+        assert tree(proj) == before, extra
+
+
+@pytest.mark.slow
+def test_another_tools_config_toml_is_refused_not_overwritten(tmp_path):
+    """The old advice ("pass --overwrite") deleted everything; an unknown section under --overwrite was a traceback."""
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.toml").write_text('[tool]\nname = "not markerlab"\n[paths]\nout = "x"\n')
+    (other / "results.csv").write_text("a,b\n1,2\n")
+    before = tree(other)
+    for extra in ([], ["--overwrite"], ["--overwrite", "--stages", "eval"]):
+        msg = one_line_error(run_cli(TINY, *small(tmp_path, name="other"), *extra, check=False))
+        assert msg.startswith(f"{other}: not a run directory markerlab made"), (extra, msg)
+        assert "pass --overwrite" not in msg
+        assert tree(other) == before, extra
+
+
+@pytest.mark.slow
+def test_a_foreign_manifest_json_is_not_replaced(tmp_path):
+    other = tmp_path / "pkg"
+    other.mkdir()
+    (other / "manifest.json").write_text('{"files": ["a.txt"], "version": 3}\n')
+    before = tree(other)
+    for extra in ([], ["--overwrite"]):
+        msg = one_line_error(run_cli(TINY, *small(tmp_path, name="pkg"), "--stages", "generate", *extra, check=False))
+        assert msg.startswith(f"{other}: not a run directory markerlab made") and "manifest.json" in msg, msg
+    assert tree(other) == before and json.loads((other / "manifest.json").read_text())["version"] == 3
+
+
+@pytest.mark.slow
+def test_overwrite_keeps_a_users_file_in_a_run_directory(tmp_path):
+    """Acceptance: --overwrite removes what markerlab made and nothing else."""
+    args = [TINY, *small(tmp_path, name="r"), "--stages", "generate,data"]
+    run_cli(*args)
+    rd = tmp_path / "r"
+    marker = json.loads((rd / ".markerlab").read_text())
+    assert marker["tool"] == "markerlab" and marker["version"] and marker["kind"] == "run"
+    (rd / "my_notes.txt").write_text("do not delete\n")
+    (rd / "plots").mkdir()
+    (rd / "plots" / "a.png").write_bytes(b"\x89PNG")
+    p = run_cli(*args, "--overwrite")
+    assert "removing config.toml, data/, manifest.json" in p.stdout, p.stdout
+    assert "keeping my_notes.txt, plots/ (not markerlab's)" in p.stdout, p.stdout
+    assert (rd / "my_notes.txt").read_text() == "do not delete\n" and (rd / "plots" / "a.png").is_file()
+    assert (rd / "data" / "train.jsonl").is_file() and (rd / ".markerlab").is_file()
+
+
+@pytest.mark.slow
+def test_an_empty_directory_is_claimed_marker_first(tmp_path):
+    (tmp_path / "empty").mkdir()
+    run_cli(TINY, *small(tmp_path, name="empty"), "--stages", "generate")
+    assert json.loads((tmp_path / "empty" / ".markerlab").read_text())["tool"] == "markerlab"
+
+
+@pytest.mark.slow
+def test_a_run_of_an_older_markerlab_is_adopted_only_when_asked(finished, tmp_path):
+    run_dir = clone(finished, tmp_path)
+    (run_dir / ".markerlab").unlink()  # as an older markerlab left it
+    before = snapshot(run_dir)
+    msg = one_line_error(run_cli(TINY, *small(tmp_path), check=False))
+    assert msg.startswith(f"{run_dir}: not a run directory markerlab made") and "an older markerlab's" in msg, msg
+    assert snapshot(run_dir) == before
+    p = run_printed(printed_command(msg, "python -m markerlab.rundir"))
+    assert p.returncode == 0, p.stderr
+    assert run_cli(TINY, *small(tmp_path)).stdout.count("already done, skipped") == 6
+
+
 def test_a_sweep_directory_of_an_older_markerlab_is_adopted_when_asked(tmp_path):
     from markerlab.rundir import RunDir
 

@@ -377,6 +377,9 @@ def check_config(cfg: Config, rd: RunDir, stages: list[str], overwrite: bool) ->
 
     Read-only: called before anything is written, and again under the lock.
     """
+    problem = rd.ownership_problem("run")  # a directory markerlab did not make is never taken on
+    if problem:
+        raise UserError(problem)
     if not rd.config.is_file():
         return
     try:
@@ -400,7 +403,7 @@ def check_config(cfg: Config, rd: RunDir, stages: list[str], overwrite: bool) ->
 
 
 def make_run_dir(cfg: Config, rd: RunDir) -> None:
-    """Create the run directory; a name or out_dir that cannot be one is one line."""
+    """Create the run directory (a sweep's too) with markerlab's marker written first; one line when it cannot be."""
     problems = run_dir_problems(cfg.run, cfg.generate) if cfg.run.name else ["run.name: expected a name, got ''"]
     if problems:
         raise UserError(problems[0])
@@ -409,29 +412,25 @@ def make_run_dir(cfg: Config, rd: RunDir) -> None:
         raise UserError(f"run.out_dir: {out} is a file, expected a directory")
     if rd.root.exists() and not rd.root.is_dir():
         raise UserError(f"run.name: {rd.root} is a file, expected a run directory")
-    try:
-        rd.root.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"run.out_dir: cannot create {rd.root} ({e.strerror})") from None
+    rd.claim("sweep" if cfg.sweep is not None else "run")
 
 
 def overwrite_outputs(cfg: Config, rd: RunDir, first: int) -> None:
-    """Remove the outputs --overwrite redoes: everything (first = 0), or stage `first` and every later one's.
+    """Remove the outputs --overwrite redoes: all markerlab made (first = 0), or stage `first`'s and every later one's.
 
-    Says what it removes.
+    Says what it removes, and what it keeps that is not markerlab's: a file the
+    user put in the run directory stays.
     """
-    if first == 0:  # everything depends on generate
-        paths = rd.contents()
-        if paths and not (rd.config.is_file() or rd.manifest.is_file()):
-            raise UserError(f"{rd.root}: not a run directory (no config.toml or manifest.json); --overwrite "
-                            f"deletes a run directory's contents, so it will not touch this one: set run.name")
-    else:
-        paths = [p for st in STAGE_LIST[first:] for p in st.owns(rd)]
-    names = [rd.rel(p) + ("/" if p.is_dir() else "") for p in paths if p.exists()]
+    stages = STAGE_LIST[first:]
+    paths = [p for st in stages for p in st.owns(rd)] + ([rd.config, rd.manifest] if first == 0 else [])
+    gone, kept = rd.made_here(paths)
+    names = sorted(rd.rel(p) + ("/" if p.is_dir() else "") for p in gone)
     if names:
         what = "everything" if first == 0 else f"stage {STAGE_NAMES[first]} and after"
-        print(f"[{cfg.run.name}] --overwrite ({what}): removing {', '.join(names)} in {rd.root}", flush=True)
-    remove(paths)
+        keeping = (f"; keeping {', '.join(rd.rel(p) + ('/' if p.is_dir() else '') for p in kept)} (not markerlab's)"
+                   if kept and first == 0 else "")
+        print(f"[{cfg.run.name}] --overwrite ({what}): removing {', '.join(names)} in {rd.root}{keeping}", flush=True)
+    remove(gone)
 
 
 def run_one(cfg: Config, stages: list[str], overwrite: bool) -> Path:
