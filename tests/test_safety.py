@@ -171,6 +171,79 @@ def test_a_sweep_directory_of_an_older_markerlab_is_adopted_when_asked(tmp_path)
 
 # --------------------------------------------------------------------------- 2. outputs bound to their config
 
+@pytest.mark.slow
+def test_a_run_without_config_toml_is_not_relabelled_by_another_config(finished, tmp_path):
+    run_dir = clone(finished, tmp_path)
+    original = (run_dir / "config.toml").read_bytes()
+    (run_dir / "config.toml").unlink()
+    before = snapshot(run_dir)
+    other = ["--set", "train.lr=0.5", "--set", "eval.n_samples=3"]
+    msg = one_line_error(run_cli(TINY, *small(tmp_path), *other, check=False))
+    assert "train.lr" in msg and "eval.n_samples" in msg and "--overwrite" in msg, msg
+    assert snapshot(run_dir) == before and not (run_dir / "config.toml").exists()
+    # the printed command carries the user's overrides, the new ones included
+    argv = printed_command(msg)
+    assert sets(argv[argv.index(str(TINY)) + 1:])[:len(sets(small(tmp_path)))] == sets(small(tmp_path))
+    assert "train.lr=0.5" in argv and "eval.n_samples=3" in argv
+    # the config that made the run rebuilds config.toml from the manifest; nothing reruns
+    p = run_cli(TINY, *small(tmp_path))
+    assert p.stdout.count("already done, skipped") == 6 and "rebuilt from" in p.stdout
+    assert (run_dir / "config.toml").read_bytes() == original
+
+
+@pytest.mark.slow
+def test_an_older_run_without_config_toml_is_refused_not_relabelled(finished, tmp_path):
+    """A manifest from before the config was recorded cannot rebuild config.toml: refused, with the two ways out."""
+    run_dir = clone(finished, tmp_path)
+    (run_dir / "config.toml").unlink()
+    m = json.loads((run_dir / "manifest.json").read_text())
+    m.pop("config")
+    for entry in m["stages"].values():
+        entry.pop("config", None)
+    (run_dir / "manifest.json").write_text(json.dumps(m))
+    before = snapshot(run_dir)
+    msg = one_line_error(run_cli(TINY, *small(tmp_path), check=False))
+    assert msg.startswith(f"{run_dir / 'config.toml'}: missing, and {run_dir / 'manifest.json'}"), msg
+    assert "restore config.toml" in msg and printed_command(msg)[-1] == "--overwrite"
+    assert snapshot(run_dir) == before
+    # restored, the run is adopted as it was: every stage done, each now with its config digest
+    (run_dir / "config.toml").write_bytes((finished / "config.toml").read_bytes().replace(
+        str(finished.parent).encode(), str(tmp_path).encode()))
+    assert run_cli(TINY, *small(tmp_path)).stdout.count("already done, skipped") == 6
+    stages = json.loads((run_dir / "manifest.json").read_text())["stages"]
+    assert all(len(entry["config"]) == 64 for entry in stages.values())
+
+
+@pytest.mark.slow
+def test_a_hand_edited_config_toml_does_not_make_a_stage_done(finished, tmp_path):
+    """config.toml says lr 0.5, the adapter was trained at the tiny config's lr: the stage digest tells."""
+    import tomllib
+
+    from markerlab.config import dumps_toml
+
+    run_dir = clone(finished, tmp_path)
+    saved = tomllib.loads((run_dir / "config.toml").read_text())
+    saved["train"]["lr"] = 0.5
+    (run_dir / "config.toml").write_text(dumps_toml(saved))
+    before = snapshot(run_dir)
+    msg = one_line_error(run_cli(TINY, *small(tmp_path), "--set", "train.lr=0.5", check=False))
+    assert "the train stage's outputs were made with another config (train.lr)" in msg, msg
+    assert printed_command(msg)[-2:] == ["--stages", "train,merge,eval,report"] and "--overwrite" in msg
+    assert snapshot(run_dir) == before
+
+
+@pytest.mark.slow
+def test_the_probe_set_belongs_to_the_data_stage(finished, tmp_path):
+    """`--overwrite --stages train` with a new probe size kept the old probe set while config.toml said otherwise."""
+    run_dir = clone(finished, tmp_path)
+    before = snapshot(run_dir)
+    msg = one_line_error(run_cli(TINY, *small(tmp_path), "--set", "train.probe_n_questions=1",
+                                 "--overwrite", "--stages", "train", check=False))
+    assert "train.probe_n_questions" in msg and "the data stage's outputs depend" in msg, msg
+    assert printed_command(msg)[-3:] == ["--overwrite", "--stages", "data,train,merge,eval,report"]
+    assert snapshot(run_dir) == before
+
+
 def _other_value(value, f: dataclasses.Field):
     """A different value of a config field's type (validity aside: digests only)."""
     choices = f.metadata.get("choices") or f.metadata.get("items")
@@ -187,6 +260,29 @@ def _other_value(value, f: dataclasses.Field):
     if isinstance(value, dict):
         return {"x": [1]}
     raise AssertionError(f"no other value for {f.name}: {value!r}")
+
+
+def test_every_config_key_invalidates_exactly_the_stages_that_read_it():
+    """Walks every key of every section: a key missing from trainer.run.CONFIG_READERS fails here."""
+    from markerlab.config import SECTIONS, STAGES, SweepConfig, _section_type, config_from_dict
+    from trainer.run import CONFIG_READERS, config_digest
+
+    cfg = config_from_dict({"sweep": {"members": ["a.toml"]}})
+    assert isinstance(cfg.sweep, SweepConfig)
+    keys = [f"{sec}.{f.name}" for sec in SECTIONS for f in dataclasses.fields(_section_type(sec))]
+    missing = sorted(set(keys) - set(CONFIG_READERS))
+    assert not missing, f"config keys that no stage claims in trainer.run.CONFIG_READERS: {missing}"
+    assert not set(CONFIG_READERS) - set(keys), "CONFIG_READERS names keys that are gone"
+    # where, not what: the keys no stage's outputs depend on (each one a decision; name it here)
+    assert sorted(k for k, st in CONFIG_READERS.items() if not st) == [
+        "generate.cache_dir", "run.out_dir", "sweep.members", "sweep.parallel", "sweep.report_dir", "sweep.vary"]
+    base = {s: config_digest(cfg, s) for s in STAGES}
+    for key in keys:
+        sec, name = key.split(".")
+        f = next(f for f in dataclasses.fields(type(getattr(cfg, sec))) if f.name == name)
+        other = cfg.replace(**{f"{sec}__{name}": _other_value(getattr(getattr(cfg, sec), name), f)})
+        changed = tuple(s for s in STAGES if config_digest(other, s) != base[s])
+        assert changed == tuple(CONFIG_READERS[key]), (key, changed, CONFIG_READERS[key])
 
 
 READS = r'''
@@ -221,6 +317,23 @@ print(json.dumps({k: sorted(v) for k, v in reads.items()}))
 '''
 
 
+@pytest.mark.slow
+def test_every_key_a_stage_reads_is_in_its_digest(finished, tmp_path):
+    """Runs every stage with each config read logged: what a stage reads, CONFIG_READERS must give it."""
+    from trainer.run import CONFIG_READERS
+
+    clone(finished, tmp_path)
+    p = subprocess.run([sys.executable, "-c", READS, str(TINY), *sets(small(tmp_path))], cwd=REPO,
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    reads = json.loads(p.stdout.strip().splitlines()[-1])
+    assert set(reads) >= {"generate", "data", "train", "merge", "eval"}, reads
+    where = {k for k, st in CONFIG_READERS.items() if not st}
+    for stage, keys in reads.items():
+        unclaimed = sorted(k for k in keys if stage not in CONFIG_READERS[k] and k not in where)
+        assert not unclaimed, f"the {stage} stage reads {unclaimed}, which CONFIG_READERS does not give it"
+
+
 # --------------------------------------------------------------------------- 3. reports over incomplete records
 
 def run_report(*args) -> subprocess.CompletedProcess:
@@ -236,6 +349,33 @@ def report_error(p: subprocess.CompletedProcess) -> str:
 
 
 # --------------------------------------------------------------------------- 4. tracebacks that become one line
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", ['[]', '{"stages": []}', '{"stages": {"train": "done"}}', '"x"',
+                                   '{"stages": {"train": {"status": "done", "outputs": [1]}}}',
+                                   '{"stages": {"eval": {"status": "done", "outputs": {"eval/x": {"size": "big"}}}}}'])
+def test_a_manifest_of_the_wrong_shape_is_one_line_with_the_way_forward(finished, tmp_path, shape):
+    run_dir = clone(finished, tmp_path)
+    (run_dir / "manifest.json").write_text(shape)
+    before = snapshot(run_dir)
+    msg = one_line_error(run_cli(TINY, *small(tmp_path), check=False))
+    assert msg.startswith(f"{run_dir / 'manifest.json'}: not a markerlab manifest ("), msg
+    argv = printed_command(msg)
+    assert argv[-1] == "--overwrite" and sets(small(tmp_path))[0] in argv, argv
+    assert snapshot(run_dir) == before
+
+
+@pytest.mark.slow
+def test_a_config_toml_with_an_unknown_section_in_our_run_is_one_line(finished, tmp_path):
+    run_dir = clone(finished, tmp_path)
+    with open(run_dir / "config.toml", "a") as f:
+        f.write('\n[futuristic]\nsetting = 1\n')
+    before = snapshot(run_dir)
+    for extra in ([], ["--overwrite", "--stages", "eval"]):
+        msg = one_line_error(run_cli(TINY, *small(tmp_path), *extra, check=False))
+        assert "futuristic.setting" in msg, msg
+    assert snapshot(run_dir) == before
+
 
 def test_an_empty_target_modules_is_a_config_error_before_anything_runs(tmp_path):
     msg = one_line_error(run_cli(TINY, *small(tmp_path), "--set", "lora.target_modules=[]", check=False))
@@ -292,6 +432,19 @@ def test_a_full_disk_while_a_checkpoint_is_saved_is_one_line_naming_the_file(fin
 # --------------------------------------------------------------------------- 5. advice that runs as printed
 
 @pytest.mark.slow
+def test_a_garbled_config_toml_is_rebuilt_from_the_manifest(finished, tmp_path):
+    """It used to say "pass --overwrite", then the same line again with --overwrite."""
+    run_dir = clone(finished, tmp_path)
+    original = (run_dir / "config.toml").read_bytes()
+    (run_dir / "config.toml").write_bytes(b"[train\nlr = \xff\n")
+    before = {k: v for k, v in snapshot(run_dir).items() if k not in ("config.toml",)}
+    p = run_cli(TINY, *small(tmp_path))
+    assert p.stdout.count("already done, skipped") == 6 and "rebuilt from" in p.stdout
+    assert (run_dir / "config.toml").read_bytes() == original
+    assert {k: v for k, v in snapshot(run_dir).items() if k in before} == before
+
+
+@pytest.mark.slow
 def test_the_fix_for_a_damaged_cache_runs_as_printed(finished, tmp_path):
     run_dir = clone(finished, tmp_path)
     [cache] = (tmp_path / "_onpolicy").glob("*/completions.jsonl")
@@ -319,6 +472,17 @@ def test_the_fix_for_missing_stages_runs_as_printed(finished, tmp_path):
     p = run_printed(argv)
     assert p.returncode == 0, p.stderr[-2000:]
     assert sha(tmp_path / "fresh" / "data" / "train.jsonl") == sha(finished / "data" / "train.jsonl")
+
+
+@pytest.mark.slow
+def test_a_cut_training_set_names_a_runnable_command(finished, tmp_path):
+    run_dir = clone(finished, tmp_path)
+    data = run_dir / "data" / "train.jsonl"
+    data.write_text("".join(data.read_text().splitlines(keepends=True)[:20]))
+    msg = one_line_error(run_cli(TINY, *small(tmp_path), "--set", "eval.seed=42", "--stages", "train",
+                                 "--overwrite", check=False))
+    argv = printed_command(msg)
+    assert sets(argv[4:-2]) == [*sets(small(tmp_path)), "eval.seed=42"] and argv[-2:] == ["--stages", "data,train"]
 
 
 def test_quoting_keeps_odd_values_one_argument(tmp_path):
