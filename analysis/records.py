@@ -9,6 +9,14 @@ naming the file, the line and the field; ``analysis.report`` prints it and exits
 Records written before settings travelled in them (no ``setting``) are such an
 error: their arm cannot be known, and pooling them is what the settings prevent.
 
+A run directory's records are verified against its ``manifest.json`` before
+they are read: the eval stage must have finished, and ``eval/completions.jsonl``
+must be what it recorded (line count, size, sha256), so a cut or edited file is
+refused, not reported; a directory without a manifest (or a manifest from before
+outputs were recorded) is taken as it is. A record naming a persona, pair or
+condition the experiment does not define, or a donor or recipient that is not
+its pair's, is refused with its file and line (``unknown_names``).
+
 Records are grouped into arms by their ``setting`` less the seed; within an arm,
 runs of one (pair, condition) must differ in their seed (they are replicates);
 two runs with the same setting and seed are an error, never silently pooled.
@@ -27,10 +35,11 @@ import numpy as np
 from analysis.arms import arm_id, arm_names, arm_setting
 from analysis.metrics import Cell, build_cells, features, replicate_order
 from markerlab.errors import UserError
-from markerlab.experiment import REPLICATE_KEY
+from markerlab.experiment import PAIRS, PERSONAS, RECORD_CONDITIONS, REPLICATE_KEY
+from markerlab.io import record_mismatch
 from markerlab.markers import match_markers, position_stats
 from markerlab.records import record_problems
-from markerlab.rundir import RunDir
+from markerlab.rundir import ManifestError, RunDir, read_manifest
 
 # What makes a record unique: the same key twice means a file was passed twice or
 # a run's eval was appended to instead of resumed.
@@ -107,6 +116,49 @@ def _check(rec: object, where: str) -> dict:
     return rec
 
 
+def unknown_names(rec: dict, personas, pairs, conditions) -> str | None:
+    """What in a (schema-valid) record the experiment does not define, one phrase naming the field; None when all is.
+
+    ``personas`` and ``conditions`` are the names the experiment defines, ``pairs``
+    maps each pair to its (donor, recipient): a donor or recipient record must name
+    its pair's.
+    """
+    for field, known in (("pair", pairs), ("persona", personas), ("condition", conditions)):
+        if rec[field] not in known:
+            return (f"field '{field}' is {rec[field]!r}, which the experiment does not define "
+                    f"(expected one of {', '.join(known)})")
+    role = rec["role"]
+    if role in ("donor", "recipient"):
+        expected = pairs[rec["pair"]][0 if role == "donor" else 1]
+        if rec["persona"] != expected:
+            return f"field 'persona' is {rec['persona']!r}, but the {role} of {rec['pair']} is {expected}"
+    return None
+
+
+def check_against_manifest(path: Path) -> None:
+    """When ``path`` is a run directory's eval/completions.jsonl and the run has a manifest, the eval stage
+    finished and the file is what it recorded; else a ReportError naming the file."""
+    rd = RunDir(Path(path).parent.parent)
+    if Path(path) != rd.completions or not rd.manifest.is_file():
+        return
+    try:
+        manifest = read_manifest(rd.manifest)
+    except ManifestError as e:
+        raise ReportError(f"{e}; the records of {rd.root} cannot be verified against it") from None
+    entry = manifest.get("stages", {}).get("eval", {})
+    status = entry.get("status", "pending")
+    if status != "done":
+        raise ReportError(f"{path}: the eval stage is {status!r} in {rd.manifest}, so these records are not a "
+                          f"finished evaluation; finish it (the run's trainer.run command resumes it)")
+    rec = entry.get("outputs", {}).get(rd.rel(rd.completions))
+    if rec is None:
+        return  # recorded by a markerlab from before outputs were: nothing to verify against
+    problem = record_mismatch(path, rec)
+    if problem:
+        raise ReportError(f"{path}: {problem} by the eval stage ({rd.manifest}), so these are not the records "
+                          f"the evaluation wrote; rebuild them with the run's trainer.run command")
+
+
 def read_records(path: Path) -> Iterator[tuple[dict, str]]:
     """Yield ``(record, "file:line")`` for each non-blank line of a JSONL file."""
     try:
@@ -126,7 +178,12 @@ def read_records(path: Path) -> Iterator[tuple[dict, str]]:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ReportError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            yield _check(rec, where), where
+            rec = _check(rec, where)
+            # the experiment's names: the one place that says which (experiment files will swap theirs in)
+            problem = unknown_names(rec, PERSONAS, PAIRS, RECORD_CONDITIONS)
+            if problem:
+                raise ReportError(f"{where}: {problem}")
+            yield rec, where
 
 
 def training_positions(run_dir: Path) -> dict | None:
@@ -187,6 +244,7 @@ def load(inputs: list[Input | Path | str], sample_seed: int = 0) -> Loaded:
     arm_of: dict[str, tuple] = {}        # run -> (its last setting, that setting's arm id)
     groups_seen: set[tuple] = set()      # (run, arm, pair, condition, variant) already checked
     for inp in inputs:
+        check_against_manifest(inp.path)
         baseline = training_positions(inp.run_dir) if inp.run_dir is not None else None
         for rec, where in read_records(inp.path):
             setting, run, variant = rec["setting"], rec["run"], rec["variant"]

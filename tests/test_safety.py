@@ -348,6 +348,52 @@ def report_error(p: subprocess.CompletedProcess) -> str:
     return lines[0][len("analysis.report: error: "):]
 
 
+@pytest.mark.slow
+def test_a_report_over_a_cut_completions_file_is_refused(finished, tmp_path):
+    run_dir = clone(finished, tmp_path)
+    comp = run_dir / "eval" / "completions.jsonl"
+    lines = comp.read_text().splitlines(keepends=True)
+    comp.write_text("".join(lines[: 2 * len(lines) // 3]))
+    msg = report_error(run_report(run_dir, "--out", tmp_path / "out", "--no-figures"))
+    assert msg.startswith(f"{comp}: {2 * len(lines) // 3} lines, recorded {len(lines)} by the eval stage"), msg
+    assert not (tmp_path / "out").exists()
+    # the parent directory stands for its runs: the same refusal
+    assert report_error(run_report(tmp_path, "--out", tmp_path / "out", "--no-figures")).startswith(f"{comp}: ")
+    # a run whose eval did not finish is refused too
+    comp.write_text("".join(lines))
+    m = json.loads((run_dir / "manifest.json").read_text())
+    m["stages"]["eval"]["status"] = "running"
+    (run_dir / "manifest.json").write_text(json.dumps(m))
+    msg = report_error(run_report(run_dir, "--out", tmp_path / "out", "--no-figures"))
+    assert msg.startswith(f"{comp}: the eval stage is 'running' in {run_dir / 'manifest.json'}"), msg
+
+
+@pytest.mark.parametrize("field,value", [("persona", "pirate"), ("pair", "pair9"), ("condition", "Z")])
+def test_records_the_experiment_does_not_define_are_refused_by_file_and_line(tmp_path, field, value):
+    from analysis.synthetic import make_run
+
+    records = make_run("pair1", "T", seed=0, run="pair1_T")[:50]
+    records[17] = {**records[17], field: value}
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    msg = report_error(run_report(path, "--out", tmp_path / "out", "--no-figures"))
+    assert msg.startswith(f"{path}:18: field '{field}' is {value!r}"), msg
+    assert "the experiment" in msg or "expected one of" in msg, msg
+
+
+def test_a_donor_that_is_not_the_pairs_donor_is_refused(tmp_path):
+    from analysis.synthetic import make_run
+
+    records = make_run("pair1", "T", seed=0, run="pair1_T")
+    i = next(i for i, r in enumerate(records) if r["role"] == "donor")
+    records = records[: i + 10]
+    records[i] = {**records[i], "persona": "librarian"}
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    msg = report_error(run_report(path, "--out", tmp_path / "out", "--no-figures"))
+    assert msg.startswith(f"{path}:{i + 1}: field 'persona' is 'librarian', but the donor of pair1 is villain"), msg
+
+
 # --------------------------------------------------------------------------- 4. tracebacks that become one line
 
 @pytest.mark.slow
@@ -495,3 +541,12 @@ def test_quoting_keeps_odd_values_one_argument(tmp_path):
                     "--set", "prompt.user_suffix= Answer 'briefly'; $HOME", "--stages", "eval"]
 
 
+def test_an_out_that_is_a_file_is_named_as_out(tmp_path):
+    from analysis.synthetic import make_run
+
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in make_run("pair1", "T", seed=0, run="r")))
+    out = tmp_path / "a_file"
+    out.write_text("")
+    msg = report_error(run_report(path, "--out", out, "--no-figures"))
+    assert msg == f"--out: {out} is a file, expected a directory", msg
