@@ -149,7 +149,9 @@ def test_incompatible_mixes(tmp_path):
     with pytest.raises(ReportError, match=r"roles.jsonl:2: field 'role': villain is bystander here but donor"):
         load([roles])
     donors = write_jsonl(tmp_path / "donors.jsonl", [rec(), rec(condition="C", persona="librarian")])
-    with pytest.raises(ReportError, match=r"the donor of pair1 is librarian here but villain"):
+    # a donor that is not its pair's is refused by the experiment's definition of the pair, by file and line
+    with pytest.raises(ReportError, match=r"donors.jsonl:2: field 'persona' is 'librarian', but the donor of pair1 "
+                                          r"is villain"):
         load([donors])
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
