@@ -475,6 +475,42 @@ def test_a_full_disk_while_a_checkpoint_is_saved_is_one_line_naming_the_file(fin
     assert sha(run_dir / "adapter/adapter_model.safetensors") == sha(finished / "adapter/adapter_model.safetensors")
 
 
+FULL_DISK_WRITES = r'''
+import json, resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # a write past the limit fails with EFBIG, as on a full disk
+import torch, torch.nn as nn
+from lora import inject_lora, save_adapter
+from markerlab.errors import UserError
+from markerlab.io import write_jsonl
+out = sys.argv[1]
+m = nn.Module()
+m.layers = nn.ModuleList([nn.Module()])
+m.layers[0].q_proj = nn.Linear(256, 256)
+inject_lora(m, r=8, alpha=16, dropout=0.0, generator=torch.Generator().manual_seed(0), target_modules=["q_proj"])
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+said = []
+for write in (lambda: save_adapter(m, f"{out}/adapter", "builtin:tiny-qwen2"),
+              lambda: write_jsonl(f"{out}/eval/completions.jsonl", [{"text": "x" * 100}] * 100)):
+    try:
+        write()
+        said.append(None)
+    except UserError as e:
+        said.append(str(e))
+print(json.dumps(said))
+'''
+
+
+def test_a_full_disk_while_an_adapter_or_records_are_written_is_one_line_naming_the_file(tmp_path):
+    """The adapter (save_adapter) and every record file (write_jsonl) go through one atomic write that names the file."""
+    p = subprocess.run([sys.executable, "-c", FULL_DISK_WRITES, str(tmp_path)], cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    said = json.loads(p.stdout.strip().splitlines()[-1])
+    assert said == [f"{tmp_path}/adapter/adapter_model.safetensors: cannot write (File too large)",
+                    f"{tmp_path}/eval/completions.jsonl: cannot write (File too large)"], said
+    assert not [q for q in tmp_path.rglob("*") if q.is_file()]  # no half-written file, no temporary left
+
+
 # --------------------------------------------------------------------------- 5. advice that runs as printed
 
 @pytest.mark.slow
