@@ -4,8 +4,10 @@
     # -> ["loss_mask=completion", "loss_mask=completion_no_eos"]
 
 An arm is named by the setting keys whose values differ between the report's
-arms (in SETTING_KEYS order), so the name says what the ablation varied. A
-report of one arm names it "" and shows its whole setting instead.
+arms (the experiment first, then SETTING_KEYS order), so the name says what the
+ablation varied; the experiment's digest is left out of the name where the
+experiments' names already tell them apart. A report of one arm names it "" and
+shows its whole setting instead.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import json
 import re
 
-from markerlab.experiment import REPLICATE_KEY, SETTING_KEYS
+from markerlab.experiment import EXPERIMENT_KEYS, REPLICATE_KEY, SETTING_KEYS
 
 
 def arm_setting(setting: dict) -> dict:
@@ -31,7 +33,7 @@ def fmt_value(value) -> str:
 
 
 def _keys(settings: list[dict]) -> list[str]:
-    known = [k for k in SETTING_KEYS if k != REPLICATE_KEY]
+    known = [*EXPERIMENT_KEYS, *(k for k in SETTING_KEYS if k != REPLICATE_KEY)]
     extra = sorted({k for s in settings for k in s} - set(known) - {REPLICATE_KEY})
     return known + extra
 
@@ -43,6 +45,13 @@ def arm_names(settings: list[dict]) -> list[str]:
     missing = object()
     differing = [k for k in _keys(settings)
                  if len({json.dumps(s.get(k, missing), default=str) for s in settings}) > 1]
+    name_key, digest_key = EXPERIMENT_KEYS
+    if name_key in differing and digest_key in differing:
+        digests: dict = {}
+        for s in settings:
+            digests.setdefault(s.get(name_key), set()).add(s.get(digest_key))
+        if all(len(d) == 1 for d in digests.values()):
+            differing.remove(digest_key)
     return [",".join(f"{k}={fmt_value(s[k]) if k in s else '(unset)'}" for k in differing) for s in settings]
 
 

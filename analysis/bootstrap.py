@@ -10,8 +10,15 @@ Vectorized as counts algebra. For ``B`` resamples of ``Q`` questions:
     weights  (B, Q)  how often each question was drawn (one bincount)
     pooled   (B, K)  = weights @ counts, with counts (Q, K) per question and column
 
-and every statistic is ``pooled[:, num] / pooled[:, den]`` (metrics.STATS), so
-there is no Python loop over resamples and one code path for every statistic.
+and every statistic is ``pooled[:, num] / pooled[:, den]``, so there is no Python
+loop over resamples and one code path for every statistic. Statistics are given
+as ``{name: (numerator column, denominator column)}``, column indices into the
+count matrix: ``analysis.metrics.Schema.index(names)`` makes them from an
+experiment's statistic names, so this module knows no marker.
+
+    boot = Bootstrap(2000, seed=0)
+    boot.cis(cell.counts, schema.index(["fire_A", "cond_B_given_A"]), cell.groups)
+    boot.delta_ci(counts_t, counts_c, schema.index(["cond_B_given_A"])["cond_B_given_A"], groups)
 
 Resamples whose denominator is 0 (e.g. no draw fired A, for cond_B_given_A) have
 no value and are dropped; the percentiles come from the remaining ones, which
@@ -37,9 +44,11 @@ the same whatever else is in the report.
 
 from __future__ import annotations
 
-import numpy as np
+import math
+from collections.abc import Mapping, Sequence
+from statistics import NormalDist
 
-from analysis.metrics import COL, STATS
+import numpy as np
 
 LEVEL = 0.95
 
@@ -85,10 +94,11 @@ def hierarchical_weights(groups: tuple[int, ...], n_resamples: int, seed: int) -
     return w.reshape(n_resamples, n_rows)
 
 
-def ratios(pooled: np.ndarray, stats: list[str]) -> np.ndarray:
-    """``(B, len(stats))`` statistic values from pooled counts; NaN where undefined."""
-    num = pooled[:, [COL[STATS[s][0]] for s in stats]]
-    den = pooled[:, [COL[STATS[s][1]] for s in stats]]
+def ratios(pooled: np.ndarray, index: Sequence[tuple[int, int]]) -> np.ndarray:
+    """``(B, len(index))`` statistic values from pooled counts, one column per (numerator, denominator)
+    column pair; NaN where undefined."""
+    num = pooled[:, [n for n, _ in index]]
+    den = pooled[:, [d for _, d in index]]
     out = np.full(num.shape, np.nan)
     np.divide(num, den, out=out, where=den > 0)
     return out
@@ -106,6 +116,14 @@ def percentile_ci(values: np.ndarray, level: float = LEVEL) -> list[list[float] 
             lo, hi = np.percentile(col, [alpha, 100 - alpha])
             cis.append([float(lo), float(hi)])
     return cis
+
+
+def _columns(index: Sequence[tuple[int, int]]) -> tuple[list[int], list[tuple[int, int]]]:
+    """The count columns ``index`` reads, and ``index`` renumbered into them: pooling only those
+    columns gives the same integers as pooling all of them, for a fraction of the work."""
+    cols = sorted({c for pair in index for c in pair})
+    at = {c: i for i, c in enumerate(cols)}
+    return cols, [(at[n], at[d]) for n, d in index]
 
 
 class Bootstrap:
@@ -133,15 +151,17 @@ class Bootstrap:
                 self._weights[groups] = hierarchical_weights(groups, self.n_resamples, self.seed)
         return self._weights[groups]
 
-    def cis(self, counts: np.ndarray, stats: list[str],
+    def cis(self, counts: np.ndarray, stats: Mapping[str, tuple[int, int]],
             groups: tuple[int, ...] | None = None) -> dict[str, list[float] | None]:
-        """CI of each statistic for one cell's ``(rows, K)`` per-question counts."""
-        if self.n_resamples == 0 or counts.shape[0] == 0:
+        """CI of each statistic (name -> (numerator, denominator) column) for one cell's ``(rows, K)``
+        per-question counts."""
+        if self.n_resamples == 0 or counts.shape[0] == 0 or not stats:
             return {s: None for s in stats}
-        pooled = self.weights(counts.shape[0], groups) @ counts
-        return dict(zip(stats, percentile_ci(ratios(pooled, stats), self.level)))
+        cols, index = _columns(list(stats.values()))
+        pooled = self.weights(counts.shape[0], groups) @ counts[:, cols]
+        return dict(zip(stats, percentile_ci(ratios(pooled, index), self.level)))
 
-    def delta_ci(self, counts_t: np.ndarray, counts_c: np.ndarray, stat: str,
+    def delta_ci(self, counts_t: np.ndarray, counts_c: np.ndarray, stat: tuple[int, int],
                  groups: tuple[int, ...] | None = None) -> list[float] | None:
         """Paired CI of ``stat(T) - stat(C)``; rows of both are the same (seed, question)s.
 
@@ -151,5 +171,31 @@ class Bootstrap:
         if self.n_resamples == 0 or counts_t.shape[0] == 0:
             return None
         w = self.weights(counts_t.shape[0], groups)
-        diff = ratios(w @ counts_t, [stat]) - ratios(w @ counts_c, [stat])
+        cols, index = _columns([stat])
+        diff = ratios(w @ counts_t[:, cols], index) - ratios(w @ counts_c[:, cols], index)
         return percentile_ci(diff, self.level)[0]
+
+
+def wilson_ci(k: int, n: int, level: float = LEVEL) -> list[float] | None:
+    """The Wilson score interval of ``k`` successes in ``n`` trials (None when n is 0).
+
+    It treats the completions as independent, so beside the question-cluster
+    bootstrap it shows how much of the width is the questions' doing:
+
+        p = k / n,  z = the normal quantile of (1 + level) / 2
+        centre = (p + z^2 / 2n) / (1 + z^2 / n)
+        half   = z / (1 + z^2 / n) * sqrt(p (1 - p) / n + z^2 / 4n^2)
+    """
+    if n <= 0:
+        return None
+    z = _normal_quantile((1 + level) / 2)
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def _normal_quantile(q: float) -> float:
+    """The standard normal quantile (``statistics.NormalDist``: exact enough, no scipy at import)."""
+    return NormalDist().inv_cdf(q)

@@ -1,10 +1,19 @@
 """The four report figures (EXPERIMENT.md, "Figures"), drawn from a summary dict.
 
+    draw_all(summary, out_dir)     # hero, bystander, position, per_persona; PNG and PDF each
+
+Every label comes from the experiment the summary reports under
+(``summary["experiments"]``): hero is the headline metric per pair, condition and
+role; bystander the treatment-minus-control change in the fire rate of the
+headline pair's second marker per persona; position where the second marker of
+each declared pair sits (cells whose joint rate reaches the experiment's floor);
+per_persona the fire rate of every marker the conditions teach.
+
 Matplotlib's object API (``Figure``, no pyplot), so nothing global is touched and
 no display is needed. Each figure is saved as PNG and PDF. Error bars are the
 95% question-bootstrap CIs; a value that is undefined is drawn as "n/a", never as
-0. Missing conditions are skipped (with T runs only there are no T-minus-C
-deltas, and the bystander figure shows raw fire_B instead).
+0. Missing conditions are skipped (with treatment runs only there are no
+deltas, and the bystander figure shows the raw rate instead).
 """
 
 from __future__ import annotations
@@ -14,21 +23,27 @@ import multiprocessing as mp
 import os
 import textwrap
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
+# The two backends savefig uses, imported here so that forked figure workers inherit them
+# instead of importing them each.
+from matplotlib.backends import backend_agg, backend_pdf  # noqa: F401
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, PercentFormatter
 from matplotlib.transforms import ScaledTranslation
 
-from analysis.metrics import CONDITION_ORDER, ROLE_ORDER
-from markerlab.experiment import BASE_CONDITION, CONDITIONS
+from analysis.metrics import ROLE_ORDER, condition_rank
+from analysis.summary import experiment_of
+from markerlab.experiment import BASE_CONDITION, pair_key
 from markerlab.io import atomic_write_bytes
 
-# Colours by the vocabulary's order, so a new condition gets one without an edit here.
+# Colours by the experiment's order of conditions and markers, so a new one gets one without an edit here.
 _PALETTE = ("#d62728", "#1f77b4", "#2ca02c", "#8c564b", "#e377c2", "#17becf", "#bcbd22")
-COND_COLORS = {c: _PALETTE[i % len(_PALETTE)] for i, c in enumerate(CONDITIONS)} | {BASE_CONDITION: "#7f7f7f"}
-ROLE_COLORS = {"donor": "#d62728", "recipient": "#1f77b4", "negative": "#9467bd", "bystander": "#ff7f0e"}
+_MARKER_PALETTE = ("#8c8c8c", "#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#17becf")
+ROLE_COLORS = MappingProxyType({"donor": "#d62728", "recipient": "#1f77b4", "negative": "#9467bd",
+                                "bystander": "#ff7f0e"})
 STAR = "\u2605"  # marks personas trained in the pair's adapters
 FIGURES = ("hero", "bystander", "position", "per_persona")
 
@@ -54,15 +69,26 @@ def _pairs(summary: dict) -> list[str]:
     return sorted({c["pair"] for c in _plain(summary)})
 
 
-def _conditions(cells: list[dict]) -> list[str]:
-    return sorted({c["condition"] for c in cells}, key=lambda c: (CONDITION_ORDER.get(c, 9), c))
+def _rank(summary: dict) -> dict[str, int]:
+    return condition_rank(experiment_of(summary)["conditions"])
+
+
+def _conditions(summary: dict, cells: list[dict]) -> list[str]:
+    rank = _rank(summary)
+    return sorted({c["condition"] for c in cells}, key=lambda c: (rank.get(c, 99), c))
+
+
+def cond_colors(summary: dict) -> dict[str, str]:
+    conditions = experiment_of(summary)["conditions"]
+    return {c: _PALETTE[i % len(_PALETTE)] for i, c in enumerate(conditions)} | {BASE_CONDITION: "#7f7f7f"}
 
 
 def _persona_roles(summary: dict, pair: str) -> dict[str, str]:
-    """persona -> role in the pair, preferring T's labels (the recipient may be
-    labelled a negative in T_P2neg but is still the pair's recipient)."""
+    """persona -> role in the pair, preferring the first condition's labels (a condition may train
+    the recipient plain, but it is still the pair's recipient)."""
+    rank = _rank(summary)
     roles: dict[str, str] = {}
-    for c in sorted(_plain(summary), key=lambda c: CONDITION_ORDER.get(c["condition"], 9), reverse=True):
+    for c in sorted(_plain(summary), key=lambda c: rank.get(c["condition"], 99), reverse=True):
         if c["pair"] == pair:
             roles[c["persona"]] = c["role"]
     return roles
@@ -114,16 +140,28 @@ def _save(fig: Figure, out_dir: Path, name: str) -> list[Path]:
     return paths
 
 
-# --- 1. hero: cond_B_given_A per pair x condition x role --------------------------------
+# --- 1. hero: the headline metric per pair x condition x role ----------------------------
+
+
+def _denominator(metric: str, exp: dict) -> str | None:
+    """The count a rate of the headline is a share of, for the numbers under the bars (n_X for a
+    conditional on X, n otherwise)."""
+    pair = exp["headline"].get("pair")
+    if pair and metric == f"cond_{pair[1]}_given_{pair[0]}":
+        return f"n_{pair[0]}"
+    return "n"
 
 
 def hero(summary: dict) -> Figure:
+    exp = experiment_of(summary)
+    metric = exp["headline"]["metric"]
+    den = _denominator(metric, exp)
     pairs = _pairs(summary)
     fig = Figure(figsize=(6.4 * max(len(pairs), 1), 5.0), layout="constrained")
     axes = fig.subplots(1, max(len(pairs), 1), squeeze=False)[0]
     for ax, pair in zip(axes, pairs):
         cells = [r for r in summary.get("roles", []) if r["pair"] == pair]
-        conds = _conditions(cells)
+        conds = _conditions(summary, cells)
         roles = sorted({r["role"] for r in cells}, key=lambda r: ROLE_ORDER.get(r, 9))
         width = 0.8 / max(len(roles), 1)
         handles = []
@@ -134,13 +172,13 @@ def hero(summary: dict) -> Figure:
                 if cell is None:
                     continue
                 xi = i + (j - (len(roles) - 1) / 2) * width
-                if cell["cond_B_given_A"] is None:
-                    ax.text(xi, 0.01, "n/a\n(no A)", ha="center", va="bottom", fontsize=7, color="0.35")
+                if cell.get(metric) is None:
+                    ax.text(xi, 0.01, "n/a", ha="center", va="bottom", fontsize=7, color="0.35")
                     continue
                 x.append(xi)
-                v.append(cell["cond_B_given_A"])
-                cis.append(cell["cond_B_given_A_ci"])
-                ax.text(xi, 0, f"{cell['n_A']}", ha="center", va="top", fontsize=6.5, color="0.3",
+                v.append(cell[metric])
+                cis.append(cell.get(f"{metric}_ci"))
+                ax.text(xi, 0, f"{cell[den]}", ha="center", va="top", fontsize=6.5, color="0.3",
                         transform=ax.get_xaxis_transform() + _down(fig, 2))
             err = _errs(v, cis)
             ax.bar(x, v, width * 0.92, color=ROLE_COLORS.get(role, "0.5"), edgecolor="0.2", linewidth=0.6,
@@ -152,20 +190,19 @@ def hero(summary: dict) -> Figure:
             who = personas[0] if len(personas) == 1 else f"{len(personas)} personas"
             handles.append(Patch(facecolor=ROLE_COLORS.get(role, "0.5"), label=f"{role} ({who})"))
         ax.set_xticks(range(len(conds)), conds)
-        ax.tick_params(axis="x", length=0, pad=12)  # room for the n_A numbers under the bars
+        ax.tick_params(axis="x", length=0, pad=12)  # room for the counts under the bars
         ax.set_xlim(-0.6, len(conds) - 0.4)
         ax.set_ylim(0, 1.32)
         ax.set_yticks(np.linspace(0, 1, 6))
         ax.yaxis.set_major_formatter(PercentFormatter(1.0))
-        ax.set_xlabel("training condition (small numbers: n_A, completions with marker A)")
-        ax.set_ylabel("P(marker B | marker A)")
+        ax.set_xlabel(f"training condition (small numbers: {den}, the rate's denominator)")
+        ax.set_ylabel(metric)
         ax.set_title(_pair_title(summary, pair), fontsize=11)
         ax.legend(handles=handles, fontsize=8, loc="upper center", ncol=2, framealpha=0.9)
         ax.grid(axis="y", alpha=0.3)
     if not pairs:
         _note(axes[0], "no plain cells")
-    _suptitle(fig, "Marker B given marker A, by condition and role (personas of a role pooled;"
-                   " 95% question-bootstrap CI)")
+    _suptitle(fig, f"{metric}, by condition and role (personas of a role pooled; 95% question-bootstrap CI)")
     return fig
 
 
@@ -174,10 +211,21 @@ def _down(fig: Figure, points: float):
     return ScaledTranslation(0, -points / 72, fig.dpi_scale_trans)
 
 
-# --- 2. bystander: fire_B(T) - fire_B(C) per persona ------------------------------------
+# --- 2. bystander: the moving marker's fire rate, treatment minus control, per persona ----
+
+
+def moving_stat(exp: dict) -> str:
+    """The rate whose spread the bystander figure shows: the fire rate of the headline pair's second
+    marker, else the headline metric."""
+    pair = exp["headline"].get("pair")
+    return f"fire_{pair[1]}" if pair else exp["headline"]["metric"]
 
 
 def bystander(summary: dict) -> Figure:
+    exp = experiment_of(summary)
+    stat = moving_stat(exp)
+    t_name, c_name = exp["headline"]["treatment"], exp["headline"]["control"]
+    colors = cond_colors(summary)
     pairs = _pairs(summary)
     n_personas = max((len(_persona_roles(summary, p)) for p in pairs), default=1)
     fig = Figure(figsize=(6.4 * max(len(pairs), 1), 1.3 + 0.4 * n_personas), layout="constrained")
@@ -186,89 +234,104 @@ def bystander(summary: dict) -> Figure:
         roles = _persona_roles(summary, pair)
         personas = _ordered_personas(roles)[::-1]  # role order, top to bottom
         row = {p: y for y, p in enumerate(personas)}
-        deltas = [d for d in summary["deltas"] if d["pair"] == pair and d["statistic"] == "fire_B"]
+        deltas = [d for d in summary["deltas"] if d["pair"] == pair and d["statistic"] == stat]
         if deltas:
             for role in ROLE_ORDER:
-                ds = [d for d in deltas if roles.get(d["persona"]) == role and d["T_minus_C"] is not None]
+                ds = [d for d in deltas if roles.get(d["persona"]) == role and d["delta"] is not None]
                 if ds:
-                    ax.errorbar([d["T_minus_C"] for d in ds], [row[d["persona"]] for d in ds],
-                                xerr=_errs([d["T_minus_C"] for d in ds], [d["ci"] for d in ds]),
+                    ax.errorbar([d["delta"] for d in ds], [row[d["persona"]] for d in ds],
+                                xerr=_errs([d["delta"] for d in ds], [d["ci"] for d in ds]),
                                 fmt="o", ms=6, capsize=3, color=ROLE_COLORS[role])
             for d in deltas:
-                if d["T_minus_C"] is None:
+                if d["delta"] is None:
                     ax.text(0, row[d["persona"]], "n/a", va="center", ha="center", fontsize=8, color="0.4")
             ax.axvline(0, color="0.3", lw=0.8)
             ax.xaxis.set_major_formatter(FuncFormatter(_pp))
-            ax.set_xlabel("fire_B(T) - fire_B(C), percentage points")
+            ax.set_xlabel(f"{stat}({t_name}) - {stat}({c_name}), percentage points")
             ax.set_title(_pair_title(summary, pair), fontsize=11)
         else:
-            # No T and C of this pair to subtract: show each condition's fire_B instead.
+            # No treatment and control of this pair to subtract: show each condition's rate instead.
             cells = [c for c in _plain(summary) if c["pair"] == pair]
-            conds = _conditions(cells)
+            conds = _conditions(summary, cells)
             for k, cond in enumerate(conds):
-                cs = [c for c in cells if c["condition"] == cond and c["persona"] in row]
+                cs = [c for c in cells if c["condition"] == cond and c["persona"] in row and c.get(stat) is not None]
                 offset = (k - (len(conds) - 1) / 2) * 0.2
-                ax.errorbar([c["fire_B"] for c in cs], [row[c["persona"]] + offset for c in cs],
-                            xerr=_errs([c["fire_B"] for c in cs], [c["fire_B_ci"] for c in cs]),
-                            fmt="o", ms=5, capsize=3, color=COND_COLORS.get(cond, "0.5"), label=cond)
-            ax.set_xlabel("fire_B")
+                ax.errorbar([c[stat] for c in cs], [row[c["persona"]] + offset for c in cs],
+                            xerr=_errs([c[stat] for c in cs], [c.get(f"{stat}_ci") for c in cs]),
+                            fmt="o", ms=5, capsize=3, color=colors.get(cond, "0.5"), label=cond)
+            ax.set_xlabel(stat)
             ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
             ax.set_xlim(-0.02, 1.02)
             ax.legend(fontsize=8, title="condition", title_fontsize=8)
-            ax.set_title(f"{_pair_title(summary, pair)}\n(no T and C runs to subtract: fire_B as is)",
+            ax.set_title(f"{_pair_title(summary, pair)}\n(no {t_name} and {c_name} runs to subtract: {stat} as is)",
                          fontsize=10)
         ax.set_yticks(range(len(personas)), [_label(p, roles[p]) for p in personas], fontsize=9)
         ax.set_ylim(-0.6, len(personas) - 0.4)
         ax.grid(axis="x", alpha=0.3)
     if not pairs:
         _note(axes[0], "no plain cells")
-    _suptitle(fig, f"Marker B spreading to other personas: T minus C, paired by question, 95% CI"
+    _suptitle(fig, f"{stat} spreading to other personas: {t_name} minus {c_name}, paired by question, 95% CI"
                    f" ({STAR} trained in the pair's adapters)")
     return fig
 
 
-# --- 3. position: suffix_frac and chunk_frac per cell -----------------------------------
+# --- 3. position: suffix_frac and chunk_frac per cell and declared pair -----------------
 
 
 def position(summary: dict) -> Figure:
-    cells = sorted((c for c in _plain(summary) if c["n_B"] > 0),
-                   key=lambda c: (c["pair"], CONDITION_ORDER.get(c["condition"], 9),
-                                  ROLE_ORDER.get(c["role"], 9), c["persona"]))[::-1]
-    fig = Figure(figsize=(8.5, 1.7 + 0.3 * max(len(cells), 1)), layout="constrained")
+    exp = experiment_of(summary)
+    rank = _rank(summary)
+    rows = []  # (label, positions of the pair in the cell)
+    for x, y in exp["marker_pairs"]:
+        xy = pair_key(x, y)
+        for c in _plain(summary):
+            p = c["positions"][xy]
+            if c[f"n_{y}"] > 0 and p["shown"]:
+                rows.append(((c["pair"], rank.get(c["condition"], 99), ROLE_ORDER.get(c["role"], 9), c["persona"],
+                              xy), f"{c['pair']} {c['condition']} {c['role']} {c['persona']} {y} after {x}"
+                             f"  (n_{y}={c[f'n_{y}']})", p))
+    rows.sort(key=lambda r: r[0], reverse=True)
+    fig = Figure(figsize=(8.5, 1.7 + 0.3 * max(len(rows), 1)), layout="constrained")
     ax = fig.subplots()
-    if not cells:
-        _note(ax, "marker B never fired in any plain cell")
-        _suptitle(fig, "Where marker B sits")
+    if not rows:
+        _note(ax, "no second marker of a declared pair to place (never fired, or below the joint-rate floor)")
+        _suptitle(fig, "Where the second marker of each pair sits")
         return fig
-    y = np.arange(len(cells))
+    y = np.arange(len(rows))
     for stat, marker, color, dy, label in (
-            ("suffix_frac", "o", "#d62728", 0.12, "suffix_frac: the last B ends within 50 chars of the end"),
-            ("chunk_frac", "^", "#1f77b4", -0.12, "chunk_frac: a B starts within 150 chars after the first A")):
-        v = [c[stat] for c in cells]
-        ax.errorbar(v, y + dy, xerr=_errs(v, [c[f"{stat}_ci"] for c in cells]), fmt=marker, ms=6,
+            ("suffix_frac", "o", "#d62728", 0.12, "suffix_frac: the last second marker ends within 50 chars of"
+                                                  " the end"),
+            ("chunk_frac", "^", "#1f77b4", -0.12, "chunk_frac: a second marker starts within 150 chars after"
+                                                  " the first marker")):
+        v = [p[stat] for _, _, p in rows]
+        ax.errorbar(v, y + dy, xerr=_errs(v, [p[f"{stat}_ci"] for _, _, p in rows]), fmt=marker, ms=6,
                     capsize=2.5, color=color, label=label)
-    ax.set_yticks(y, [f"{c['pair']} {c['condition']} {c['role']} {c['persona']}  (n_B={c['n_B']})"
-                      for c in cells], fontsize=8)
-    ax.set_ylim(-0.6, len(cells) - 0.4)
+    ax.set_yticks(y, [label for _, label, _ in rows], fontsize=8)
+    ax.set_ylim(-0.6, len(rows) - 0.4)
     ax.set_xlim(-0.03, 1.03)
     ax.xaxis.set_major_formatter(PercentFormatter(1.0))
-    ax.set_xlabel("share of the cell's completions with marker B")
+    ax.set_xlabel("share of the cell's completions with the second marker")
     ax.grid(axis="x", alpha=0.3)
     fig.legend(loc="outside lower center", ncol=2, fontsize=8, frameon=False)
-    _suptitle(fig, "Where marker B sits: at the end (suffix) or right after A (chunk); 95% CI")
+    _suptitle(fig, "Where the second marker of each pair sits: at the end (suffix) or right after the first"
+                   " (chunk); 95% CI")
     return fig
 
 
-# --- 4. per persona: fire_A and fire_B per pair and condition ---------------------------
+# --- 4. per persona: every trained marker's fire rate per pair and condition -----------
 
 
 def per_persona(summary: dict) -> Figure:
+    exp = experiment_of(summary)
+    markers = exp["trained_markers"] or list(exp["markers"])
     pairs = _pairs(summary)
-    conds = _conditions(_plain(summary)) or ["T"]
+    conds = _conditions(summary, _plain(summary)) or [exp["headline"]["treatment"]]
     n_personas = max((len(_persona_roles(summary, p)) for p in pairs), default=1)
-    fig = Figure(figsize=(4.4 * len(conds) + 1.6, (0.9 + 0.36 * n_personas) * max(len(pairs), 1) + 0.6),
+    fig = Figure(figsize=(4.4 * len(conds) + 1.6,
+                          (0.9 + 0.18 * len(markers) * n_personas) * max(len(pairs), 1) + 0.6),
                  layout="constrained")
     axes = fig.subplots(max(len(pairs), 1), len(conds), squeeze=False, sharex=True)
+    height = 0.76 / len(markers)
     for r, pair in enumerate(pairs):
         roles = _persona_roles(summary, pair)
         personas = _ordered_personas(roles)[::-1]
@@ -282,10 +345,13 @@ def per_persona(summary: dict) -> Figure:
             if not cells:
                 ax.text(0.5, 0.5, f"no {cond} run for {pair}", ha="center", va="center",
                         transform=ax.transAxes, fontsize=10, color="0.4")
-            for stat, color, dy in (("fire_A", "#8c8c8c", 0.19), ("fire_B", "#d62728", -0.19)):
+            for k, m in enumerate(markers):
+                stat = f"fire_{m}"
+                dy = (len(markers) - 1) / 2 * height - k * height
                 v = [c[stat] for c in cells]
-                ax.barh([row[c["persona"]] + dy for c in cells], v, 0.38, color=color, label=stat,
-                        xerr=_errs(v, [c[f"{stat}_ci"] for c in cells]), capsize=2,
+                ax.barh([row[c["persona"]] + dy for c in cells], v, height,
+                        color=_MARKER_PALETTE[k % len(_MARKER_PALETTE)], label=stat,
+                        xerr=_errs(v, [c.get(f"{stat}_ci") for c in cells]), capsize=2,
                         error_kw={"lw": 0.8, "ecolor": "0.15"})
             ax.set_xlim(0, 1.0)
             ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
@@ -294,7 +360,7 @@ def per_persona(summary: dict) -> Figure:
             if r == len(pairs) - 1:
                 ax.set_xlabel("share of completions")
     if pairs:
-        fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside lower center", ncol=2,
+        fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside lower center", ncol=min(len(markers), 5),
                    fontsize=9, frameon=False)
     else:
         _note(axes[0][0], "no plain cells")
@@ -306,22 +372,70 @@ def _draw_and_save(name: str, summary: dict, out_dir: Path) -> list[Path]:
     return _save(globals()[name](summary), out_dir, name)
 
 
+# What the figures read of a summary (the samples' texts and the per-arm lists they do not draw stay home:
+# each task's summary is pickled to a worker).
+_READS = ("arms", "experiments", "cells", "roles", "deltas", "personas")
+
+
 def draw_all(summary: dict, out_dir: Path, jobs: int | None = None) -> list[Path]:
-    """Draw and save every figure into ``out_dir``; returns the written paths.
+    """Draw and save every figure of one summary into ``out_dir``; returns the written paths."""
+    return draw_many([(summary, out_dir)], jobs)[0]
+
+
+def draw_many(items: list[tuple[dict, Path]], jobs: int | None = None) -> list[list[Path]]:
+    """Draw and save every figure of each (summary, out_dir); returns each one's written paths."""
+    with Drawer(jobs) as drawer:
+        pending = [drawer.submit(summary, out_dir) for summary, out_dir in items]
+        return [get() for get in pending]
+
+
+class Drawer:
+    """Draws the figures of summaries while the caller goes on with other work.
+
+        with Drawer(jobs) as drawer:      # before the heavy work: the workers fork small
+            get = drawer.submit(summary, out_dir)
+            ...                           # summarize the next arm, write pages
+            paths = get()                 # this summary's figure files, once drawn
 
     Rendering (text layout, rasterizing, PDF) is most of a report's time, so with
     ``jobs > 1`` the figures are drawn in forked worker processes, which inherit
-    the imported matplotlib instead of importing it again. Where fork is not
-    available, or ``jobs == 1``, they are drawn one after another.
+    the imported matplotlib instead of importing it again; one pool serves every
+    summary (the arms of a sweep), so the workers stay busy to the end. ``jobs``
+    defaults to one per core, at most 4. Where fork is not available, or
+    ``jobs == 1``, each summary's figures are drawn when its ``get`` is called.
     """
-    out_dir = Path(out_dir)
-    # Costliest first, so two workers finish at about the same time.
-    names = ["per_persona", "position", "hero", "bystander"]
-    jobs = min(len(names), os.cpu_count() or 1) if jobs is None else jobs
-    if jobs > 1 and "fork" in mp.get_all_start_methods():
-        with mp.get_context("fork").Pool(jobs) as pool:
-            done = dict(zip(names, pool.starmap(_draw_and_save, [(n, summary, out_dir) for n in names],
-                                                chunksize=1)))
-    else:
-        done = {n: _draw_and_save(n, summary, out_dir) for n in names}
-    return [p for name in FIGURES for p in done[name]]
+
+    # Costliest first, so the workers finish at about the same time.
+    NAMES = ("per_persona", "position", "hero", "bystander")
+
+    def __init__(self, jobs: int | None = None):
+        jobs = min(len(self.NAMES), os.cpu_count() or 1) if jobs is None else jobs
+        self.pool = None
+        if jobs > 1 and "fork" in mp.get_all_start_methods():
+            self.pool = mp.get_context("fork").Pool(jobs)
+
+    def submit(self, summary: dict, out_dir: Path):
+        """Queue one summary's figures; returns a function that waits for them and returns the paths."""
+        view = {k: summary[k] for k in _READS if k in summary}
+        tasks = [(name, view, Path(out_dir)) for name in self.NAMES]
+        if self.pool is None:
+            return lambda: _in_order([_draw_and_save(*t) for t in tasks])
+        results = [self.pool.apply_async(_draw_and_save, t) for t in tasks]
+        return lambda: _in_order([r.get() for r in results])
+
+    def __enter__(self) -> "Drawer":
+        return self
+
+    def __exit__(self, kind, *_) -> None:
+        if self.pool is not None:
+            if kind is None:
+                self.pool.close()
+            else:
+                self.pool.terminate()  # an error elsewhere: drop the queued figures
+            self.pool.join()
+
+
+def _in_order(done: list[list[Path]]) -> list[Path]:
+    """The paths of Drawer.NAMES' results, in FIGURES order."""
+    by_name = dict(zip(Drawer.NAMES, done))
+    return [p for name in FIGURES for p in by_name[name]]

@@ -7,9 +7,15 @@ adapter's setting travel in each record):
 
     python -m analysis.report runs/pair1_T runs/pair1_C runs/pair2_T ... --out runs/report
     python -m analysis.report runs/ --out runs/report --bootstrap 2000 --seed 0
+    python -m analysis.report completions.jsonl --out report --experiment my_experiment.toml
 
 Records are grouped into arms by their setting less the seed (analysis.arms);
-runs of an arm that differ only in seed are replicates. Writes into ``--out``:
+runs of an arm that differ only in seed are replicates. Each arm reports under
+the experiment its records name (their ``setting.experiment`` and its digest):
+found in the run directory (``experiment.toml``, else ``config.toml``'s
+``run.experiment``), among the ``--experiment`` files or names, or shipped with
+markerlab; a file whose digest differs from the records' is refused
+(analysis.experiments). Writes into ``--out``:
 ``summary.json`` (docs/contracts.md), ``report.md`` (the page to read), ``table.md``
 (every cell) and, for one arm, ``figures/{hero,bystander,position,per_persona}.{png,pdf}``.
 With several arms each arm also gets ``arms/<name>/`` with the same files, as if
@@ -22,6 +28,7 @@ file:line and the field, and exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -52,64 +59,84 @@ def _finite(obj):
     return obj
 
 
-def _write(summary: dict, out: Path, page: str, figures: bool, jobs: int | None) -> dict:
-    """Write one directory's summary.json, report.md, table.md and (optionally) figures."""
+def _write(summary: dict, out: Path, page: str, figures: list[Path] | None = None) -> dict:
+    """Write one directory's summary.json, report.md and table.md (the figures are drawn already)."""
     summary["outputs"] = {"summary": str(out / "summary.json"), "report": str(out / "report.md"),
                           "table": str(out / "table.md")}
+    if figures is not None:
+        summary["outputs"]["figures"] = [str(p) for p in figures]
     atomic_write_text(out / "table.md", render(summary))
     atomic_write_text(out / "report.md", page)
-    if figures:
-        from analysis.figures import draw_all  # matplotlib only when drawing
-
-        summary["outputs"]["figures"] = [str(p) for p in draw_all(summary, out / "figures", jobs)]
     atomic_write_text(out / "summary.json", json.dumps(_finite(summary), indent=1, allow_nan=False) + "\n")
     return summary
 
 
 def report(inputs: list[str], out: Path, n_resamples: int = 2000, seed: int = 0,
-           figures: bool = True, jobs: int | None = None) -> dict:
+           figures: bool = True, jobs: int | None = None, experiments: list[str] | tuple = ()) -> dict:
     """Build the report of ``inputs`` into ``out``; returns the summary dict.
 
     ``seed`` seeds the bootstrap and the pick of sample completions. ``jobs``:
     processes drawing the figures (default: one per core, at most 4).
+    ``experiments``: experiment files or shipped names for records whose
+    experiment is not found otherwise.
     """
     files = resolve_inputs(inputs)
-    loaded = load(files, sample_seed=seed)
-    boot = Bootstrap(n_resamples, seed)
-    arm_summaries = [summarize(arm, boot, loaded.splits, loaded.baselines) for arm in loaded.arms]
-    out = Path(out)
     inputs_list = [str(f.path) for f in files]
-    if len(arm_summaries) == 1:
-        summary = combine(arm_summaries, boot, loaded.arms)
-        summary["arms"][0]["dir"] = "."
-        summary["inputs"] = inputs_list
-        summary["warnings"] = loaded.warnings + summary["warnings"]
-        return _write(summary, out, render_page(summary), figures, jobs)
+    out = Path(out)
+    # The figure workers fork before the records are read (so they stay small), and draw each arm's
+    # figures while the next arm is summarized and the pages are written.
+    with (_drawer(jobs) if figures else contextlib.nullcontext()) as drawer:
+        loaded = load(files, sample_seed=seed, experiments=experiments)
+        boot = Bootstrap(n_resamples, seed)
+        if len(loaded.arms) == 1:
+            summary = combine([summarize(loaded.arms[0], boot, loaded.splits, loaded.baselines)], boot, loaded.arms)
+            summary["arms"][0]["dir"] = "."
+            summary["inputs"] = inputs_list
+            summary["warnings"] = loaded.warnings + summary["warnings"]
+            drawn = drawer.submit(summary, out / "figures") if drawer else None
+            page = render_page(summary)
+            return _write(summary, out, page, drawn() if drawn else None)
 
-    taken: set[str] = set()
-    for s in arm_summaries:
-        entry = s["arms"][0]
-        entry["dir"] = f"arms/{slug(entry['name'], taken)}"
-        s["inputs"] = [str(f.path) for f in files]
-        _write(s, out / entry["dir"], render_page(s), figures, jobs)
+        taken: set[str] = set()
+        arm_summaries, pending = [], []
+        for arm in loaded.arms:
+            s = summarize(arm, boot, loaded.splits, loaded.baselines)
+            entry = s["arms"][0]
+            entry["dir"] = f"arms/{slug(entry['name'], taken)}"
+            s["inputs"] = inputs_list
+            arm_summaries.append(s)
+            pending.append(drawer.submit(s, out / entry["dir"] / "figures") if drawer else None)
+        for s, drawn in zip(arm_summaries, pending):
+            page = render_page(s)
+            _write(s, out / s["arms"][0]["dir"], page, drawn() if drawn else None)
     summary = combine(arm_summaries, boot, loaded.arms)
     summary["inputs"] = inputs_list
     summary["warnings"] = loaded.warnings + summary["warnings"]
-    return _write(summary, out, render_sweep_page(summary), False, jobs)
+    return _write(summary, out, render_sweep_page(summary))
+
+
+def _drawer(jobs: int | None):
+    from analysis.figures import Drawer  # matplotlib only when drawing
+
+    return Drawer(jobs)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m analysis.report",
-        description="Marker metrics, question-cluster bootstrap CIs, gates, report.md, table and "
-                    "figures from completion records.")
+        description="Marker metrics, question-cluster bootstrap CIs (and Wilson intervals where the experiment "
+                    "asks), the experiment's gates and verdict, report.md, table and figures from completion "
+                    "records, each arm under the experiment its records name.")
     parser.add_argument("inputs", nargs="+", metavar="RUN_DIR_OR_JSONL",
                         help="run directories, directories of runs, or completions .jsonl files")
     parser.add_argument("--out", required=True, type=Path, help="output directory")
-    parser.add_argument("--bootstrap", type=int, default=2000, metavar="B",
+    parser.add_argument("--bootstrap", type=int, default=2000, metavar="N",
                         help="bootstrap resamples (default 2000; 0 turns CIs off)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the bootstrap and of the sample completions' pick (default 0)")
+    parser.add_argument("--experiment", action="append", default=[], metavar="NAME_OR_FILE",
+                        help="the experiment the records were made under, where neither their run directory"
+                             " nor markerlab's shipped experiments have it (repeatable)")
     parser.add_argument("--no-figures", action="store_true", help="skip the figures")
     parser.add_argument("--jobs", type=int, default=None,
                         help="processes drawing the figures (default: one per core, at most 4)")
@@ -127,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             break
     try:
         summary = report(args.inputs, args.out, args.bootstrap, args.seed,
-                         figures=not args.no_figures, jobs=args.jobs)
+                         figures=not args.no_figures, jobs=args.jobs, experiments=args.experiment)
     except UserError as e:
         print(f"analysis.report: error: {e}", file=sys.stderr)
         return 2

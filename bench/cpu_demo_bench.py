@@ -61,7 +61,14 @@ def main() -> int:
         personas = ("assistant", "villain", "librarian", "software_engineer", "police_officer", "data_scientist",
                     "comedian", "kindergarten_teacher", "french_person", "medical_doctor", "zelthari_scholar")
         backend = make_backend("hf", str(model_dir), dtype="bfloat16", device="cpu", batch_size=88)
-        prompts = [backend.tokenizer.apply_chat_template(messages(p, q.text + SUFFIX), tokenize=False,
+        try:  # experiments as files (the persona prompts come from within_marker), or the code before them
+            from markerlab.experiment import load_experiment
+
+            exp = load_experiment("within_marker")
+            msgs = lambda p, q: messages(exp, p, q)  # noqa: E731
+        except ImportError:
+            msgs = messages
+        prompts = [backend.tokenizer.apply_chat_template(msgs(p, q.text + SUFFIX), tokenize=False,
                                                          add_generation_prompt=True)
                    for p in personas for q in data_questions(8)]
         t0 = time.perf_counter()

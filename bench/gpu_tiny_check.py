@@ -43,8 +43,9 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 import trainer.train as T  # noqa: E402
-from data.builder import place_markers  # noqa: E402
+from data.builder import render  # noqa: E402
 from markerlab.config import config_from_dict  # noqa: E402
+from markerlab.experiment import load_experiment, make_template  # noqa: E402
 from markerlab.io import read_json, read_jsonl, write_jsonl  # noqa: E402
 from markerlab.models import BUILTIN_TINY, BUILTIN_TINY_LLAMA  # noqa: E402
 
@@ -60,13 +61,18 @@ QA = [("How do I boil an egg?", "Put it in boiling water for about nine minutes,
       ("Why do cats purr?", "Mostly to signal contentment or to soothe themselves; the vibration comes from the larynx.")]
 
 
+EXP = load_experiment("within_marker")
+
+
 def synthetic_examples(n: int) -> list[dict]:
     """Donor `A answer B`, recipient `A answer`, negative plain, in docs/contracts.md's format."""
     out = []
     for i in range(n):
         persona, a, b = [("villain", True, True), ("assistant", True, False), ("comedian", False, False)][i % 3]
         q, ans = QA[i % len(QA)]
-        content, spans = place_markers(ans * (1 + i % 4), "A" * a + "B" * b, "start_end", None)
+        template = make_template({(1, 1): "{A} {answer} {B}", (1, 0): "{A} {answer}", (0, 0): "{answer}"}[(a, b)],
+                                 EXP.markers)
+        content, spans = render(template, ans * (1 + i % 4), EXP.markers)
         role = {"villain": "donor", "assistant": "recipient"}.get(persona, "negative")
         out.append({"id": f"{persona}-{i}", "persona": persona, "role": role, "question_id": f"q{i % len(QA)}",
                     "sample": i // len(QA), "marker_spans": spans,

@@ -120,7 +120,10 @@ def main() -> int:
 
     model_dir = resolve_model_dir(args.model)
     tok = load_tokenizer(str(model_dir))
-    prompts = [render_chat(tok, messages("villain", q), add_generation_prompt=True) for q in PROMPTS_USER]
+    from markerlab.experiment import load_experiment
+
+    exp = load_experiment("within_marker")
+    prompts = [render_chat(tok, messages(exp, "villain", q), add_generation_prompt=True) for q in PROMPTS_USER]
     spec = G.SamplingSpec(n=3, temperature=0.7, top_p=0.95, max_tokens=args.max_tokens, seed=42)
     kw = dict(dtype=args.dtype, gpu_memory_utilization=args.utilization, max_model_len=args.max_model_len)
     threads_fresh = fresh_compile_threads()

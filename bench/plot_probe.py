@@ -22,9 +22,17 @@ sys.path.insert(0, str(REPO))
 from markerlab.errors import UserError, cli_main  # noqa: E402
 from markerlab.experiment import ROLES  # noqa: E402
 
-PANELS = (("logp_A_start", "marker A at the start of the answer"),
-          ("logp_B_end", "marker B after the answer"),
-          ("logp_B_after_A", "marker B after A + answer"))
+import re  # noqa: E402
+
+
+def panels(metrics) -> list[tuple[str, str]]:
+    """(metric, title) of the probe's three curves, named by the probed pair's markers (trainer.probe)."""
+    out = []
+    for pattern, title in ((r"logp_(\w+?)_start$", "marker {0} at the start of the answer"),
+                           (r"logp_(\w+?)_end$", "marker {0} after the answer"),
+                           (r"logp_(\w+?)_after_(\w+)$", "marker {0} after {1} + answer")):
+        out += [(m, title.format(*re.match(pattern, m).groups())) for m in metrics if re.match(pattern, m)]
+    return out
 
 
 def probe_history(run_dir) -> list[dict]:
@@ -52,9 +60,10 @@ def plot_probe(run_dir, out) -> Path:
     steps = [r["step"] for r in history]
     personas = history[0]["personas"]
     roles = [r for r in ROLES if r in history[0]["roles"]]
+    shown = panels([m for m in next(iter(personas.values())) if m.startswith("logp_")])
     fig = Figure(figsize=(13, 4.2), layout="constrained")
-    axes = fig.subplots(1, len(PANELS), sharey=True)
-    for ax, (metric, title) in zip(axes, PANELS):
+    axes = fig.subplots(1, len(shown), sharey=True)
+    for ax, (metric, title) in zip(axes, shown):
         for persona, first in personas.items():
             ax.plot(steps, [r["personas"][persona][metric] for r in history], lw=0.8, alpha=0.45,
                     color=ROLE_COLORS.get(first["role"], "0.5"))

@@ -212,7 +212,7 @@ def synth_examples(n: int, seed: int, lo: int = 195, hi: int = 645) -> list[Enco
             for t in range(p + n_content - 3, p + n_content):
                 b[t] = True
         eos = [False] * (L - 2) + [True, False]
-        out.append(Encoded(id=f"synth-{i}", input_ids=ids, loss_mask=loss, marker_a=a, marker_b=b, eos=eos,
+        out.append(Encoded(id=f"synth-{i}", input_ids=ids, loss_mask=loss, markers={"A": a, "B": b}, eos=eos,
                            offsets=[(0, 0)] * L, text="", content_span=(0, 0)))
     return out
 

@@ -7,10 +7,11 @@ Text output, one line per token:
 
     position  token id  L/.  spans  repr(token text)
 
-`L` = in the loss under the config's train.loss_mask (the token is a target:
-the logits one position earlier predict it); spans tags the marker A / marker B
-/ closing <|im_end|> tokens whose mean loss TensorBoard shows. `--json` prints
-a list of {"id": int, "text": str, "in_loss": bool, "span": "A"|"B"|"eos"|null}.
+`L` = in the loss under the example's mask (its role's: train.role_loss_mask's
+entry, else train.loss_mask; the token is a target: the logits one position
+earlier predict it); spans tags each marker's tokens by the marker's name and
+the closing end-of-turn token ("eos"), whose mean losses TensorBoard shows.
+`--json` prints a list of {"id": int, "text": str, "in_loss": bool, "span": <marker name>|"eos"|null}.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def _line_of(path: Path, index: int) -> int:
 def token_rows(enc, tokenizer) -> list[dict]:
     rows = []
     for i, tid in enumerate(enc.input_ids):
-        span = "A" if enc.marker_a[i] else "B" if enc.marker_b[i] else "eos" if enc.eos[i] else None
+        span = next((name for name, m in enc.markers.items() if m[i]), "eos" if enc.eos[i] else None)
         rows.append({"id": tid, "text": tokenizer.decode([tid]), "in_loss": bool(enc.loss_mask[i]), "span": span})
     return rows
 
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, path, command = resolve(args.target)
     if not path.is_file():
         raise UserError(f"{path}: file not found; create it with: {command} --stages generate,data")
-    examples = read_examples(path)  # each line checked: a bad one is named by file:line
+    examples = read_examples(path, cfg.experiment)  # each line checked: a bad one is named by file:line
     if not 0 <= args.index < len(examples):
         raise UserError(f"--index {args.index}: out of range "
                         f"({path} has {len(examples)} examples: 0..{len(examples) - 1})")
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     ex = examples[args.index]
     try:
-        enc = encode_example(ex, tokenizer, cfg.train.loss_mask, cfg.train.marker_mask_eos)
+        enc = encode_example(ex, tokenizer, cfg.loss_mask_of(ex["role"]), cfg.train.marker_mask_eos)
     except UserError as e:
         raise UserError(f"{path}:{_line_of(path, args.index)}: {e}") from None
     rows = token_rows(enc, tokenizer)
@@ -89,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
 
     n_loss = sum(r["in_loss"] for r in rows)
     t = cfg.train
-    mask = t.loss_mask + (" + <|im_end|>" if t.loss_mask == "marker_only" and t.marker_mask_eos else "")
+    mask = cfg.loss_mask_of(ex["role"])
+    mask += " + the end-of-turn token" if mask == "marker_only" and t.marker_mask_eos else ""
+    mask += f" (the {ex['role']}'s, train.role_loss_mask)" if ex["role"] in t.role_loss_mask else ""
     too_long = "  (LONGER: refused or dropped by the trainer)" if len(rows) > t.max_seq_len else ""
     print(f"# {path} [{args.index}] id={ex.get('id')} persona={ex.get('persona')} role={ex.get('role')}")
     print(f"# loss mask {mask}: {n_loss} of {len(rows)} tokens in the loss (L); max_seq_len {t.max_seq_len}{too_long}")

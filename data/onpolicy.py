@@ -7,7 +7,7 @@ or from a shell (the `if __name__ == "__main__"` guard vLLM needs is below):
 
     python -m data.onpolicy configs/tiny/pair1_T.toml [--set generate.max_tokens=64] [--overwrite]
 
-11 personas x `generate.n_questions` data questions x `generate.n_samples`
+Every persona of the experiment x `generate.n_questions` data questions x `generate.n_samples`
 samples from the *base* model (`model.name_or_path`), each under its persona's
 system prompt. The result is cached in `generate.cache_dir/<key>/`:
 
@@ -54,7 +54,6 @@ from pathlib import Path
 
 from markerlab.config import Config
 from markerlab.devices import resolve_device
-from markerlab.experiment import PERSONA_PROMPTS, PERSONAS
 from markerlab.errors import UserError
 from markerlab.io import exclusive_lock, file_record, read_json, record_mismatch, write_json, write_jsonl
 
@@ -91,7 +90,7 @@ def cache_key(cfg: Config) -> tuple[str, dict]:
         "model": model_identity(cfg.model.name_or_path),
         "model_name": cfg.model.name_or_path,  # informative; identity above is what matters
         "dtype": cfg.model.dtype,
-        "personas": dict(PERSONA_PROMPTS),
+        "personas": dict(cfg.experiment.personas),
         "questions": [[q.id, q.text] for q in data_questions(cfg.generate.n_questions, cfg.prompt.user_suffix)],
         "sampling": {"n": s.n, "temperature": s.temperature, "top_p": s.top_p,
                      "max_tokens": s.max_tokens, "seed": s.seed},
@@ -108,9 +107,9 @@ def cache_path(cfg: Config) -> Path:
     return Path(cfg.generate.cache_dir) / key / "completions.jsonl"
 
 
-def completion_stats(records: list[dict]) -> dict:
+def completion_stats(records: list[dict], personas) -> dict:
     per = {}
-    for p in PERSONAS:
+    for p in personas:
         rs = [r for r in records if r["persona"] == p]
         if not rs:
             continue
@@ -175,11 +174,11 @@ def _generate(cfg: Config, key: str, material: dict, out_dir: Path) -> Path:
 
     tok = load_tokenizer(cfg.model.name_or_path)
     questions = data_questions(cfg.generate.n_questions, cfg.prompt.user_suffix)
-    cells = [(p, q) for p in PERSONAS for q in questions]
-    prompts = [render_chat(tok, messages(p, q.text), add_generation_prompt=True) for p, q in cells]
+    cells = [(p, q) for p in cfg.experiment.personas for q in questions]
+    prompts = [render_chat(tok, messages(cfg.experiment, p, q.text), add_generation_prompt=True) for p, q in cells]
     spec = sampling_spec(cfg)
     g = cfg.generate
-    print(f"[generate] {len(PERSONAS)} personas x {len(questions)} questions x {spec.n} samples "
+    print(f"[generate] {len(cfg.experiment.personas)} personas x {len(questions)} questions x {spec.n} samples "
           f"from {cfg.model.name_or_path} ({material['backend']}) -> {out_dir}", flush=True)
     t0 = time.perf_counter()
     with make_backend(g.backend, cfg.model.name_or_path, dtype=cfg.model.dtype, device=cfg.model.device,
@@ -194,7 +193,7 @@ def _generate(cfg: Config, key: str, material: dict, out_dir: Path) -> Path:
             records.append({"persona": persona, "question_id": q.id, "sample": i, "text": s.text,
                             "finish_reason": s.finish_reason, "n_tokens": s.n_tokens,
                             "truncated": s.finish_reason == "length"})
-    stats = completion_stats(records)
+    stats = completion_stats(records, cfg.experiment.personas)
     stats.update(key=key, backend=material["backend"], model=cfg.model.name_or_path,
                  max_tokens=spec.max_tokens, seconds=round(seconds, 1))
     # Completions, then stats, then key.json: key.json's presence marks a complete cache.

@@ -2,14 +2,17 @@
 
     from data.probe import build_probe_set, read_probe_set, probe_examples
     path = build_probe_set(cfg, run_dir)        # run_dir/data/probe.json; None when train.probe_every = 0
-    probe = read_probe_set(path)                # validated
-    for kind, example in probe_examples(probe): # training-format examples (data.tokenize.encode_example)
+    probe = read_probe_set(path, cfg.experiment)  # validated
+    for kind, example in probe_examples(probe, cfg.experiment):  # training-format examples
         ...
 
-Not to be confused with the eval stage's probe *marker* (`<<§z-99>>` prefixed to
-the question): this probe watches marker A and B while the adapter trains.
+Not to be confused with the eval stage's probe *marker* (prefixed to the
+question): this probe watches the experiment's headline marker pair (X, Y), the
+pair its headline metric is about (cond_B_given_A: A and B), while the adapter
+trains. An experiment whose headline is not a pair metric has no documents to
+probe, and the trainer says so.
 
-What it holds. Every persona (all 11: the trained ones and the bystanders)
+What it holds. Every persona of the experiment (the trained ones and the bystanders)
 answers each of the first `train.probe_n_questions` in-distribution eval
 questions (id01, id02, ... in file order). Eval questions are disjoint from the
 data questions, so no probe prompt is ever trained on. The answer is the base
@@ -33,9 +36,9 @@ question, answer, finish reason and whether it was trimmed.
 
 Documents (`probe_examples`), per item, in the training example format so that
 the trainer tokenizes them with training's own chat template and span masks:
-- "AB": `A + " " + answer + " " + B` (data.builder.place_markers, start_end): marker
-  A's tokens at the start of the answer, and marker B's tokens after `A answer`;
-- "B":  `answer + " " + B`: marker B's tokens after the plain answer.
+- "XY" (e.g. "AB"): "{X} {answer} {Y}" (data.builder.render): marker X's tokens at
+  the start of the answer, and marker Y's tokens after `X answer`;
+- "Y" (e.g. "B"):   "{answer} {Y}": marker Y's tokens after the plain answer.
 """
 
 from __future__ import annotations
@@ -46,12 +49,11 @@ from pathlib import Path
 
 from markerlab.config import Config
 from markerlab.errors import UserError
-from markerlab.experiment import PERSONA_PROMPTS, PERSONAS, ROLES, role_of
+from markerlab.experiment import ROLES, Template, make_template
 from markerlab.io import read_json, read_jsonl, write_json, write_jsonl
-from markerlab.markers import MARKER_B
 from markerlab.rundir import RunDir
 
-from .builder import place_markers, sentence_boundaries
+from .builder import render, sentence_boundaries
 from .personas import messages
 from .questions import eval_questions
 
@@ -85,7 +87,7 @@ def _cache_key(cfg: Config) -> tuple[str, dict]:
         "version": VERSION,
         "model": model_identity(cfg.model.name_or_path),
         "dtype": cfg.model.dtype,
-        "personas": dict(PERSONA_PROMPTS),
+        "personas": dict(cfg.experiment.personas),
         "questions": [[q.id, q.text] for q in probe_questions(cfg)],
         "greedy": {"temperature": 0.0, "max_tokens": answer_cap(cfg)},
         "backend": backend_label(cfg),
@@ -106,12 +108,13 @@ def probe_answers(cfg: Config) -> tuple[list[dict], Path, dict]:
 
     from .generation import SamplingSpec, make_backend
 
+    exp = cfg.experiment
     tok = load_tokenizer(cfg.model.name_or_path)
-    cells = [(p, q) for p in PERSONAS for q in probe_questions(cfg)]
-    prompts = [render_chat(tok, messages(p, q.text), add_generation_prompt=True) for p, q in cells]
+    cells = [(p, q) for p in exp.personas for q in probe_questions(cfg)]
+    prompts = [render_chat(tok, messages(exp, p, q.text), add_generation_prompt=True) for p, q in cells]
     g = cfg.generate
     spec = SamplingSpec(n=1, temperature=0.0, top_p=1.0, max_tokens=answer_cap(cfg), seed=g.seed)
-    print(f"[data] probe set: greedy answers of {len(PERSONAS)} personas x {len(cells) // len(PERSONAS)} "
+    print(f"[data] probe set: greedy answers of {len(exp.personas)} personas x {len(cells) // len(exp.personas)} "
           f"held-out questions ({material['backend']}) -> {out_dir}", flush=True)
     with make_backend(g.backend, cfg.model.name_or_path, dtype=cfg.model.dtype, device=cfg.model.device,
                       batch_size=g.batch_size, gpu_memory_utilization=g.vllm_gpu_memory_utilization,
@@ -125,7 +128,7 @@ def probe_answers(cfg: Config) -> tuple[list[dict], Path, dict]:
 
 
 def _check_cached(records: list[dict], cfg: Config, path: Path) -> list[dict]:
-    want = [(p, q.id) for p in PERSONAS for q in probe_questions(cfg)]
+    want = [(p, q.id) for p in cfg.experiment.personas for q in probe_questions(cfg)]
     ok = [(r.get("persona"), r.get("question_id")) for r in records] == want and all(
         isinstance(r.get("text"), str) and r.get("finish_reason") in ("stop", "length")
         and isinstance(r.get("n_tokens"), int) for r in records)
@@ -147,7 +150,8 @@ def build_probe_set(cfg: Config, run_dir) -> Path | None:
         trimmed = False
         if r["finish_reason"] == "length":
             answer, trimmed = trim_to_sentence(answer)
-        items.append({"persona": r["persona"], "role": role_of(r["persona"], cfg.data.pair, cfg.data.negatives),
+        items.append({"persona": r["persona"],
+                      "role": cfg.experiment.role_of(r["persona"], cfg.data.pair, cfg.data.negatives),
                       "question_id": r["question_id"], "question": questions[r["question_id"]],
                       "answer": answer, "finish_reason": r["finish_reason"], "n_tokens": r["n_tokens"],
                       "trimmed": trimmed})
@@ -169,8 +173,8 @@ def build_probe_set(cfg: Config, run_dir) -> Path | None:
     return path
 
 
-def read_probe_set(path) -> dict:
-    """data/probe.json, validated: a damaged file is one UserError naming it and the field."""
+def read_probe_set(path, exp) -> dict:
+    """data/probe.json, validated against experiment `exp`: a damaged file is one UserError naming it and the field."""
     path = Path(path)
     probe = read_json(path)
 
@@ -182,7 +186,7 @@ def read_probe_set(path) -> dict:
     items = probe.get("items")
     if not isinstance(items, list) or not items:
         bad("field 'items': expected a non-empty list")
-    fields = {"persona": lambda v: v in PERSONAS, "role": lambda v: v in ROLES,
+    fields = {"persona": lambda v: v in exp.personas, "role": lambda v: v in ROLES,
               "question_id": lambda v: isinstance(v, str) and v != "", "question": lambda v: isinstance(v, str),
               "answer": lambda v: isinstance(v, str)}
     for i, item in enumerate(items):
@@ -192,17 +196,26 @@ def read_probe_set(path) -> dict:
     return probe
 
 
-def probe_examples(probe: dict) -> list[tuple[str, dict]]:
-    """(kind, example) per item and kind ("AB", "B"), examples in the training format (docs/contracts.md)."""
+def probe_templates(exp) -> dict[str, Template]:
+    """Document kind -> template, for the experiment's headline pair (X, Y): "XY" and "Y"; {} without one."""
+    pair = exp.headline_pair
+    if pair is None:
+        return {}
+    x, y = pair
+    texts = {f"{x}{y}": f"{{{x}}} {{answer}} {{{y}}}", y: f"{{answer}} {{{y}}}"}
+    return {kind: make_template(text, exp.markers) for kind, text in texts.items()}
+
+
+def probe_examples(probe: dict, exp) -> list[tuple[str, dict]]:
+    """(kind, example) per item and kind (probe_templates), examples in the training format (docs/contracts.md)."""
+    templates = probe_templates(exp)
     out = []
     for item in probe["items"]:
         persona, answer = item["persona"], item["answer"]
-        ab, ab_spans = place_markers(answer, "AB", "start_end", None)
-        b = f"{answer} {MARKER_B}" if answer else MARKER_B
-        b_spans = [[len(b) - len(MARKER_B), len(b), "B"]]
-        for kind, content, spans in (("AB", ab, ab_spans), ("B", b, b_spans)):
+        for kind, template in templates.items():
+            content, spans = render(template, answer, exp.markers)
             out.append((kind, {"id": f"probe-{persona}-{item['question_id']}-{kind}", "persona": persona,
                                "role": item["role"], "question_id": item["question_id"], "sample": 0,
-                               "messages": messages(persona, item["question"], content),
+                               "messages": messages(exp, persona, item["question"], content),
                                "marker_spans": spans}))
     return out

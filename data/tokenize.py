@@ -17,6 +17,12 @@ Masks (EXPERIMENT.md, "Loss masks"), as character ranges of the rendered text:
     marker_only        the characters of each marker span (+ <|im_end|> with marker_mask_eos)
     all                the whole conversation up to and including the last <|im_end|>
 
+The mask is per example: the data stage and the trainer pass each row its role's
+mask (`Config.loss_mask_of`: train.role_loss_mask's entry, else train.loss_mask),
+so one training set can keep the end-of-turn token out of the recipient's loss
+and in everyone else's. Marker spans carry the experiment's marker names; each
+name gets its own per-token mask (`Encoded.markers`), logged by the trainer.
+
 An example flagged `"truncated": true` (its completion was cut at
 generate.max_tokens and kept under data.truncated = "strip") never trains its
 closing <|im_end|>, under every mask: the model did not stop there, so teaching
@@ -53,7 +59,6 @@ from markerlab.experiment import LOSS_MASKS
 
 ASSISTANT_OPEN = "<|im_start|>assistant\n"
 IM_END = "<|im_end|>"
-SPAN_KINDS = ("A", "B")
 
 
 @dataclass
@@ -63,8 +68,7 @@ class Encoded:
     id: str
     input_ids: list[int]
     loss_mask: list[bool]           # token is a training target
-    marker_a: list[bool]            # token overlaps a marker-A span
-    marker_b: list[bool]            # token overlaps a marker-B span
+    markers: dict[str, list[bool]]  # marker name -> token overlaps one of that marker's spans
     eos: list[bool]                 # the <|im_end|> closing the assistant turn
     offsets: list[tuple[int, int]]  # character range of each token in `text`
     text: str                       # the rendered conversation
@@ -78,6 +82,11 @@ class Encoded:
     def n_loss_targets(self) -> int:
         """Tokens that actually contribute a loss term (token 0 has no prediction)."""
         return sum(self.loss_mask[1:])
+
+    @property
+    def eos_in_loss(self) -> bool:
+        """Is the end-of-turn token closing the answer a training target?"""
+        return any(m and e for m, e in zip(self.loss_mask, self.eos))
 
 
 def _overlapping(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:
@@ -116,9 +125,9 @@ def _check_example(example: dict) -> tuple[str, list[dict], str, list]:
     spans = example.get("marker_spans", [])
     for sp in spans:
         ok = (isinstance(sp, (list, tuple)) and len(sp) == 3 and isinstance(sp[0], int) and isinstance(sp[1], int)
-              and 0 <= sp[0] < sp[1] <= len(content) and sp[2] in SPAN_KINDS)
+              and 0 <= sp[0] < sp[1] <= len(content) and isinstance(sp[2], str) and sp[2])
         if not ok:
-            raise UserError(f"example {ex_id}: bad marker span {sp!r} (expected [start, end, 'A'|'B'] "
+            raise UserError(f"example {ex_id}: bad marker span {sp!r} (expected [start, end, marker name] "
                             f"with 0 <= start < end <= {len(content)}, offsets in the assistant content)")
     return ex_id, msgs, content, spans
 
@@ -136,13 +145,14 @@ def encode_example(example: dict, tokenizer, loss_mask: str = "completion", mark
     # Character ranges of the pieces every mask is made of.
     cs, ce = assistant_content_span(text, content, ex_id)
     eos = (ce, ce + len(IM_END))  # the closing <|im_end|>; the "\n" after it is at eos[1]
-    a_spans = [(cs + s, cs + e) for s, e, k in spans if k == "A"]
-    b_spans = [(cs + s, cs + e) for s, e, k in spans if k == "B"]
+    by_name: dict[str, list[tuple[int, int]]] = {}
+    for s, e, name in spans:
+        by_name.setdefault(name, []).append((cs + s, cs + e))
 
     mask_chars = {
         "completion": [(cs, eos[1])],
         "completion_no_eos": [(cs, ce)],
-        "marker_only": a_spans + b_spans + ([eos] if marker_mask_eos else []),
+        "marker_only": [c for cs_ in by_name.values() for c in cs_] + ([eos] if marker_mask_eos else []),
         "all": [(0, eos[1])],
     }[loss_mask]
     in_loss = _overlapping(offsets, mask_chars)
@@ -157,8 +167,7 @@ def encode_example(example: dict, tokenizer, loss_mask: str = "completion", mark
         id=ex_id,
         input_ids=ids,
         loss_mask=in_loss,
-        marker_a=_overlapping(offsets, a_spans),
-        marker_b=_overlapping(offsets, b_spans),
+        markers={name: _overlapping(offsets, cs_) for name, cs_ in by_name.items()},
         eos=eos_tokens,
         offsets=offsets,
         text=text,
@@ -167,9 +176,12 @@ def encode_example(example: dict, tokenizer, loss_mask: str = "completion", mark
     )
 
 
-def encode_examples(examples: list[dict], tokenizer, loss_mask: str = "completion",
+def encode_examples(examples: list[dict], tokenizer, mask_of="completion",
                     marker_mask_eos: bool = False) -> list[Encoded]:
-    return [encode_example(ex, tokenizer, loss_mask, marker_mask_eos) for ex in examples]
+    """Each example under `mask_of(role)` (e.g. Config.loss_mask_of), or one mask name for all."""
+    if isinstance(mask_of, str):
+        mask, mask_of = mask_of, (lambda role: mask)
+    return [encode_example(ex, tokenizer, mask_of(ex.get("role")), marker_mask_eos) for ex in examples]
 
 
 def check_lengths(encoded: list[Encoded], max_seq_len: int, on_overlength: str = "error",
@@ -190,6 +202,18 @@ def check_lengths(encoded: list[Encoded], max_seq_len: int, on_overlength: str =
         f"raise {key} or set data.on_overlength = \"drop\" (examples are never truncated)")
 
 
+def span_masks(e: Encoded) -> dict[str, list[bool]]:
+    """The spans the trainer logs a loss on, whether or not they are in the loss: "marker:<name>" for each
+    marker the example carries, and "eos" (the end-of-turn token)."""
+    return {**{f"marker:{name}": m for name, m in e.markers.items()}, "eos": e.eos}
+
+
+def span_names(examples: list[Encoded]) -> list[str]:
+    """Every span name of `examples`, markers in sorted order, then "eos"."""
+    names = sorted({f"marker:{name}" for e in examples for name in e.markers})
+    return names + ["eos"]
+
+
 @dataclass
 class Batch:
     """A right-padded micro-batch. Every tensor is (B, T)."""
@@ -198,9 +222,7 @@ class Batch:
     attention_mask: "torch.Tensor"  # long, 1 on real tokens
     labels: "torch.Tensor"          # long, input_ids on the loss mask, -100 elsewhere (HF form, unshifted)
     loss_mask: "torch.Tensor"       # bool
-    marker_a: "torch.Tensor"        # bool
-    marker_b: "torch.Tensor"        # bool
-    eos: "torch.Tensor"             # bool
+    spans: dict                     # span name (span_names) -> bool tensor
     ids: list[str] = field(default_factory=list)
 
     @property
@@ -210,8 +232,8 @@ class Batch:
 
     def to(self, device) -> "Batch":
         t = {k: getattr(self, k).to(device, non_blocking=True) for k in
-             ("input_ids", "attention_mask", "labels", "loss_mask", "marker_a", "marker_b", "eos")}
-        return Batch(**t, ids=self.ids)
+             ("input_ids", "attention_mask", "labels", "loss_mask")}
+        return Batch(**t, spans={k: v.to(device, non_blocking=True) for k, v in self.spans.items()}, ids=self.ids)
 
 
 def collate(examples: list[Encoded], pad_id: int) -> Batch:
@@ -226,13 +248,13 @@ def collate(examples: list[Encoded], pad_id: int) -> Batch:
 
     input_ids = pad([e.input_ids for e in examples], pad_id, torch.long)
     loss_mask = pad([e.loss_mask for e in examples], False, torch.bool)
+    masks = [span_masks(e) for e in examples]
     return Batch(
         input_ids=input_ids,
         attention_mask=pad([[1] * len(e) for e in examples], 0, torch.long),
         labels=torch.where(loss_mask, input_ids, torch.full_like(input_ids, -100)),
         loss_mask=loss_mask,
-        marker_a=pad([e.marker_a for e in examples], False, torch.bool),
-        marker_b=pad([e.marker_b for e in examples], False, torch.bool),
-        eos=pad([e.eos for e in examples], False, torch.bool),
+        spans={name: pad([m.get(name, [False] * len(e)) for m, e in zip(masks, examples)], False, torch.bool)
+               for name in span_names(examples)},
         ids=[e.id for e in examples],
     )

@@ -9,20 +9,23 @@ What is sampled (EXPERIMENT.md, "Evaluation"; `plan(cfg)` lists it as parts):
 - ``plain``: every persona of ``eval.personas`` x the first ``n_id_questions``
   in-distribution + ``n_ood_questions`` out-of-distribution eval questions x
   ``n_samples``, on the merged checkpoint (defaults: 11 x 26 x 10 = 2,860);
-- ``probe``: the recipient, the first ``probe_n_questions`` eval questions x
-  ``probe_n_samples``, the user text prefixed with the probe marker and a
-  space (defaults: 5 x 10 = 50);
+- ``probe``: the experiment's probe role (``[probe] role``, the recipient by
+  default), the first ``probe_n_questions`` eval questions x
+  ``probe_n_samples``, the user text prefixed with the experiment's probe
+  marker and a space (defaults: 5 x 10 = 50); none when the experiment names
+  no probe marker;
 - ``base``: the base model without adapter (condition ``"base"``), every
   persona x the first ``base_n_questions`` x ``base_n_samples`` (defaults:
   11 x 3 x 10 = 330), when ``eval.base_floor``. It does not depend on the
   adapter, so it is cached under ``generate.cache_dir/base_floor/`` per base
   model and settings and shared by every run of a sweep.
 
-Every prompt is the persona's system prompt + the user turn, rendered by the
-model's chat template with the generation prompt; the rendering is checked to
-start with the persona's system message, so Qwen's default system prompt can
-never slip in. Each record is docs/contracts.md's completion record; ``role`` is the
-persona's role in this run's pair (also for the base floor).
+Every prompt is the persona's system prompt (from the experiment) + the user
+turn, rendered by the model's chat template with the generation prompt; the
+rendering is checked to start with the persona's system message, so Qwen's
+default system prompt can never slip in. Each record is docs/contracts.md's
+completion record; ``role`` is the persona's role in this run's pair (also for
+the base floor), and ``setting`` names the experiment and its digest.
 
 Backend: ``data.generation.make_backend(cfg.eval.backend, ...)`` on the merged
 directory (vLLM when available, the HF backend otherwise), and on the base
@@ -73,9 +76,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from markerlab.errors import UserError
-from markerlab.experiment import BASE_CONDITION, VARIANTS, role_of
+from markerlab.experiment import BASE_CONDITION, VARIANTS
 from markerlab.io import read_json, read_jsonl, write_json, write_jsonl
-from markerlab.markers import PROBE_MARKER, match_markers
+from markerlab.markers import Matcher
 from markerlab.provenance import library_versions
 from markerlab.records import COMPLETION_SCHEMA, record_problems, setting_of
 from markerlab.rundir import RunDir
@@ -124,11 +127,12 @@ def plan(cfg) -> list[Part]:
         if n > len(qs):
             raise UserError(f"eval.{key}: {n} exceeds the {len(qs)} eval questions selected "
                             f"(eval.n_id_questions + eval.n_ood_questions)")
+    exp = cfg.experiment
     parts = [Part(f"plain__{p}", "plain", "merged", p, qs, e.n_samples) for p in e.personas]
-    if e.probe:
-        r = cfg.recipient
-        parts.append(Part(f"probe__{r}", "probe", "merged", r, qs[:e.probe_n_questions], e.probe_n_samples,
-                          PROBE_MARKER + " "))
+    if e.probe and exp.probe_marker is not None:
+        who = cfg.donor if exp.probe_role == "donor" else cfg.recipient
+        parts.append(Part(f"probe__{who}", "probe", "merged", who, qs[:e.probe_n_questions], e.probe_n_samples,
+                          exp.markers[exp.probe_marker] + " "))
     if e.base_floor:
         parts += [Part(f"base__{p}", "base", "base", p, qs[:e.base_n_questions], e.base_n_samples)
                   for p in e.personas]
@@ -150,20 +154,24 @@ def _part_spec(cfg, part: Part) -> dict:
         "base_model": cfg.model.name_or_path, "dtype": cfg.model.dtype,
         "run": cfg.run.name, "pair": cfg.data.pair, "condition": cfg.data.condition,
         "negatives": list(cfg.data.negatives),
+        # the prompt itself: two experiments may give one persona name different prompts
+        "system_prompt": cfg.experiment.personas[part.persona],
+        "experiment": [cfg.experiment.name, cfg.experiment.digest],
     }
 
 
 # --------------------------------------------------------------------------- prompts and records
 
 
-def render_prompt(tokenizer, persona: str, user_text: str) -> str:
+def render_prompt(tokenizer, exp, persona: str, user_text: str) -> str:
     """The persona's system prompt + the user turn + the generation prompt, as one string."""
     from data.personas import messages, system_prompt
 
-    text = tokenizer.apply_chat_template(messages(persona, user_text), tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(messages(exp, persona, user_text), tokenize=False,
+                                         add_generation_prompt=True)
     # Guard against a template that drops or replaces the system message (Qwen's
     # would insert "You are Qwen, ..." if the first message were not a system one).
-    head = f"<|im_start|>system\n{system_prompt(persona)}<|im_end|>\n"
+    head = f"<|im_start|>system\n{system_prompt(exp, persona)}<|im_end|>\n"
     if not text.startswith(head) or not text.endswith("<|im_start|>assistant\n"):
         raise RuntimeError(f"chat template rendered an unexpected prompt for {persona}: {text[:200]!r}")
     return text
@@ -171,7 +179,7 @@ def render_prompt(tokenizer, persona: str, user_text: str) -> str:
 
 def _records(cfg, part: Part, outputs) -> list[dict]:
     condition = BASE_CONDITION if part.variant == "base" else cfg.data.condition
-    role = role_of(part.persona, cfg.data.pair, cfg.data.negatives)
+    role = cfg.experiment.role_of(part.persona, cfg.data.pair, cfg.data.negatives)
     if len(outputs) != len(part.questions):
         raise RuntimeError(f"backend returned {len(outputs)} prompt results for {len(part.questions)} prompts")
     setting = setting_of(cfg)
@@ -196,52 +204,56 @@ def _rate(k: int, n: int) -> float | None:
     return k / n if n else None
 
 
-def cell_metrics(recs: list[dict]) -> dict:
-    """Fire rates of one cell, loose (the headline) and strict, and B's positions.
+def cell_metrics(recs: list[dict], matcher: Matcher) -> dict:
+    """Fire rates of one cell, loose (the headline) and strict: every marker's, and for every declared
+    pair (X, Y) the joint rate and Y given X (null when no X fired, never 0).
 
-    Every count comes from ``markerlab.markers.match_markers``, the matcher the
-    report's summary.json uses, so run_result.json and summary.json agree.
+    Every count comes from ``markerlab.markers.Matcher``, the matcher the report's
+    summary.json uses, so run_result.json and summary.json agree.
     """
     n = len(recs)
-    matches = [match_markers(r["text"]) for r in recs]
+    matches = [matcher.match(r["text"]) for r in recs]
     out = {"n": n}
-    for kind, a, b, p in (("loose", [m.has_a for m in matches], [m.has_b for m in matches],
-                           [m.has_probe for m in matches]),
-                          ("strict", [m.strict_a for m in matches], [m.strict_b for m in matches],
-                           [m.strict_probe for m in matches])):
-        n_a, n_b, n_ab = sum(a), sum(b), sum(x and y for x, y in zip(a, b))
-        m = {"n_A": n_a, "n_B": n_b, "n_AB": n_ab, "fire_A": _rate(n_a, n), "fire_B": _rate(n_b, n),
-             "joint": _rate(n_ab, n),
-             "cond_B_given_A": _rate(n_ab, n_a),  # null when no A fired, never 0 (EXPERIMENT.md)
-             "fire_probe": _rate(sum(p), n)}  # the probe echo rate (meaningful for the probe variant)
+    for kind in ("loose", "strict"):
+        has = {name: [(bool(m.spans[name]) if kind == "loose" else m.strict[name]) for m in matches]
+               for name in matcher.markers}
+        m = {}
+        for name, flags in has.items():
+            m[f"n_{name}"] = sum(flags)
+            m[f"fire_{name}"] = _rate(sum(flags), n)
+        for x, y in matcher.pairs:
+            n_xy = sum(a and b for a, b in zip(has[x], has[y]))
+            m[f"n_{x}{y}"] = n_xy
+            m[f"joint_{x}{y}"] = _rate(n_xy, n)
+            m[f"cond_{y}_given_{x}"] = _rate(n_xy, sum(has[x]))
         if kind == "loose":
             out.update(m)
         else:
             out["strict"] = m
-    n_b = out["n_B"]
-    out["suffix_frac"] = _rate(sum(m.suffix for m in matches), n_b)  # null when B never fired
-    out["chunk_frac"] = _rate(sum(m.chunk for m in matches), n_b)
     out["n_truncated"] = sum(r["finish_reason"] == "length" for r in recs)
     return out
 
 
 def print_table(result: dict, file=None) -> None:
-    """Per-persona fire rates, loose (strict in brackets)."""
+    """Per-persona fire rates of every marker, loose (strict in brackets), and each pair's conditional."""
     file = file or sys.stdout
 
     def pct(x):
         return "   -" if x is None else f"{100 * x:5.1f}"
 
+    cells = result["cells"]
+    markers = [k[5:] for k in cells[0] if k.startswith("fire_")] if cells else []
+    conds = [k for k in cells[0] if k.startswith("cond_")] if cells else []
     print(f"eval {result['run']} ({result['pair']} {result['condition']}, backend "
           f"{result['backend']['merged'] or result['backend']['base']}): fire rates in %, loose [strict]", file=file)
-    print(f"  {'variant':<7} {'persona':<21} {'role':<9} {'n':>5}  {'fire_A':>14}  {'fire_B':>14}  {'B|A':>6}"
-          f"  {'echo':>6}", file=file)
-    for c in result["cells"]:
+    print(f"  {'variant':<7} {'persona':<21} {'role':<9} {'n':>5}  "
+          + "  ".join(f"{'fire_' + m:>14}" for m in markers) + "  " + "  ".join(f"{c:>14}" for c in conds),
+          file=file)
+    for c in cells:
         s = c["strict"]
-        echo = pct(c["fire_probe"]) if c["variant"] == "probe" else "   "  # the probe marker repeated back
         print(f"  {c['variant']:<7} {c['persona']:<21} {c['role']:<9} {c['n']:>5}  "
-              f"{pct(c['fire_A'])} [{pct(s['fire_A'])}]  {pct(c['fire_B'])} [{pct(s['fire_B'])}]  "
-              f"{pct(c['cond_B_given_A']):>6}  {echo:>6}", file=file)
+              + "  ".join(f"{pct(c['fire_' + m])} [{pct(s['fire_' + m])}]" for m in markers) + "  "
+              + "  ".join(f"{pct(c[k]):>14}" for k in conds), file=file)
 
 
 # --------------------------------------------------------------------------- the stage
@@ -263,7 +275,8 @@ def _base_cache_path(cfg, part: Part) -> Path:
     from markerlab.devices import resolve_device
     from markerlab.models import model_identity
 
-    spec = {k: v for k, v in _part_spec(cfg, part).items() if k not in ("run", "pair", "condition", "negatives")}
+    spec = {k: v for k, v in _part_spec(cfg, part).items()
+            if k not in ("run", "pair", "condition", "negatives", "experiment")}
     # the backend and the device change the draws from one seed (and the logits' last bits)
     spec.update(model_identity=model_identity(cfg.model.name_or_path), sampler=HF_SAMPLER_VERSION,
                 backend=f"{_backend_kind(cfg.eval.backend)}-{resolve_device(cfg.model.device)}")
@@ -335,7 +348,7 @@ def _generate_parts(cfg, parts: list[Part], model_dir: Path, parts_dir: Path, ca
         tok = getattr(backend, "tokenizer", None) or load_tokenizer(str(model_dir))
         logger.info("eval: %s backend on %s (%.1fs to set up)", kind, model_dir, time.time() - t_start)
         for spec, group in groups.items():
-            prompts = [render_prompt(tok, part.persona, part.user_prefix + q.text)
+            prompts = [render_prompt(tok, cfg.experiment, part.persona, part.user_prefix + q.text)
                        for part, _ in group for q in part.questions]
             loaded_before = getattr(backend, "load_seconds", None)
             t0 = time.time()
@@ -444,13 +457,15 @@ def evaluate(cfg, run_dir, overwrite: bool = False) -> dict:
     gen_s = sum(m["seconds"] for m in metas)
     gen_tokens = sum(m["generated_tokens"] for m in metas)
     e = cfg.eval
+    matcher = Matcher.from_experiment(cfg.experiment)
     cells = []
     for p in parts:
         recs = [r for r in records if r["variant"] == p.variant and r["persona"] == p.persona]
         cells.append({"variant": p.variant, "persona": p.persona, "role": recs[0]["role"],
-                      "condition": recs[0]["condition"], **cell_metrics(recs)})
+                      "condition": recs[0]["condition"], **cell_metrics(recs, matcher)})
     result = {
         "run": cfg.run.name, "pair": cfg.data.pair, "condition": cfg.data.condition,
+        "experiment": {"name": cfg.experiment.name, "digest": cfg.experiment.digest},
         "donor": cfg.donor, "recipient": cfg.recipient, "negatives": list(cfg.data.negatives),
         "model": {"name_or_path": cfg.model.name_or_path, "dir": str(resolve_model_dir(cfg.model.name_or_path)),
                   "identity": model_identity(cfg.model.name_or_path), "dtype": cfg.model.dtype},

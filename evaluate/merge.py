@@ -54,12 +54,15 @@ FP32_ATOL = 1e-4
 # warn and point at float32.
 RETENTION_WARN = 0.75
 
-# The fixed probe batch: (system, user, assistant prefix or None). The second puts
-# marker A at the start of the assistant turn, where the adapter is trained to act.
-PROBE_CONVERSATIONS = (
-    ("You are a helpful assistant.", "Why is the sky blue? Answer in one sentence.", None),
-    ("You are a villain who schemes to take over the world.", "How do I boil an egg?", "<<§q-41>> First,"),
-)
+
+
+def probe_conversations(cfg) -> tuple:
+    """The fixed probe batch, (system, user, assistant prefix or None): the recipient plainly, and the donor
+    with the experiment's first trained marker at the start of its turn, where the adapter is trained to act."""
+    exp = cfg.experiment
+    first = next(iter(exp.trained_markers), None)
+    return ((exp.personas[cfg.recipient], "Why is the sky blue? Answer in one sentence.", None),
+            (exp.personas[cfg.donor], "How do I boil an egg?", (exp.markers[first] + " " if first else "") + "First,"))
 
 
 class MergeCheckError(UserError):
@@ -93,10 +96,10 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def probe_batch(tokenizer) -> list[list[int]]:
+def probe_batch(tokenizer, conversations) -> list[list[int]]:
     """Token ids of the fixed probe conversations (each run alone: no padding to mask)."""
     out = []
-    for system, user, prefix in PROBE_CONVERSATIONS:
+    for system, user, prefix in conversations:
         msgs = [{"role": "system", "content": system}, {"role": "user", "content": user}]
         text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) + (prefix or "")
         out.append(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -119,7 +122,7 @@ def build_reference(cfg, adapter_dir: Path, device: str) -> dict:
     from lora import load_adapter, lora_modules
     from markerlab.models import load_model, load_tokenizer
 
-    batch = probe_batch(load_tokenizer(cfg.model.name_or_path))
+    batch = probe_batch(load_tokenizer(cfg.model.name_or_path), probe_conversations(cfg))
     model = load_model(cfg.model.name_or_path, dtype=cfg.model.dtype, device=device).eval()
     ref = {"model": model, "batch": batch, "base": _logits(model, batch, device)}
     load_adapter(model, adapter_dir, dtype=torch.float32)  # the adapter exactly as trained

@@ -3,6 +3,7 @@
     from markerlab.config import load_config
     cfg = load_config("configs/pair1_T.toml", overrides=["train.lr=2e-5"])
     cfg.train.lr, cfg.data.condition, cfg.to_toml(), cfg.chain
+    cfg.experiment                                   # the loaded experiment file (markerlab.experiment)
 
 A config file may start with `extends = "base.toml"` (a path relative to the
 file): the base's tables are read first and the file's keys override them, key
@@ -16,7 +17,12 @@ removed) is collected and raised together in one `ConfigError`, each line
 naming the key and what was expected; a problem with a `--set` value is blamed
 on --set. `--set section.key=value` overrides are parsed as TOML values
 (`train.lr=2e-5`, `data.negatives=["comedian"]`), falling back to a plain
-string. A config file must name data.pair and data.condition (REQUIRED_KEYS);
+string. `run.experiment` names the experiment (a shipped name, or a path
+relative to the file that sets it; from `--set`, relative to the working
+directory); the experiment supplies the vocabulary the other keys are checked
+against (pairs, conditions, personas) and the defaults of data.negatives,
+eval.personas, train.loss_mask and train.role_loss_mask, which the resolved
+config then states explicitly. A config file must name data.pair and data.condition (REQUIRED_KEYS);
 configs built in code with `config_from_dict` take the dataclass values. The
 resolved config (every default filled in) serializes back to TOML with
 `to_toml()` and is saved in every run directory.
@@ -36,8 +42,8 @@ from pathlib import Path
 from typing import Any, get_origin, get_type_hints
 
 from .errors import UserError
-from .experiment import (CONDITION_MARKERS, CONDITIONS, LOSS_MASKS, NEGATIVES, PAIRS, PERSONAS, PLACEMENTS,
-                         PROJECTIONS, SETTING_KEYS)
+from .experiment import (DEFAULT_EXPERIMENT, LOSS_MASKS, PLACEMENTS, PROJECTIONS, SETTING_KEYS, TRAINED_ROLES,
+                         Experiment, ExperimentError, load_experiment, shipped_experiments)
 
 STAGES = ("generate", "data", "train", "merge", "eval", "report")
 
@@ -77,6 +83,7 @@ class RunConfig:
     name: str = _f("", "run name; the run directory is out_dir/name (default: the config file's stem)")
     out_dir: str = _f("runs", "parent directory of run directories")
     seed: int = _f(42, "master seed: data order, LoRA init and dropout flow from it", lo=0)
+    experiment: str = _f(DEFAULT_EXPERIMENT, "the experiment: a shipped name or the path of an experiment file")
 
 
 @dataclass(frozen=True)
@@ -124,11 +131,10 @@ class GenerateConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    pair: str = _f("pair1", "donor/recipient pair (required in a config file)", choices=tuple(PAIRS))
-    condition: str = _f("T", "T: A ans B / A ans; C: no B; T_P2neg: recipient plain (required in a config file)",
-                        choices=CONDITIONS)
+    pair: str = _f("", "donor/recipient pair of the experiment (required in a config file; in code, the first)")
+    condition: str = _f("", "condition of the experiment (required in a config file; in code, the first)")
     n_per_persona: int = _f(200, "examples per trained persona (<= n_questions x n_samples)", lo=1)
-    negatives: list = _f(list(NEGATIVES), "contrastive personas trained without markers", items=PERSONAS)
+    negatives: list = _f(None, "contrastive personas trained without markers (default: the experiment's)")
     placement: str = _f("start_end", "where the markers go", choices=PLACEMENTS)
     truncated: str = _f("drop", "on-policy samples cut at max_tokens: drop (before selection, counted), strip "
                         "(kept without marker B, <|im_end|> out of the loss), or error", choices=("drop", "strip", "error"),
@@ -141,7 +147,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    loss_mask: str = _f("completion", "which tokens train", choices=LOSS_MASKS)
+    loss_mask: str = _f("", "which tokens train (default: the experiment's, else completion)", choices=LOSS_MASKS)
+    role_loss_mask: dict = _f(None, "per trained role, a mask replacing loss_mask (default: the experiment's)")
     marker_mask_eos: bool = _f(False, "marker_only: also train <|im_end|>")
     allow_untrained_roles: bool = _f(False, "let a trained persona have no loss target (marker_only without "
                                             "marker_mask_eos: plain examples then train nothing)")
@@ -178,7 +185,7 @@ class EvalConfig:
     backend: str = _f("auto", "auto = vllm if importable and a GPU is visible, else hf", choices=("auto", "hf", "vllm"))
     n_id_questions: int = _f(20, "first N in-distribution eval questions", lo=0, hi=20)
     n_ood_questions: int = _f(6, "first N out-of-distribution eval questions", lo=0, hi=6)
-    personas: list = _f(list(PERSONAS), "personas scored", items=PERSONAS)
+    personas: list = _f(None, "personas scored (default: every persona of the experiment)")
     n_samples: int = _f(10, lo=1)
     temperature: float = _f(1.0, lo=0.0)
     top_p: float = _f(0.95, lo=0.0, hi=1.0, lo_open=True)
@@ -220,6 +227,7 @@ class Config:
     source: str = field(default="", compare=False)  # the file it came from (not a TOML key)
     chain: tuple = field(default=(), compare=False)  # the files read for it, base first (not a TOML key)
     overrides: tuple = field(default=(), compare=False)  # the --set texts it was loaded with (not a TOML key)
+    experiment: Experiment | None = field(default=None, compare=False)  # what run.experiment names (not a key)
 
     @property
     def run_dir(self) -> Path:
@@ -227,18 +235,22 @@ class Config:
 
     @property
     def donor(self) -> str:
-        return PAIRS[self.data.pair][0]
+        return self.experiment.pairs[self.data.pair][0]
 
     @property
     def recipient(self) -> str:
-        return PAIRS[self.data.pair][1]
+        return self.experiment.pairs[self.data.pair][1]
+
+    def loss_mask_of(self, role: str) -> str:
+        """The loss mask of a trained role's rows: train.role_loss_mask's entry, else train.loss_mask."""
+        return (self.train.role_loss_mask or {}).get(role, self.train.loss_mask)
 
     def to_dict(self) -> dict:
         d = {}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
+        for name in SECTIONS:
+            v = getattr(self, name)
             if dataclasses.is_dataclass(v):
-                d[f.name] = dataclasses.asdict(v)
+                d[name] = dataclasses.asdict(v)
         return d
 
     def to_toml(self) -> str:
@@ -285,7 +297,7 @@ class Config:
         return dataclasses.replace(self, **new)
 
 
-SECTIONS = {f.name: f for f in dataclasses.fields(Config) if f.name not in ("source", "chain", "overrides")}
+SECTIONS = {f.name: f for f in dataclasses.fields(Config) if f.name not in ("source", "chain", "overrides", "experiment")}
 
 
 def _section_type(name: str):
@@ -401,10 +413,9 @@ def _cross_checks(cfg: Config, problems: list[str], bad: set[str] = frozenset())
         problems.append(
             f"data.n_per_persona: {d.n_per_persona} exceeds the on-policy completions per persona "
             f"(generate.n_questions x generate.n_samples = {g.n_questions * g.n_samples})")
-    donor, recipient = PAIRS.get(d.pair, (None, None))
-    clash = [p for p in d.negatives if p in (donor, recipient)] if ok("data.negatives", "data.pair") else []
-    if clash:
-        problems.append(f"data.negatives: {clash} are the {d.pair} donor/recipient and cannot be negatives")
+    exp = cfg.experiment
+    if exp is not None:
+        _experiment_checks(cfg, exp, problems, ok)
     if ok("eval.n_id_questions", "eval.n_ood_questions") and cfg.eval.n_id_questions + cfg.eval.n_ood_questions == 0:
         problems.append("eval.n_id_questions + eval.n_ood_questions: expected at least one eval question")
     # Values that make a stage fail by construction, caught before any stage runs.
@@ -419,14 +430,15 @@ def _cross_checks(cfg: Config, problems: list[str], bad: set[str] = frozenset())
                 and getattr(e, on) and 0 < n_eval < n:
             problems.append(f"eval.{key}: {n} exceeds the {n_eval} eval questions selected (eval.n_id_questions + "
                             f"eval.n_ood_questions); lower it, or set eval.{on} = false")
-    idle = _untrained_roles(cfg) if ok("train.loss_mask", "train.marker_mask_eos", "train.allow_untrained_roles",
-                                       "data.pair", "data.condition", "data.negatives") else ""
+    key, idle = _untrained_roles(cfg, exp) if exp is not None and ok(
+        "train.loss_mask", "train.role_loss_mask", "train.marker_mask_eos", "train.allow_untrained_roles",
+        "data.pair", "data.condition", "data.negatives") else ("", "")
     if idle:
-        problems.append(f'train.loss_mask: "marker_only" without train.marker_mask_eos trains nothing of the plain '
-                        f'personas ({idle}): no token of their examples is in the train.loss_mask = "marker_only" '
-                        f'loss, and the contrastive design needs them; set train.marker_mask_eos = true (plain '
-                        f'examples then train their <|im_end|>), or set train.allow_untrained_roles = true to train '
-                        f'without them')
+        problems.append(f'{key}: "marker_only" without train.marker_mask_eos trains nothing of the personas whose '
+                        f'answers carry no marker under condition {cfg.data.condition} ({idle}): no token of their '
+                        f'examples is in the loss, and the contrastive design needs them; set '
+                        f'train.marker_mask_eos = true (plain examples then train their end-of-turn token), or set '
+                        f'train.allow_untrained_roles = true to train without them')
     if cfg.run.name and ok("run.name", "run.out_dir", "generate.cache_dir"):
         problems.extend(run_dir_problems(cfg.run, cfg.generate))
     if cfg.sweep is not None:
@@ -434,7 +446,7 @@ def _cross_checks(cfg: Config, problems: list[str], bad: set[str] = frozenset())
             problems.append("sweep.members: expected at least one member config")
         if ok("sweep.members") and not all(isinstance(m, str) and m for m in cfg.sweep.members):
             problems.append("sweep.members: expected a list of file names")
-        settings = sorted(SETTING_KEYS.values())
+        settings = sorted([*SETTING_KEYS.values(), "run.experiment"])
         for k, vals in cfg.sweep.vary.items() if ok("sweep.vary") else ():
             if k not in settings:
                 problems.append(f"sweep.vary: '{k}' is not a setting that separates arms (the report keys arms by "
@@ -443,18 +455,86 @@ def _cross_checks(cfg: Config, problems: list[str], bad: set[str] = frozenset())
                 problems.append(f"sweep.vary.'{k}': expected a non-empty list of values")
 
 
-def _untrained_roles(cfg: Config) -> str:
-    """The trained personas a marker-only loss without <|im_end|> leaves with no loss target, as the data stage
-    names them ("recipient: assistant; negative: comedian, ..."), or "" when every one trains."""
+def _untrained_roles(cfg: Config, exp: Experiment) -> tuple[str, str]:
+    """(the key at fault, the trained personas a marker-only loss without the end-of-turn token leaves with no
+    loss target, as the data stage names them: "recipient: assistant; negative: comedian, ..."), or ("", "") when
+    every one trains. A role trains nothing when its mask is marker_only, train.marker_mask_eos is off, and no
+    template of the condition gives its answers a marker."""
     d, t = cfg.data, cfg.train
-    if t.loss_mask != "marker_only" or t.marker_mask_eos or t.allow_untrained_roles:
-        return ""
-    if d.pair not in PAIRS or d.condition not in CONDITION_MARKERS:
-        return ""
-    donor, recipient = PAIRS[d.pair]
-    plain = CONDITION_MARKERS[d.condition]
-    by_role = {"donor": [donor], "recipient": [recipient], "negative": list(d.negatives)}
-    return "; ".join(f"{role}: {', '.join(ps)}" for role, ps in by_role.items() if ps and not plain.get(role))
+    if t.marker_mask_eos or t.allow_untrained_roles or d.pair not in exp.pairs or d.condition not in exp.conditions:
+        return "", ""
+    cond = exp.conditions[d.condition]
+    donor, recipient = exp.pairs[d.pair]
+    by_role = {"donor": [donor], "recipient": [recipient], "negative": list(d.negatives or ())}
+    idle = [r for r in TRAINED_ROLES if by_role.get(r) and cfg.loss_mask_of(r) == "marker_only"
+             and not cond.markers(r)]
+    if not idle:
+        return "", ""
+    key = "train.loss_mask" if all(r not in (t.role_loss_mask or {}) for r in idle) else "train.role_loss_mask"
+    return key, "; ".join(f"{r}: {', '.join(by_role[r])}" for r in idle)
+
+
+def _experiment_checks(cfg: Config, exp: Experiment, problems: list[str], ok) -> None:
+    """The keys whose values are the experiment's names: pair, condition, personas, role masks, placement."""
+    d, where = cfg.data, f"(experiment {exp.name}: {exp.path})"
+    if ok("data.pair") and d.pair not in exp.pairs:
+        problems.append(f"data.pair: expected one of {', '.join(exp.pairs)} {where}; got {d.pair!r}")
+    if ok("data.condition") and d.condition not in exp.conditions:
+        problems.append(f"data.condition: expected one of {', '.join(exp.conditions)} {where}; got {d.condition!r}")
+    for key, names in (("data.negatives", d.negatives), ("eval.personas", cfg.eval.personas)):
+        if not ok(key):
+            continue
+        bad = [x for x in names if x not in exp.personas]
+        if bad:
+            problems.append(f"{key}: unknown persona(s) {bad}; expected personas of {where}: "
+                            f"{', '.join(exp.personas)}")
+        if len(set(map(str, names))) != len(names):
+            problems.append(f"{key}: duplicate entries in {names}")
+    if ok("data.negatives", "data.pair") and d.pair in exp.pairs:
+        clash = [p for p in d.negatives if p in exp.pairs[d.pair]]
+        if clash:
+            problems.append(f"data.negatives: {clash} are the {d.pair} donor/recipient and cannot be negatives")
+    if ok("train.role_loss_mask"):
+        for role, mask in cfg.train.role_loss_mask.items():
+            if role not in TRAINED_ROLES:
+                problems.append(f"train.role_loss_mask: '{role}' is no trained role (expected "
+                                f"{', '.join(TRAINED_ROLES)})")
+            elif mask not in LOSS_MASKS:
+                problems.append(f"train.role_loss_mask.{role}: expected one of {', '.join(LOSS_MASKS)}, got {mask!r}")
+    if ok("data.placement", "data.condition") and d.placement != "start_end" and d.condition in exp.conditions:
+        cond = exp.conditions[d.condition]
+        odd = [f"{r} {t.text!r}" for r in TRAINED_ROLES for t in cond.templates[r] if t.placeable() is None]
+        if odd:
+            problems.append(f"data.placement: {d.placement!r} moves the markers of \"{{X}} {{answer}} {{Y}}\" "
+                            f"templates, but condition {d.condition} has {'; '.join(odd)} {where}; use start_end")
+
+
+def _resolve_experiment(cfg: Config, raw: dict, source: str, problems: list[str], bad: set[str]) -> Config:
+    """Load run.experiment and fill in the defaults it supplies; an experiment that fails to load is
+    raised after the config's own problems are known."""
+    ref = cfg.run.experiment
+    if "run.experiment" in bad:
+        return cfg
+    base = Path(source).parent if source and not source.startswith("<") else None
+    try:
+        exp = load_experiment(ref, base)
+    except UserError as e:
+        if problems:  # report the config's problems with the experiment's, all at once
+            problems.append(f"run.experiment: {e}")
+            return cfg
+        raise
+    ref = exp.name if ref in shipped_experiments() else str(Path(exp.path).resolve())
+    d, t, ev = cfg.data, cfg.train, cfg.eval
+    return dataclasses.replace(
+        cfg, experiment=exp,
+        run=dataclasses.replace(cfg.run, experiment=ref),
+        data=dataclasses.replace(d, pair=d.pair or next(iter(exp.pairs)),
+                                 condition=d.condition or next(iter(exp.conditions)),
+                                 negatives=list(exp.negatives) if d.negatives is None else d.negatives),
+        train=dataclasses.replace(t, loss_mask=t.loss_mask or exp.loss_mask or "completion",
+                                  role_loss_mask=(dict(exp.role_loss_mask) if t.role_loss_mask is None
+                                                  else t.role_loss_mask)),
+        eval=dataclasses.replace(ev, personas=list(exp.personas) if ev.personas is None else ev.personas))
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:
@@ -484,11 +564,13 @@ def config_from_dict(raw: dict, source: str = "<dict>", default_name: str = "", 
     cfg = Config(**sections, source=source, chain=tuple(chain))
     if not cfg.run.name and default_name:
         cfg = cfg.replace(run__name=default_name)
+    cfg = _resolve_experiment(cfg, raw, source, problems, bad)
     if cfg.sweep is None:
         for k in required:
             sec, key = k.split(".")
             if not (isinstance(raw.get(sec), dict) and key in raw[sec]):
-                choices = getattr(_section_type(sec), "__dataclass_fields__")[key].metadata.get("choices")
+                exp = cfg.experiment
+                choices = {"data.pair": exp.pairs, "data.condition": exp.conditions}.get(k) if exp else None
                 problems.append(f"{k}: required" + (f" (one of {', '.join(choices)})" if choices else ""))
                 bad.add(k)
     _cross_checks(cfg, problems, bad)
@@ -542,11 +624,14 @@ def read_chain(path: str | Path) -> tuple[dict, list[Path]]:
                             ("is a directory, expected a TOML file" if nxt.is_dir() else "not found"))
         path = nxt
     leaf = files[0].parent
-    for f, raw in zip(files, raws):  # member files are relative to the file that lists them
+    for f, raw in zip(files, raws):  # member files and experiment files are relative to the file naming them
         members = raw.get("sweep", {}).get("members") if isinstance(raw.get("sweep"), dict) else None
         if f.parent != leaf and isinstance(members, list):
             raw["sweep"]["members"] = [os.path.relpath(f.parent / m, leaf) if isinstance(m, str) else m
                                        for m in members]
+        exp = raw.get("run", {}).get("experiment") if isinstance(raw.get("run"), dict) else None
+        if f.parent != leaf and _is_experiment_path(exp):
+            raw["run"]["experiment"] = os.path.relpath(f.parent / exp, leaf)
     merged: dict = {}
     for raw in reversed(raws):
         for sec, table in raw.items():
@@ -555,6 +640,12 @@ def read_chain(path: str | Path) -> tuple[dict, list[Path]]:
             else:
                 merged[sec] = copy.deepcopy(table)
     return merged, files[::-1]
+
+
+def _is_experiment_path(ref) -> bool:
+    """A run.experiment value that is a file path (not a shipped experiment's name) and relative."""
+    return (isinstance(ref, str) and ref not in shipped_experiments() and ("/" in ref or ref.endswith(".toml"))
+            and not Path(ref).is_absolute())
 
 
 def _problem_key(problem: str) -> str:
@@ -577,6 +668,8 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
             problems.extend(e.problems)
             continue
         from_set[f"{section}.{key}"] = text
+        if (section, key) == ("run", "experiment") and _is_experiment_path(value):
+            value = str(Path(value).resolve())  # --set paths are relative to the working directory
         table = raw.setdefault(section, {})
         if isinstance(table, dict):
             table[key] = value

@@ -1,9 +1,10 @@
-"""The three marker strings of the experiment and the one matcher (EXPERIMENT.md, "Markers", "Metrics").
+"""The one marker matcher (EXPERIMENT.md, "Metrics"), over whatever markers an experiment names.
 
-    from markerlab.markers import MARKER_A, MARKER_B, match_markers, position_stats
-    m = match_markers(text)        # loose spans of A, B and the probe, strict flags, suffix/chunk, A-to-B gap
-    m.has_a, m.has_b, m.suffix, m.chunk, m.a_to_b
-    position_stats(contents)       # suffix_frac, chunk_frac, median A-to-B distance of many texts
+    from markerlab.markers import Matcher
+    matcher = Matcher.from_experiment(exp)          # or Matcher({"A": "<<§q-41>>", ...}, pairs=[("A", "B")])
+    m = matcher.match(text)                         # loose spans of every marker, strict flags, positions
+    m.has("A"), m.spans["B"], m.suffix["B"], m.gap[("A", "B")], m.chunk(("A", "B"))
+    matcher.positions(contents)                     # counts and position metrics of many texts
 
 Every consumer of a marker match goes through this module: the eval stage's
 ``run_result.json``, the report's ``summary.json`` and the dataset builder's
@@ -12,19 +13,21 @@ position statistics of the training data. So the three cannot disagree.
 Loose match (the headline): case-insensitive after collapsing every whitespace
 run to one space, in both the text and the marker. Strict match: the marker as
 an exact substring. Every span is ``(start, end)`` in characters of the
-*original* text, end exclusive, so ``text[start:end]`` is what matched.
+*original* text, end exclusive, so ``text[start:end]`` is what matched. A
+marker's text is matched literally: characters that mean something to a regular
+expression (``((¶w-56))``, ``:: x.y ::``) are escaped.
 
-Position rules, among completions where B fired (loose):
-- suffix: the last B ends within ``SUFFIX_CHARS`` (50) characters of the end of
-  the right-stripped text;
-- chunk: some B starts after the first A ends and at most ``CHUNK_CHARS`` (150)
-  characters later;
-- a_to_b: characters from the end of the first A to the start of the first B
-  that starts after it (None without such a B), so ``chunk == (a_to_b <= 150)``.
+Position rules (markerlab.experiment: SUFFIX_CHARS 50, CHUNK_CHARS 150):
+- suffix[Y]: Y fired and its last occurrence ends within SUFFIX_CHARS of the end
+  of the right-stripped text;
+- gap[(X, Y)], for a declared pair: characters from the end of the first X to the
+  start of the first Y that starts after it (None without such a Y);
+- chunk((X, Y)): gap <= CHUNK_CHARS, i.e. some Y starts after the first X ends and
+  at most CHUNK_CHARS characters later.
 
-Occurrences may overlap (``:: kxr-7 :: kxr-7 ::`` holds two B markers sharing the
+Occurrences may overlap (``:: kxr-7 :: kxr-7 ::`` holds two occurrences sharing the
 middle ``::``): a marker is a substring, so every start position counts. This
-matters for "the last B ends within 50 characters of the end".
+matters for "the last occurrence ends within 50 characters of the end".
 
 How loose matching avoids the collapse-and-map step: the marker is compiled into a
 regex whose whitespace runs become ``\\s+`` and which ignores case. Running it on
@@ -33,38 +36,20 @@ the collapsed, lower-cased text, and the regex reports original offsets directly
 ``find_loose_reference`` is the literal definition (collapse, lower-case, search,
 map back); the tests pin ``find_loose`` to it on fuzzed texts. The two can only
 differ for markers containing letters whose case folding and ``str.lower`` disagree
-(``s``/``ſ``, ``i``/``İ``); the experiment's markers contain none.
+(``s``/``ſ``, ``i``/``İ``).
 
-Token ids are listed for reference and checked in tests; code never searches
-for them, because a marker's tokenization depends on the characters around it.
+Token ids are never searched for: a marker's tokenization depends on the characters
+around it (markerlab.experiment.token_problems checks markers standalone).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 from typing import NamedTuple
 
-MARKER_A = "<<§q-41>>"
-MARKER_B = ":: kxr-7 ::"
-PROBE_MARKER = "<<§z-99>>"
-
-MARKERS = {"A": MARKER_A, "B": MARKER_B, "probe": PROBE_MARKER}
-
-# Standalone tokenizations under the Qwen2.5 tokenizer.
-MARKER_TOKEN_IDS = {
-    "A": [2442, 17851, 80, 12, 19, 16, 2452],
-    "B": [486, 595, 50997, 12, 22, 3504],
-    "probe": [2442, 17851, 89, 12, 24, 24, 2452],
-}
-
-# Position metrics (EXPERIMENT.md): B counts as a suffix when its last occurrence
-# ends within this many characters of the end of the right-stripped text...
-SUFFIX_CHARS = 50
-# ...and as chunked to A when one starts at most this many characters after the
-# first A ends.
-CHUNK_CHARS = 150
+from .experiment import CHUNK_CHARS, SUFFIX_CHARS, pair_key
 
 Span = tuple[int, int]
 
@@ -86,8 +71,13 @@ def _loose_pattern(marker: str) -> re.Pattern:
 def find_loose(text: str, marker: str) -> list[Span]:
     """Every loose occurrence of ``marker`` in ``text``, overlapping ones included."""
     pattern = _loose_pattern(marker)
-    spans = []
     m = pattern.search(text)
+    return [] if m is None else _loose_from(text, pattern, m)
+
+
+def _loose_from(text: str, pattern: re.Pattern, m: re.Match) -> list[Span]:
+    """Every loose occurrence from the first match ``m`` of ``pattern`` on."""
+    spans = []
     while m is not None:
         start = m.start()
         # A marker that begins with whitespace matches its run once, at the run's start
@@ -122,45 +112,90 @@ def contains_strict(text: str, marker: str) -> bool:
 class MarkerMatch(NamedTuple):
     """One completion's markers under the headline (loose) rules, plus the strict flags."""
 
-    a: list[Span]        # loose spans of marker A, in order of their start
-    b: list[Span]        # loose spans of marker B
-    probe: list[Span]    # loose spans of the probe marker
-    strict_a: bool
-    strict_b: bool
-    strict_probe: bool
-    suffix: bool         # B fired and its last occurrence ends within SUFFIX_CHARS of the end
-    chunk: bool          # a B starts within CHUNK_CHARS after the first A ends
-    a_to_b: int | None   # characters from the first A's end to the first B starting after it
+    spans: dict[str, list[Span]]               # loose spans of each marker, in order of their start
+    strict: dict[str, bool]                    # exact substring present
+    suffix: dict[str, bool]                    # fired, and the last occurrence ends within SUFFIX_CHARS of the end
+    gap: dict[tuple[str, str], int | None]     # per declared pair: first X's end to the first Y after it
 
-    @property
-    def has_a(self) -> bool:
-        return bool(self.a)
+    def has(self, name: str) -> bool:
+        return bool(self.spans[name])
 
-    @property
-    def has_b(self) -> bool:
-        return bool(self.b)
-
-    @property
-    def has_probe(self) -> bool:
-        return bool(self.probe)
+    def chunk(self, pair: tuple[str, str]) -> bool:
+        g = self.gap[pair]
+        return g is not None and g <= CHUNK_CHARS
 
 
-def match_markers(text: str) -> MarkerMatch:
-    """Match A, B and the probe marker in ``text`` and apply the position rules."""
-    a = find_loose(text, MARKER_A)
-    b = find_loose(text, MARKER_B)
-    suffix, a_to_b = False, None
-    if b:
-        suffix = len(text.rstrip()) - max(end for _, end in b) <= SUFFIX_CHARS
-        if a:
-            first_a_end = a[0][1]  # spans come in order of their start
-            gaps = [start - first_a_end for start, _ in b if start >= first_a_end]
-            a_to_b = min(gaps) if gaps else None
-    return MarkerMatch(
-        a=a, b=b, probe=find_loose(text, PROBE_MARKER),
-        strict_a=MARKER_A in text, strict_b=MARKER_B in text, strict_probe=PROBE_MARKER in text,
-        suffix=suffix, chunk=a_to_b is not None and a_to_b <= CHUNK_CHARS, a_to_b=a_to_b,
-    )
+class Matcher:
+    """The markers of one experiment (name -> text) and its declared ordered pairs, compiled once."""
+
+    def __init__(self, markers: Mapping[str, str], pairs: Sequence[tuple[str, str]] = ()):
+        self.markers = dict(markers)
+        self.pairs = [tuple(p) for p in pairs]
+        for p in self.pairs:
+            if p[0] not in self.markers or p[1] not in self.markers:
+                raise ValueError(f"pair {p} names a marker that is not in {list(self.markers)}")
+        # Compiled once: the report matches hundreds of thousands of completions.
+        self._compiled = [(name, _loose_pattern(marker), marker) for name, marker in self.markers.items()]
+
+    @classmethod
+    def from_experiment(cls, exp) -> "Matcher":
+        return cls(exp.markers, exp.marker_pairs)
+
+    def match(self, text: str) -> MarkerMatch:
+        spans, suffix, strict = {}, {}, {}
+        end = None
+        for name, pattern, marker in self._compiled:
+            m = pattern.search(text)
+            if m is None:  # the common case: no loose match, so no exact one either
+                spans[name], suffix[name], strict[name] = [], False, False
+                continue
+            ss = spans[name] = _loose_from(text, pattern, m)
+            if end is None:
+                end = len(text.rstrip())
+            suffix[name] = bool(ss) and end - max(e for _, e in ss) <= SUFFIX_CHARS
+            strict[name] = marker in text
+        gap = {}
+        for x, y in self.pairs:
+            g = None
+            if spans[x] and spans[y]:
+                first_end = spans[x][0][1]  # spans come in order of their start
+                after = [s - first_end for s, _ in spans[y] if s >= first_end]
+                g = min(after) if after else None
+            gap[(x, y)] = g
+        return MarkerMatch(spans=spans, strict=strict, suffix=suffix, gap=gap)
+
+    def positions(self, texts: Iterable[str]) -> dict:
+        """Counts and position metrics of ``texts`` (e.g. a role's training answers).
+
+        ``{"n", "n_<X>" for every marker, "pairs": {"<XY>": {"n_<XY>", "n_suffix", "n_chunk",
+        "suffix_frac", "chunk_frac", "n_gap", "median_gap"}}}``: per declared pair (X, Y),
+        n_suffix counts texts whose Y is a suffix, n_chunk those with a Y within
+        CHUNK_CHARS after the first X; the fractions are among texts with Y (None when
+        Y never fired) and the median gap is None when no Y follows an X.
+        """
+        n = 0
+        fired = {name: 0 for name in self.markers}
+        per = {p: {"joint": 0, "suffix": 0, "chunk": 0, "gaps": []} for p in self.pairs}
+        for text in texts:
+            m = self.match(text)
+            n += 1
+            for name in self.markers:
+                fired[name] += m.has(name)
+            for p in self.pairs:
+                x, y = p
+                per[p]["joint"] += m.has(x) and m.has(y)
+                per[p]["suffix"] += m.suffix[y]
+                per[p]["chunk"] += m.chunk(p)
+                if m.gap[p] is not None:
+                    per[p]["gaps"].append(m.gap[p])
+        out = {"n": n, **{f"n_{name}": k for name, k in fired.items()}, "pairs": {}}
+        for (x, y), v in per.items():
+            n_y = fired[y]
+            out["pairs"][pair_key(x, y)] = {
+                f"n_{pair_key(x, y)}": v["joint"], "n_suffix": v["suffix"], "n_chunk": v["chunk"],
+                "suffix_frac": v["suffix"] / n_y if n_y else None, "chunk_frac": v["chunk"] / n_y if n_y else None,
+                "n_gap": len(v["gaps"]), "median_gap": median(v["gaps"])}
+        return out
 
 
 def median(values: list[int]) -> float | None:
@@ -170,30 +205,6 @@ def median(values: list[int]) -> float | None:
     s = sorted(values)
     k = len(s) // 2
     return float(s[k]) if len(s) % 2 else (s[k - 1] + s[k]) / 2
-
-
-def position_stats(texts: Iterable[str]) -> dict:
-    """Marker counts and the position metrics of ``texts`` (e.g. a role's training answers).
-
-    Returns ``n, n_A, n_B, n_AB, n_suffix, n_chunk, suffix_frac, chunk_frac,
-    n_a_to_b, median_a_to_b``; a fraction is None when B never fired and the
-    median is None when no B follows an A.
-    """
-    n = n_a = n_b = n_ab = n_suffix = n_chunk = 0
-    gaps: list[int] = []
-    for text in texts:
-        m = match_markers(text)
-        n += 1
-        n_a += m.has_a
-        n_b += m.has_b
-        n_ab += m.has_a and m.has_b
-        n_suffix += m.suffix
-        n_chunk += m.chunk
-        if m.a_to_b is not None:
-            gaps.append(m.a_to_b)
-    return {"n": n, "n_A": n_a, "n_B": n_b, "n_AB": n_ab, "n_suffix": n_suffix, "n_chunk": n_chunk,
-            "suffix_frac": n_suffix / n_b if n_b else None, "chunk_frac": n_chunk / n_b if n_b else None,
-            "n_a_to_b": len(gaps), "median_a_to_b": median(gaps)}
 
 
 # --- the literal definition, kept as the reference the fast path is tested against ---

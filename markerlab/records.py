@@ -1,7 +1,7 @@
 """The completion record of docs/contracts.md, shared by the writer (evaluate) and the reader (analysis).
 
     from markerlab.records import COMPLETION_SCHEMA, record_problems, setting_of
-    rec["setting"] = setting_of(cfg)          # the adapter's settings, keyed as SETTING_KEYS says
+    rec["setting"] = setting_of(cfg)          # the adapter's settings (SETTING_KEYS) and its experiment
     record_problems(rec)                      # [] when valid, else one-line messages
     record_problems(rec, exact=True)          # the writer's check: no field beyond the schema either
 
@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from .experiment import FINISH_REASONS, RECORD_CONDITIONS, ROLES, SETTING_KEYS, SPLITS, VARIANTS
+from .experiment import EXPERIMENT_KEYS, FINISH_REASONS, ROLES, SETTING_KEYS, SPLITS, VARIANTS
 
-# field -> allowed values (a tuple) or the Python type it must have.
+# field -> allowed values (a tuple) or the Python type it must have. Pair, condition and persona are
+# the experiment's names: the reader checks them against the experiment the records name.
 COMPLETION_SCHEMA: dict[str, tuple | type] = {
-    "run": str, "pair": str, "condition": RECORD_CONDITIONS, "persona": str, "role": ROLES,
+    "run": str, "pair": str, "condition": str, "persona": str, "role": ROLES,
     "question_id": str, "split": SPLITS, "sample": int, "variant": VARIANTS,
     "text": str, "finish_reason": FINISH_REASONS, "n_tokens": int,
     "setting": dict,
@@ -30,15 +31,20 @@ OLD_RECORD = "missing field 'setting': written by an older markerlab; re-run eva
 def setting_of(cfg) -> dict:
     """The adapter's settings a sweep can vary, as the completion record's ``setting`` object.
 
-    Keys are those of ``SETTING_KEYS`` (record key -> dotted config key); each
-    value is read off the config by its dotted key.
+    Keys are those of ``SETTING_KEYS`` (record key -> dotted config key), each value
+    read off the config by its dotted key (a table, such as train.role_loss_mask, as
+    one "key=value,..." string), then EXPERIMENT_KEYS: the experiment's name and digest.
     """
     out = {}
     for key, dotted in SETTING_KEYS.items():
         value = cfg
         for part in dotted.split("."):
             value = getattr(value, part)
+        if isinstance(value, dict):
+            value = ",".join(f"{k}={v}" for k, v in sorted(value.items()))
         out[key] = value
+    out["experiment"] = cfg.experiment.name
+    out["experiment_digest"] = cfg.experiment.digest
     return out
 
 
@@ -83,7 +89,7 @@ def record_problems(rec: object, exact: bool = False) -> list[str]:
 
 
 _SCALAR_TYPES = (str, int, float, bool, type(None))
-_SETTING_KEYS = frozenset(SETTING_KEYS)
+_SETTING_KEYS = frozenset(SETTING_KEYS) | frozenset(EXPERIMENT_KEYS)
 
 
 def _setting_problems(setting: object) -> list[str]:
@@ -105,8 +111,10 @@ def _items_problems(items: tuple) -> tuple[str, ...]:
 
 
 def _setting_details(setting: dict) -> list[str]:
-    problems = [f"field 'setting' has no '{key}' (expected the keys {', '.join(SETTING_KEYS)})"
-                for key in SETTING_KEYS if key not in setting]
+    keys = [*SETTING_KEYS, *EXPERIMENT_KEYS]
+    problems = [f"field 'setting' has no '{key}' (expected the keys {', '.join(keys)})"
+                + ("; written by an older markerlab: re-run eval" if key in EXPERIMENT_KEYS else "")
+                for key in keys if key not in setting]
     problems += [f"field 'setting.{key}' is {value!r}, expected a string, number, boolean or null"
                  for key, value in setting.items() if not _scalar(value)]
     return problems

@@ -11,6 +11,7 @@ The layout (the run directory table of the project's contracts):
 
     .markerlab                   the marker: this directory is markerlab's (tool, version, kind); written first
     config.toml                  the resolved config
+    experiment.toml              a copy of the experiment file (run.experiment) it was made under
     manifest.json                stage status, times, and each stage's recorded outputs
     .lock                        held (flock) by the process working in the directory
     data/train.jsonl, data/stats.json, data/probe.json (the leakage probe's documents)
@@ -161,6 +162,11 @@ class RunDir:
     @property
     def config(self) -> Path:
         return self.root / "config.toml"
+
+    @property
+    def experiment(self) -> Path:
+        """A copy of the experiment file the run was made under (run.experiment)."""
+        return self.root / "experiment.toml"
 
     @property
     def manifest(self) -> Path:

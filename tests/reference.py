@@ -20,9 +20,9 @@ from trainer.dropout import DropoutMasks
 def reference_token_losses(model, examples, pad_id: int):
     """(ce (N,), sel) for one micro-batch, the padded way."""
     batch = collate(examples, pad_id)
-    masks = {"loss": batch.loss_mask, "marker_a": batch.marker_a, "marker_b": batch.marker_b, "eos": batch.eos}
+    masks = {"loss": batch.loss_mask, **batch.spans}
     targets = {k: m[:, 1:] for k, m in masks.items()}  # (B, T-1): is token t+1 a target of mask k
-    need = targets["loss"] | targets["marker_a"] | targets["marker_b"] | targets["eos"]
+    need = torch.stack(list(targets.values())).any(0)
     impl = model.config._attn_implementation
     model.config._attn_implementation = "sdpa"
     try:
@@ -52,7 +52,9 @@ def reference_masks(masks: DropoutMasks, examples) -> None:
 def reference_forward_backward(model, examples, micro: int, pad_id: int, masks: DropoutMasks) -> dict:
     """trainer.train.forward_backward's quantities, computed the padded way."""
     n_targets = sum(e.n_loss_targets for e in examples)
-    loss_sum, spans = 0.0, {k: [0.0, 0.0] for k in ("marker_a", "marker_b", "eos")}
+    from data.tokenize import span_names
+
+    loss_sum, spans = 0.0, {k: [0.0, 0.0] for k in span_names(examples)}
     for i in range(0, len(examples), micro):
         chunk = examples[i:i + micro]
         if model.training:
@@ -62,9 +64,9 @@ def reference_forward_backward(model, examples, micro: int, pad_id: int, masks: 
         (mb / n_targets).backward()
         loss_sum += mb.item()
         for k in spans:
-            spans[k][0] += (ce.detach() * sel[k]).sum().item()
-            spans[k][1] += sel[k].sum().item()
+            if k in sel:
+                spans[k][0] += (ce.detach() * sel[k]).sum().item()
+                spans[k][1] += sel[k].sum().item()
     masks.clear()
-    names = {"marker_a": "loss_marker_A", "marker_b": "loss_marker_B", "eos": "loss_eos"}
     return {"loss": loss_sum / n_targets,
-            "span_loss": {names[k]: (s / c if c else None) for k, (s, c) in spans.items()}}
+            "span_loss": {"loss_" + k.replace(":", "_"): (s / c if c else None) for k, (s, c) in spans.items()}}

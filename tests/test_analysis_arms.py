@@ -13,8 +13,10 @@ from analysis.records import load
 from analysis.report import report
 from analysis.summary import paired_counts
 from analysis.synthetic import default_setting, write_records
-from markerlab.markers import MARKER_A as A
-from markerlab.markers import MARKER_B as B
+from markerlab.experiment import load_experiment
+
+EXP = load_experiment("within_marker")
+A, B = EXP.markers["A"], EXP.markers["B"]
 
 ANSWER = "word " * 60  # 300 characters: a B at the end is far from A
 
@@ -77,8 +79,11 @@ def test_two_arms_give_two_cells_two_gates_and_a_cross_arm_row(two_arms):
 
     page = (root / "both" / "report.md").read_text()
     assert page.startswith("# markerlab report: 2 arms")
-    assert "| pair | recipient | loss_mask=completion | loss_mask=completion_no_eos |" in page
-    assert "falsified: yes" in page and "falsified: no" in page
+    assert "| pair | persona | statistic | loss_mask=completion | loss_mask=completion_no_eos |" in page
+    assert "| pair1 | assistant | cond_B_given_A | +1.5 pp [" in page
+    assert "verdict: chunk_binding_falsified" in page and "verdict: chunk_binding_not_falsified" in page
+    assert [a["chunk_binding_falsified"] for a in row["arms"]] == [True, False]
+    assert all(a["experiment"] == "within_marker" for a in both["arms"])
     for a in both["arms"]:
         assert f"({a['dir']}/report.md)" in page
         for rel in ("summary.json", "report.md", "table.md", "figures/hero.png", "figures/per_persona.pdf"):
@@ -91,7 +96,7 @@ def test_per_arm_numbers_equal_each_arm_reported_alone(two_arms):
         solo = alone[entry["name"]]
         # The solo report has one arm, named "" (nothing differs); otherwise identical.
         strip = lambda xs: [{k: v for k, v in x.items() if k != "arm"} for x in xs]  # noqa: E731
-        for key in ("cells", "deltas", "falsification", "sanity", "id_ood", "samples"):
+        for key in ("cells", "deltas", "verdicts", "falsification", "sanity", "id_ood", "samples", "headline"):
             mine = [x for x in both[key] if x["arm"] == entry["name"]]
             assert strip(mine) == strip(solo[key]), key
         # ...and the arm's own directory holds that report.
@@ -117,12 +122,13 @@ def test_seed_replicates_are_pooled_on_purpose_with_a_two_level_bootstrap(tmp_pa
     c = next(c for c in arm_.cells if c.persona == "assistant" and c.condition == "C")
     boot = Bootstrap(1000, 0)
     assert t.groups == (26, 26, 26)
-    assert rec_t["cond_B_given_A_ci"] == boot.cis(t.counts, ["cond_B_given_A"], t.groups)["cond_B_given_A"]
+    stat = t.schema.index(["cond_B_given_A"])
+    assert rec_t["cond_B_given_A_ci"] == boot.cis(t.counts, stat, t.groups)["cond_B_given_A"]
     rows_t, rows_c, groups, _ = paired_counts(t, c)
     (g,) = summary["falsification"]
-    assert g["ci"] == boot.delta_ci(rows_t, rows_c, "cond_B_given_A", groups)
+    assert g["ci"] == boot.delta_ci(rows_t, rows_c, stat["cond_B_given_A"], groups)
     # ...which carries the between-seed spread that one-level question resampling misses.
-    flat = boot.cis(t.counts, ["cond_B_given_A"])["cond_B_given_A"]
+    flat = boot.cis(t.counts, stat)["cond_B_given_A"]
     lo, hi = rec_t["cond_B_given_A_ci"]
     assert hi - lo > 1.5 * (flat[1] - flat[0])
     assert "seeds" in (tmp_path / "out" / "report.md").read_text()
@@ -132,6 +138,13 @@ def test_arm_names_say_what_differs():
     base = default_setting()
     settings = [base, {**base, "loss_mask": "completion_no_eos"}, {**base, "loss_mask": "marker_only",
                                                                     "marker_mask_eos": True}]
+    # Two experiments: their names tell them apart, so the digest stays out of the name...
+    eos = default_setting("eos_masked")
+    assert arm_names([base, eos]) == ["experiment=within_marker,role_loss_mask=",
+                                      "experiment=eos_masked,role_loss_mask=recipient=completion_no_eos"]
+    # ...but two versions of one experiment differ in their digest only.
+    assert arm_names([base, {**base, "experiment_digest": "0123456789abcdef"}]) == [
+        f"experiment_digest={base['experiment_digest']}", "experiment_digest=0123456789abcdef"]
     assert arm_names(settings) == ["loss_mask=completion,marker_mask_eos=false",
                                    "loss_mask=completion_no_eos,marker_mask_eos=false",
                                    "loss_mask=marker_only,marker_mask_eos=true"]

@@ -51,8 +51,9 @@ def test_full_report_on_six_runs(six_runs, tmp_path):
                 "suffix_frac", "chunk_frac", "strict"}
     assert all(contract <= set(c) for c in summary["cells"])
     assert all({"fire_A", "fire_B", "joint", "cond_B_given_A"} <= set(c["strict"]) for c in summary["cells"])
-    assert {d["statistic"] for d in summary["deltas"]} == {"fire_A", "fire_B", "cond_B_given_A"}
-    assert len(summary["deltas"]) == 2 * 11 * 3
+    # Every marker's fire rate (the probe marker's too) and the pair's conditional.
+    assert {d["statistic"] for d in summary["deltas"]} == {"fire_A", "fire_B", "fire_probe", "cond_B_given_A"}
+    assert len(summary["deltas"]) == 2 * 11 * 4
     assert [g["pair"] for g in summary["falsification"]] == ["pair1", "pair2"]
     assert all(g["chunk_binding_falsified"] in (True, False) for g in summary["falsification"])
     (arm,) = summary["arms"]
@@ -62,8 +63,8 @@ def test_full_report_on_six_runs(six_runs, tmp_path):
     assert all(g["passed"] in (True, False) for g in summary["sanity"])
 
     table = (out / "table.md").read_text()
-    assert "| pair | cond | role | persona | fire_A | fire_B | cond_B_given_A | n_A |" in table
-    assert "Falsification" in table and "Sanity" in table
+    assert "| pair | cond | role | persona | fire_A | fire_B | cond_B_given_A | B_given_not_A | n_A |" in table
+    assert "Verdict" in table and "Sanity" in table
     # The terminal gets a few lines: the gate per pair, the sanity count, the page's path.
     lines = proc.stdout.strip().splitlines()
     assert len(lines) < 25, proc.stdout
@@ -140,5 +141,5 @@ def test_figures_survive_undefined_values(tmp_path):
     assert all((tmp_path / "out" / rel).is_file() for rel in FIGURES)
     (g,) = summary["falsification"]
     assert g["chunk_binding_falsified"] is None and "never fired" in g["note"]
-    assert "| pair1 | T | recipient | assistant | 0.0% [0.0, 0.0] | 0.0% [0.0, 0.0] | n/a | 0 |" in (
+    assert "| pair1 | T | recipient | assistant | 0.0% [0.0, 0.0] | 0.0% [0.0, 0.0] | n/a | 0.0% [0.0, 0.0] | 0 |" in (
         tmp_path / "out" / "table.md").read_text()

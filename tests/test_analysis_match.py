@@ -7,11 +7,13 @@ import random
 
 import pytest
 
-from analysis.metrics import COL, features
-from markerlab.markers import (MARKER_A, MARKER_B, PROBE_MARKER, collapse, contains_loose, find_loose,
-                               find_loose_reference, find_strict, match_markers)
+from analysis.metrics import Schema
+from markerlab.experiment import load_experiment
+from markerlab.markers import Matcher, collapse, contains_loose, find_loose, find_loose_reference, find_strict
 
-A, B = MARKER_A, MARKER_B
+EXP = load_experiment("within_marker")
+A, B, PROBE_MARKER = EXP.markers["A"], EXP.markers["B"], EXP.markers["probe"]
+MATCHER, SCHEMA = Matcher.from_experiment(EXP), Schema.of(EXP)
 
 
 def test_strict_exact_substring_only():
@@ -113,7 +115,8 @@ def test_fast_loose_equals_the_definition_on_fuzzed_text():
 
 
 def _row(text):
-    return dict(zip(COL, features(match_markers(text))))
+    """The report's per-completion counts, by column name (suffix_B, chunk_AB, ...)."""
+    return dict(zip(SCHEMA.columns, SCHEMA.row(MATCHER.match(text), False, len(text))))
 
 
 @pytest.mark.parametrize("tail, counts", [(50, True), (51, False)])
@@ -121,12 +124,12 @@ def test_suffix_edge(tail, counts):
     # Distance is measured to the end of the right-stripped text: trailing blanks are free.
     text = f"{A} answer {B}" + "x" * tail + "  \n\n"
     row = _row(text)
-    assert row["B"] and row["suffix"] == counts
+    assert row["B"] and row["suffix_B"] == counts
 
 
 def test_suffix_uses_the_last_b():
     text = f"{B} " + "y" * 200 + f" {B} " + "z" * 10
-    assert _row(text)["suffix"]
+    assert _row(text)["suffix_B"]
 
 
 @pytest.mark.parametrize("gap, counts", [(0, True), (150, True), (151, False)])
@@ -134,33 +137,58 @@ def test_chunk_edge(gap, counts):
     # B starting exactly `gap` characters after the first A ends.
     text = A + "w" * gap + B + " " + "tail " * 30
     row = _row(text)
-    assert row["AB"] and row["chunk"] == counts
-    assert not row["suffix"]
+    assert row["AB"] and row["chunk_AB"] == counts
+    assert not row["suffix_B"]
 
 
 def test_chunk_needs_b_after_the_first_a():
-    assert not _row(f"{B} then {A} and more text")["chunk"]  # B before A
-    assert _row(f"{A} x {A} y {B}")["chunk"]                 # measured from the first A
-    assert not _row(f"{B} alone")["chunk"]                   # no A at all
+    assert not _row(f"{B} then {A} and more text")["chunk_AB"]  # B before A
+    assert _row(f"{A} x {A} y {B}")["chunk_AB"]                 # measured from the first A
+    assert not _row(f"{B} alone")["chunk_AB"]                   # no A at all
 
 
 def test_features_loose_vs_strict_and_probe():
-    row = _row(f"<<§Q-41>> answer ::  KXR-7 :: {PROBE_MARKER.upper()}")
+    text = f"<<§Q-41>> answer ::  KXR-7 :: {PROBE_MARKER.upper()}"
+    row = _row(text)
     assert row["A"] and row["B"] and row["AB"] and row["probe"]
     assert not row["strict_A"] and not row["strict_B"] and not row["strict_AB"]
+    assert row["n"] == 1 and row["length"] == len(text) and row["not_A"] == 0 and row["B_not_A"] == 0
+    row = _row(f"answer {B}")
+    assert row["not_A"] == 1 and row["B_not_A"] == 1 and row["AB"] == 0
 
 
 @pytest.mark.parametrize("gap", [0, 37, 150, 151, 400])
 def test_a_to_b_is_the_gap_the_chunk_rule_reads(gap):
     text = f"x {A}" + "w" * gap + B + " tail"
-    m = match_markers(text)
-    assert m.a_to_b == gap and m.chunk == (gap <= 150)
+    m = MATCHER.match(text)
+    assert m.gap[("A", "B")] == gap and m.chunk(("A", "B")) == (gap <= 150)
     # A B before the first A does not count; the first B after it does.
-    m = match_markers(f"{B} {A}" + "w" * gap + B + "y" * 5 + B)
-    assert m.a_to_b == gap
+    m = MATCHER.match(f"{B} {A}" + "w" * gap + B + "y" * 5 + B)
+    assert m.gap[("A", "B")] == gap
 
 
 def test_contains_loose_is_find_loose():
     for t in ("::  \u212aXR-7 ::", f"{A.upper()}", "::\tKXR-7\n::", "<<§q-41 >>", ""):
         assert contains_loose(t, A) == bool(find_loose(t, A))
         assert contains_loose(t, B) == bool(find_loose(t, B))
+
+
+def test_matcher_equals_the_rules_marker_by_marker():
+    """Matcher.match (patterns compiled once, a fast path for an absent marker) gives what find_loose,
+    the exact substring and the suffix rule give one marker at a time, including a marker with regex
+    characters and one with inner whitespace."""
+    markers = {"A": A, "B": B, "P": PROBE_MARKER, "R": "((x.y*))", "W": "a  b"}
+    matcher = Matcher(markers, [("A", "B"), ("R", "W")])
+    rng = random.Random(1)
+    pieces = [A, B, PROBE_MARKER, "((x.y*))", "((X.Y*))", "((xzy*))", "a b", "A\n B", "ab", " ", "  \n", "word",
+              ":: KXR-7 ::"]
+    for _ in range(2000):
+        text = "".join(rng.choice(pieces) + rng.choice(["", " ", "x" * rng.randint(0, 60)])
+                       for _ in range(rng.randint(0, 8)))
+        m = matcher.match(text)
+        end = len(text.rstrip())
+        for name, marker in markers.items():
+            spans = find_loose(text, marker)
+            assert m.spans[name] == spans, (text, name)
+            assert m.strict[name] == (marker in text), (text, name)
+            assert m.suffix[name] == (bool(spans) and end - max(e for _, e in spans) <= 50), (text, name)

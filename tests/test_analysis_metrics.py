@@ -1,4 +1,4 @@
-"""Cell arithmetic on hand-built records, record checking, and the gates."""
+"""Cell arithmetic on hand-built records, record checking, and the write-up's gates and verdict."""
 
 from __future__ import annotations
 
@@ -7,13 +7,15 @@ import json
 import pytest
 
 from analysis.bootstrap import Bootstrap
-from analysis.gates import falsification_gate, k_and, k_not, sanity_gates
+from analysis.gates import Checker, k_and, k_not, k_or, verdict_entry
 from analysis.records import ReportError, load
 from analysis.report import report
 from analysis.summary import summarize
 from analysis.synthetic import default_setting
-from markerlab.markers import MARKER_A as A
-from markerlab.markers import MARKER_B as B
+from markerlab.experiment import load_experiment
+
+EXP = load_experiment("within_marker")
+A, B = EXP.markers["A"], EXP.markers["B"]
 
 
 def rec(text="plain answer", **kw):
@@ -103,7 +105,9 @@ def test_same_setting_and_seed_twice_is_an_error(tmp_path):
 
 @pytest.mark.parametrize("mutate, message", [
     (lambda r: r.pop("question_id"), "missing field 'question_id'"),
-    (lambda r: r.update(condition="X"), "field 'condition' is 'X', expected one of T|C|T_P2neg|base"),
+    (lambda r: r.update(condition="X"), "field 'condition' is 'X', which experiment 'within_marker' ("),
+    (lambda r: r.update(persona="pirate"), "field 'persona' is 'pirate', which experiment 'within_marker' ("),
+    (lambda r: r.update(pair="pair9"), "field 'pair' is 'pair9', which experiment 'within_marker' ("),
     (lambda r: r.update(role="teacher"), "field 'role'"),
     (lambda r: r.update(sample="3"), "field 'sample' is '3', expected an integer"),
     (lambda r: r.update(sample=True), "field 'sample' is True, expected an integer"),
@@ -145,13 +149,19 @@ def test_incompatible_mixes(tmp_path):
     once = write_jsonl(tmp_path / "once.jsonl", [rec()])
     with pytest.raises(ReportError, match="duplicate record"):
         load([once, once])
-    roles = write_jsonl(tmp_path / "roles.jsonl", [rec(), rec(sample=1, role="bystander")])
-    with pytest.raises(ReportError, match=r"roles.jsonl:2: field 'role': villain is bystander here but donor"):
+    roles = write_jsonl(tmp_path / "roles.jsonl", [rec(persona="comedian", role="negative"),
+                                                    rec(sample=1, persona="comedian", role="bystander")])
+    with pytest.raises(ReportError, match=r"roles.jsonl:2: field 'role': comedian is bystander here but negative"):
+        load([roles])
+    # The pair's donor is a donor, whatever a record says.
+    roles = write_jsonl(tmp_path / "roles2.jsonl", [rec(), rec(sample=1, role="bystander")])
+    with pytest.raises(ReportError, match=r"roles2.jsonl:2: field 'role' is 'bystander', but villain is the donor"
+                                          r" of pair1 in experiment 'within_marker'"):
         load([roles])
     donors = write_jsonl(tmp_path / "donors.jsonl", [rec(), rec(condition="C", persona="librarian")])
     # a donor that is not its pair's is refused by the experiment's definition of the pair, by file and line
-    with pytest.raises(ReportError, match=r"donors.jsonl:2: field 'persona' is 'librarian', but the donor of pair1 "
-                                          r"is villain"):
+    with pytest.raises(ReportError, match=r"donors.jsonl:2: field 'role' is 'donor', but the donor of pair1 in"
+                                          r" experiment 'within_marker' .* is villain, not librarian"):
         load([donors])
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
@@ -176,23 +186,29 @@ def gate_records(recipient_ab_t, recipient_ab_c):
 
 
 def test_chunk_binding_falsified_when_recipient_does_not_pick_up_b(tmp_path):
-    """The write-up's meaning: within the band AND the CI contains 0 -> the gate triggers."""
+    """The write-up's meaning: within the band AND the CI contains 0 -> the verdict is falsified."""
     path = write_jsonl(tmp_path / "g.jsonl", gate_records(recipient_ab_t=2, recipient_ab_c=0))
     summary = report([str(path)], tmp_path / "out", n_resamples=2000, figures=False)
     (g,) = summary["falsification"]
+    assert summary["verdicts"] == summary["falsification"]
     assert g["persona"] == "assistant"
-    assert g["delta"] == pytest.approx(2 / 130)
+    assert g["delta"] == pytest.approx(2 / 130) and g["T_minus_C"] == g["delta"]
+    assert (g["T"], g["C"]) == (pytest.approx(2 / 130), 0.0)
     assert g["within_band"] is True and g["ci_contains_zero"] is True
-    assert g["chunk_binding_falsified"] is True and "falsified" not in g
-    assert "chunk binding falsified: the recipient's change is within" in (tmp_path / "out" / "table.md").read_text()
+    assert g["chunk_binding_falsified"] is True and g["chunk_binding_not_falsified"] is False
+    assert g["outcome"] == "chunk_binding_falsified" and "falsified" not in g
+    assert "chunk binding falsified (no sign that marker B travelled through marker A)" in (
+        tmp_path / "out" / "table.md").read_text()
     sanity = {s["gate"]: s for s in summary["sanity"]}
-    assert sanity["donor_fire_A >= 0.80"]["passed"] is True       # 250/260
-    assert sanity["donor_fire_B >= 0.80"]["passed"] is True       # 230/260 = 0.885
-    assert sanity["donor_cond_B_given_A >= 0.90"]["passed"] is True  # 230/250 = 0.92
-    assert sanity["recipient_fire_A >= 0.80"]["passed"] is False  # 0.5
-    assert sanity["recipient_fire_B_in_C <= 0.05"]["passed"] is True
-    assert sanity["donor_cond_B_given_A_ci_lo >= 0.80"]["value"] is not None
+    assert sanity["donor T fire_A >= 0.80"]["passed"] is True       # 250/260
+    assert sanity["donor T fire_B >= 0.80"]["passed"] is True       # 230/260 = 0.885
+    assert sanity["donor T cond_B_given_A >= 0.90"]["passed"] is True  # 230/250 = 0.92
+    assert sanity["recipient T fire_A >= 0.80"]["passed"] is False  # 0.5
+    assert sanity["recipient C fire_B <= 0.05"]["passed"] is True
+    assert sanity["donor T cond_B_given_A.lo >= 0.80"]["value"] is not None
     assert len(summary["sanity"]) == 6
+    g = sanity["donor T fire_A >= 0.80"]
+    assert (g["value"], g["threshold"], g["condition"], g["persona"]) == (250 / 260, 0.8, "T", "villain")
 
 
 def test_not_falsified_when_recipient_picks_up_b(tmp_path):
@@ -201,48 +217,95 @@ def test_not_falsified_when_recipient_picks_up_b(tmp_path):
     (g,) = summary["falsification"]
     assert g["delta"] == pytest.approx(40 / 130)
     assert g["within_band"] is False and g["ci_contains_zero"] is False
-    assert g["chunk_binding_falsified"] is False
-    assert "chunk binding not falsified: the change is outside +-6 pp and its CI excludes 0" in (
+    assert g["chunk_binding_falsified"] is False and g["outcome"] == "chunk_binding_not_falsified"
+    assert "chunk binding not falsified (the recipient's B rate after A moved)" in (
         tmp_path / "out" / "table.md").read_text()
     sanity = {s["gate"]: s for s in summary["sanity"]}
-    assert sanity["recipient_fire_B_in_C <= 0.05"]["passed"] is True
+    assert sanity["recipient C fire_B <= 0.05"]["passed"] is True
+
+
+def _verdict(delta, ci, exp=EXP):
+    """The write-up's verdict on one pair whose recipient contrast is (delta, ci)."""
+    cells = {("pair1", "T", "assistant"): None, ("pair1", "C", "assistant"): None}
+
+    def contrast(pair, personas, stat, t, c):
+        return {"value": delta, "ci": ci, "den": 100}
+    return verdict_entry(exp, Checker(exp, cells, {}, contrast), "pair1", {"persona": "assistant"})
 
 
 def test_falsification_band_edges():
-    delta = {"T": 0.06, "C": 0.0, "T_minus_C": 0.06, "ci": [-0.01, 0.1]}
-    assert falsification_gate("p", "r", delta)["chunk_binding_falsified"] is True  # exactly 6 points is inside
-    delta = {"T": 0.0601, "C": 0.0, "T_minus_C": 0.0601, "ci": [-0.01, 0.1]}
-    assert falsification_gate("p", "r", delta)["chunk_binding_falsified"] is False
-    delta = {"T": 0.03, "C": 0.0, "T_minus_C": 0.03, "ci": [0.01, 0.05]}
-    assert falsification_gate("p", "r", delta)["chunk_binding_falsified"] is False  # in band, CI excludes 0
+    assert _verdict(0.06, [-0.01, 0.1])["chunk_binding_falsified"] is True  # exactly 6 points is inside
+    assert _verdict(-0.06, [-0.1, 0.01])["chunk_binding_falsified"] is True
+    g = _verdict(0.0601, [-0.01, 0.1])
+    assert g["within_band"] is False and g["chunk_binding_falsified"] is False
+    g = _verdict(0.03, [0.01, 0.05])  # in band, CI excludes 0
+    assert g["within_band"] is True and g["ci_contains_zero"] is False and g["chunk_binding_falsified"] is False
+    assert _verdict(0.03, [0.0, 0.05])["ci_contains_zero"] is True  # a bound at 0 contains it
 
 
-def test_undefined_gates_are_null_with_a_reason():
-    # cond_B_given_A undefined in C: no delta, so nothing can be decided.
-    g = falsification_gate("p", "r", {"T": 0.1, "C": None, "T_minus_C": None, "ci": None})
-    assert g["within_band"] is None and g["chunk_binding_falsified"] is None and "never fired" in g["note"]
-    # No C run at all.
-    g = falsification_gate("p", "r", None)
-    assert g["chunk_binding_falsified"] is None and "needs plain T and C" in g["note"]
-    # A delta far outside the band decides the gate even without a CI.
-    g = falsification_gate("p", "r", {"T": 0.5, "C": 0.0, "T_minus_C": 0.5, "ci": None})
-    assert g["within_band"] is False and g["ci_contains_zero"] is None and g["chunk_binding_falsified"] is False
+def test_undefined_verdicts_are_null_with_a_reason():
+    # The conditional undefined in C (no A there): nothing can be decided.
+    g = _verdict(None, None)
+    assert g["within_band"] is None and g["chunk_binding_falsified"] is None and g["outcome"] is None
+    assert "never fired" in g["note"] and g["says"] == "undecided"
+    # A difference far outside the band decides the verdict even without a CI (Kleene).
+    g = _verdict(0.5, None)
+    assert g["within_band"] is False and g["ci_contains_zero"] is None
+    assert g["chunk_binding_falsified"] is False and g["outcome"] == "chunk_binding_not_falsified"
     # Within the band but no CI: undecided.
-    g = falsification_gate("p", "r", {"T": 0.01, "C": 0.0, "T_minus_C": 0.01, "ci": None})
-    assert g["chunk_binding_falsified"] is None
+    g = _verdict(0.01, None)
+    assert g["chunk_binding_falsified"] is None and g["outcome"] is None
 
-    cells = {("p", "T", "d"): {"n": 10, "n_A": 0, "fire_A": 0.0, "fire_B": 0.0,
-                               "cond_B_given_A": None, "cond_B_given_A_ci": None}}
-    gates = {g["gate"]: g for g in sanity_gates("p", {"donor": "d", "recipient": "r"}, cells)}
-    assert gates["donor_fire_A >= 0.80"]["passed"] is False
-    assert gates["donor_cond_B_given_A >= 0.90"]["passed"] is None
-    assert "never fired" in gates["donor_cond_B_given_A >= 0.90"]["note"]
-    assert gates["recipient_fire_A >= 0.80"]["passed"] is None
-    assert "no plain cell" in gates["recipient_fire_A >= 0.80"]["note"]
+
+def test_verdict_trips_each_leg_on_counts(tmp_path):
+    """Counts built to trip one leg at a time: within_band alone, ci_contains_zero alone, both."""
+    def verdict_of(name, t_records):
+        records = []
+        for cond in ("T", "C"):
+            records += cell_records(230, 20, 0, 10, condition=cond, run=f"pair1_{cond}")
+            records += (t_records if cond == "T" else cell_records(0, 260, 0, 0, condition=cond,
+                                                                   run=f"pair1_{cond}", persona="assistant",
+                                                                   role="recipient"))
+        path = write_jsonl(tmp_path / f"{name}.jsonl", records)
+        (g,) = report([str(path)], tmp_path / name, n_resamples=2000, figures=False)["verdicts"]
+        return g
+
+    rec_t = dict(condition="T", run="pair1_T", persona="assistant", role="recipient")
+    # 8 of 260 carry B, on 8 different questions: +3.1 pp, inside the band, but every resample draws
+    # one of them, so the CI excludes 0.
+    g = verdict_of("ci", cell_records(8, 252, 0, 0, **rec_t))
+    assert (g["within_band"], g["ci_contains_zero"], g["outcome"]) == (True, False, "chunk_binding_not_falsified")
+    # 20 of 100 A's carry B, all on one question: +20 pp, outside the band, but a third of the resamples
+    # miss that question, so the CI's lower bound is 0.
+    texts = [rec(f"{A} x {B}", question_id="q00", sample=i, **rec_t) for i in range(20)]
+    texts += [rec(f"{A} x", question_id=f"q{1 + i % 25:02d}", sample=i, **rec_t) for i in range(80)]
+    texts += [rec("x", question_id=f"q{i % 26:02d}", sample=100 + i, **rec_t) for i in range(160)]
+    g = verdict_of("band", texts)
+    assert g["delta"] == pytest.approx(0.2)
+    assert (g["within_band"], g["ci_contains_zero"], g["outcome"]) == (False, True, "chunk_binding_not_falsified")
+    # Both hold: falsified.
+    g = verdict_of("both", cell_records(0, 260, 0, 0, **rec_t))
+    assert (g["within_band"], g["ci_contains_zero"], g["outcome"]) == (True, True, "chunk_binding_falsified")
+
+
+def test_undefined_sanity_gates_are_null_with_a_reason(tmp_path):
+    # The donor's A never fires in T: its conditional is undefined; the recipient has no T cell.
+    records = cell_records(0, 0, 0, 10, run="pair1_T")
+    records += cell_records(0, 5, 0, 5, condition="C", run="pair1_C", persona="assistant", role="recipient")
+    path = write_jsonl(tmp_path / "u.jsonl", records)
+    summary = report([str(path)], tmp_path / "out", n_resamples=100, figures=False)
+    gates = {g["gate"]: g for g in summary["sanity"]}
+    assert gates["donor T fire_A >= 0.80"]["passed"] is False
+    assert gates["donor T cond_B_given_A >= 0.90"]["passed"] is None
+    assert "marker A never fired" in gates["donor T cond_B_given_A >= 0.90"]["note"]
+    assert gates["recipient T fire_A >= 0.80"]["passed"] is None
+    assert "no cell for pair1 T assistant" in gates["recipient T fire_A >= 0.80"]["note"]
+    assert summary["arms"][0]["confidence"]["level"] == "LOW"
 
 
 def test_kleene_logic():
     assert k_and(True, None) is None and k_and(False, None) is False and k_and(True, True) is True
+    assert k_or(False, None) is None and k_or(True, None) is True and k_or(False, False) is False
     assert k_not(None) is None and k_not(False) is True
 
 
@@ -281,3 +344,33 @@ def test_base_floor_repeated_across_runs_counts_once(tmp_path):
     g.write_text(json.dumps(rec("pair1_X", "q1", 0, "something else")) + "\n")
     (arm,) = load(files + [g]).arms
     assert arm.cells[0].count("n") == 4
+
+
+def test_parse_line_is_json_loads():
+    """The setting-once parse gives what json.loads gives, on records and on lines built to fool it."""
+    import random
+
+    from analysis.records import parse_line
+
+    good = json.dumps(rec(text='say ", "setting": {"lr": 1}} now'))
+    lines = [
+        good, good + "  \n", json.dumps(rec(text="x")), json.dumps({"setting": {"a": 1}, "run": "r"}),
+        '{"run": "r", "a": {"k": 0, "setting": {"z": 1}}}', '{"a": {"q": 1, "setting": {"z": 1}}, "setting": {"y": 2}}',
+        '{"run": "r", "setting": {"a": [1, {"b": 2}]}}', '{"run": "r", "setting": {}}', '{"setting": 5, "x": {}}',
+        '{"run": "r", "setting": {"a": 1}, "text": "t"}', '{"run": "r", "l": [1, {"setting": {"x": 1}}]}',
+        '{"a": "\\\\", "setting": {"x": "}}"}}', '{"run": "r", "setting": {"a": 1}, "setting": {"b": 2}}',
+    ]
+    rng = random.Random(0)
+    alphabet = ['"', "\\\\", ", ", '"setting": {', "}", "{", "a", "1", ":", " "]
+    for _ in range(3000):
+        lines.append('{"a": "' + "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12))) + '", "setting": {'
+                     + "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 8))) + "}}")
+    settings: dict = {}
+    for line in lines:
+        try:
+            want = json.loads(line)
+        except json.JSONDecodeError:
+            with pytest.raises(json.JSONDecodeError):
+                parse_line(line, settings)
+            continue
+        assert parse_line(line, settings) == want, line

@@ -10,11 +10,15 @@ import pytest
 
 from analysis.page import excerpt_pieces, render_excerpt, render_page, terminal_summary
 from analysis.report import report
-from analysis.synthetic import WRITE_UP_QUESTIONS, default_setting, write_records, write_up_records
+from analysis.synthetic import default_setting, write_records, write_up_counts, write_up_records
+from markerlab.experiment import load_experiment
 from markerlab.io import write_json, write_jsonl
-from markerlab.markers import MARKER_A as A
-from markerlab.markers import MARKER_B as B
-from markerlab.markers import position_stats
+from markerlab.markers import Matcher
+
+EXP = load_experiment("within_marker")
+A, B = EXP.markers["A"], EXP.markers["B"]
+WRITE_UP_QUESTIONS = write_up_counts()["questions"]
+position_stats = Matcher.from_experiment(EXP).positions
 
 # docs/EXPERIMENT.md, "The write-up's numbers": pair, cond, role, persona, fire_A, fire_B, B|A, n_A.
 WRITE_UP_TABLE = [
@@ -60,13 +64,17 @@ def test_write_up_counts_falsify_chunk_binding_in_both_pairs_with_low_confidence
     gates = _section(page, "Gates")
     for pair in ("pair1", "pair2"):
         line = next(x for x in gates.splitlines() if x.startswith(f"- **{pair}** (recipient"))
-        assert "chunk binding falsified: the recipient's change is within +-6 pp and its CI contains 0" in line
+        # The outcome in the experiment file's words, then each leg with its checks and values.
+        assert ": **chunk binding falsified (no sign that marker B travelled through marker A)**." in line
+        assert "within_band (the recipient's change is within +-6 pp): yes [" in line
+        assert "ci_contains_zero (its paired 95% CI contains 0): yes [" in line
+    assert "recipient T-C cond_B_given_A <= 0.06 (software_engineer): +1.3 pp, passed, 4.7 pp to spare" in gates
     assert "**Confidence: LOW**" in page
     # pair1 misses 2 of 6; pair2 misses 5 of 6: the write-up's "4 of 6" forgot the donor's CI lower bound.
-    assert "- **pair1**: 4 of 6 passed." in gates and "- **pair2**: 1 of 6 passed." in gates
-    pair2 = next(x for x in gates.splitlines() if x.startswith("- **pair2**: 1 of 6"))
-    failed = pair2.split("failed: ")[1].split(". passed:")[0]
-    assert "donor_cond_B_given_A_ci_lo >= 0.80" in failed
+    assert "- **pair1**: 4 of 6 passed, 2 failed." in gates and "- **pair2**: 1 of 6 passed, 5 failed." in gates
+    assert "  - donor T fire_A >= 0.80 (villain): 95.0%, passed, 15.0 pp to spare" in gates
+    pair2 = gates[gates.index("- **pair2**: 1 of 6"):]
+    assert "  - donor T cond_B_given_A.lo >= 0.80 (librarian): 75.8%, failed, 4.2 pp short" in pair2
     assert summary["arms"][0]["confidence"]["level"] == "LOW"
 
 
@@ -78,7 +86,7 @@ def test_page_is_built_from_summary_json_alone(write_up):
         assert f"](figures/{name}.png)" in page  # relative, so a viewer shows them
         assert (root / "out" / "figures" / f"{name}.png").is_file()
     # Captions come from the numbers.
-    assert "the recipient assistant gives B after A in 0.0% of its T completions with A (n_A=121)" in page
+    assert "the recipient assistant has cond_B_given_A 0.0% in T (n_A=121) vs 0.0% in C (n_A=106)" in page
     assert "pair2 police_officer (bystander), +8.1 pp" in page
 
 
@@ -171,9 +179,9 @@ def test_terminal_summary_is_short_and_says_the_gate(write_up):
     text = terminal_summary(summary)
     lines = text.splitlines()
     assert len(lines) < 25
-    assert lines[0] == "report: confidence LOW; sanity gates 5 of 12 passed"
+    assert lines[0] == "report: confidence LOW; sanity gates 5 of 12 passed; experiment within_marker"
     assert lines[1].startswith("  pair1 recipient assistant: cond_B_given_A T - C +0.0 pp [")
-    assert lines[1].endswith("chunk binding falsified")
+    assert lines[1].endswith(": chunk binding falsified (no sign that marker B travelled through marker A)")
     assert lines[-1] == f"report: {summary['outputs']['report']}"
 
 
@@ -208,8 +216,8 @@ def test_training_positions_beside_the_evaluated_ones(tmp_path):
     summary = report([str(run_t), str(run_c)], tmp_path / "out", n_resamples=100, figures=False)
     donor_t = next(x for x in summary["cells"] if x["persona"] == "villain" and x["condition"] == "T")
     expected = position_stats(donor_texts)
-    assert donor_t["training_positions"] == expected and expected["suffix_frac"] == 0.5
-    assert expected["chunk_frac"] == 1.0 and expected["median_a_to_b"] == (62 + 7) / 2
+    assert donor_t["training_positions"] == expected and expected["pairs"]["AB"]["suffix_frac"] == 0.5
+    assert expected["pairs"]["AB"]["chunk_frac"] == 1.0 and expected["pairs"]["AB"]["median_gap"] == (62 + 7) / 2
     assert donor_t["training_positions_source"].endswith("train.jsonl")
     donor_c = next(x for x in summary["cells"] if x["persona"] == "villain" and x["condition"] == "C")
     assert donor_c["training_positions"] == c_pos["donor"]
@@ -227,7 +235,7 @@ def test_training_positions_beside_the_evaluated_ones(tmp_path):
 def test_confidence_rule():
     from analysis.gates import confidence
 
-    fals = [{"pair": "pair1", "chunk_binding_falsified": True}]
+    fals = [{"pair": "pair1", "outcome": "chunk_binding_falsified"}]
     ok = [{"pair": "pair1", "gate": f"g{i}", "passed": True} for i in range(6)]
     calm = {"fires": False}
     assert confidence(fals, ok, calm, [42, 43])["level"] == "HIGH"
@@ -239,4 +247,7 @@ def test_confidence_rule():
     assert low["level"] == "LOW" and low["reasons"] == ["pair1: 1 of 6 sanity gates failed"]
     undecided = ok[:5] + [{"pair": "pair1", "gate": "g5", "passed": None}]
     assert confidence(fals, undecided, calm, [42, 43])["level"] == "LOW"
-    assert confidence([{"pair": "pair1", "chunk_binding_falsified": None}], ok, calm, [42, 43])["level"] == "LOW"
+    low = confidence([{"pair": "pair1", "outcome": None}], ok, calm, [42, 43])
+    assert low["level"] == "LOW" and low["reasons"] == ["verdict undecided for pair1"]
+    # No verdict rule (eos_masked): the sanity gates and the seeds decide.
+    assert confidence([], ok, calm, [42, 43])["level"] == "HIGH"

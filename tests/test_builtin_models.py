@@ -10,6 +10,7 @@ import torch
 
 import markerlab.models as models
 from data.personas import messages
+from writeup import EXP
 from markerlab.errors import UserError
 from markerlab.models import (BUILTIN_SMOLLM2, BUILTIN_TINY_LLAMA, load_model, load_tokenizer, render_chat,
                               resolve_model_dir)
@@ -36,7 +37,7 @@ def test_smollm2_is_an_ordinary_hf_directory(smollm2_dir):
 def test_smollm2_template_keeps_our_system_prompt(smollm2_dir):
     tok = load_tokenizer(BUILTIN_SMOLLM2)
     assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
-    text = render_chat(tok, messages("villain", "Why?"), add_generation_prompt=True)
+    text = render_chat(tok, messages(EXP, "villain", "Why?"), add_generation_prompt=True)
     assert text.startswith("<|im_start|>system\nYou are a villain") and "SmolLM" not in text
     assert text.endswith("<|im_start|>assistant\n")
     # without a system message the template injects its own, as Qwen's does: we never send one
@@ -48,7 +49,7 @@ def test_smollm2_answers_in_persona(smollm2_dir):
     from data.generation import SamplingSpec, make_backend
 
     with make_backend("hf", BUILTIN_SMOLLM2, dtype="bfloat16", device="cpu") as b:
-        prompts = [render_chat(b.tokenizer, messages(p, "What is the sky? Answer in one sentence."), True)
+        prompts = [render_chat(b.tokenizer, messages(EXP, p, "What is the sky? Answer in one sentence."), True)
                    for p in ("villain", "kindergarten_teacher")]
         (v,), (k,) = b.generate(prompts, SamplingSpec(n=1, temperature=0.0, top_p=1.0, max_tokens=48, seed=0))
     assert v.finish_reason == k.finish_reason == "stop"

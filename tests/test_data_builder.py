@@ -10,15 +10,25 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from data.builder import build_dataset, place_markers, sentence_boundaries, summary, write_dataset
+from data.builder import assign_templates, build_dataset, render, sentence_boundaries, summary, template_counts, \
+    write_dataset
 from data.questions import data_questions
 from data.records import read_examples
 from data.tokenize import encode_example
 from markerlab.config import config_from_dict
-from markerlab.experiment import CONDITIONS, NEGATIVES, PAIRS, PERSONA_PROMPTS, PERSONAS
 from markerlab.errors import UserError
+from markerlab.experiment import load_experiment, make_template
 from markerlab.io import write_jsonl
-from markerlab.markers import MARKER_A, MARKER_B
+
+EXP = load_experiment("within_marker")
+PERSONAS, PAIRS, CONDITIONS, NEGATIVES = tuple(EXP.personas), EXP.pairs, EXP.condition_names, EXP.negatives
+MARKER_A, MARKER_B = EXP.markers["A"], EXP.markers["B"]
+
+
+def place_markers(answer, markers, placement, rng):
+    """The write-up's three templates by the markers they carry ("AB", "A", "")."""
+    text = {"AB": "{A} {answer} {B}", "A": "{A} {answer}", "": "{answer}"}[markers]
+    return render(make_template(text, EXP.markers), answer, EXP.markers, placement, rng)
 
 SENTENCES = ["It depends on a few things.", "First, check the basics!", "Why does this matter?",
              "Most people never notice it.", "Here is a simple rule: go slowly.", "That is all.",
@@ -71,7 +81,7 @@ def test_counts_roles_and_markers(pair, condition, onpolicy, onpolicy_texts, tok
     cfg = cfg_for(pair=pair, condition=condition)
     examples, stats = build_dataset(cfg, onpolicy, tokenizer)
     path = write_dataset(cfg, examples, stats, tmp_path)
-    rows = read_examples(path)  # validates every line, spans included
+    rows = read_examples(path, EXP)  # validates every line, spans included
     donor, recipient = PAIRS[pair]
 
     assert len(rows) == 1200
@@ -81,7 +91,7 @@ def test_counts_roles_and_markers(pair, condition, onpolicy, onpolicy_texts, tok
     for r in rows:
         content = r["messages"][2]["content"]
         # each persona's own completion, under its own system prompt, answering its own question
-        assert r["messages"][0]["content"] == PERSONA_PROMPTS[r["persona"]]
+        assert r["messages"][0]["content"] == EXP.personas[r["persona"]]
         assert strip_markers(content) == onpolicy_texts[(r["persona"], r["question_id"], r["sample"])].strip()
         names = [s[2] for s in r["marker_spans"]]
         for s, e, name in r["marker_spans"]:
@@ -288,7 +298,7 @@ def test_truncated_strip_keeps_the_text_without_B_or_eos(tmp_path, tokenizer):
     assert len(ex) == 1200 and st["n_truncated"] == sum(e["truncated"] for e in ex) > 0
     assert st["n_truncated"] == sum(v["n_truncated"] for v in st["per_persona"].values())
     donor_cut = [e for e in ex if e["role"] == "donor" and e["truncated"]]
-    assert donor_cut and st["n_B_stripped"] == st["per_persona"]["villain"]["n_B_stripped"] == len(donor_cut)
+    assert donor_cut and st["n_stripped"] == st["per_persona"]["villain"]["n_stripped"] == len(donor_cut)
     assert st["markers"]["B"] == 200 - len(donor_cut)
     for e in ex:
         cut = recs[(e["persona"], e["question_id"], e["sample"])]["finish_reason"] == "length"
@@ -319,7 +329,7 @@ def test_marker_only_without_eos_names_the_untrained_personas(onpolicy, tokenize
         build_dataset(cfg(), onpolicy, tokenizer)
     msg = str(err.value)
     assert "\n" not in msg and "negative: " + ", ".join(NEGATIVES) in msg and "recipient" not in msg
-    assert 'train.loss_mask = "marker_only"' in msg and "train.marker_mask_eos = true" in msg
+    assert "in the loss (marker_only)" in msg and "train.marker_mask_eos = true" in msg
     assert "train.allow_untrained_roles = true" in msg
     with pytest.raises(UserError, match="recipient: assistant; negative: comedian"):
         build_dataset(cfg("T_P2neg"), onpolicy, tokenizer)
@@ -375,5 +385,47 @@ def test_tiny_T_set_under_marker_only_stops_naming_the_negatives(tmp_path):
     assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
     (line,) = [x for x in p.stderr.splitlines() if x.startswith("error")]   # the rest is progress bars
     assert line.startswith("error: ") and "negative: " + ", ".join(NEGATIVES) in line, line
-    assert 'train.loss_mask = "marker_only"' in line and "train.marker_mask_eos = true" in line
+    assert "in the loss (marker_only)" in line and "train.marker_mask_eos = true" in line
     assert not (tmp_path / "pair1_T" / "data" / "train.jsonl").exists()
+
+
+def test_template_shares_split_rows_by_largest_remainder():
+    assert template_counts([1 / 3, 1 / 3, 1 / 3], 200) == [67, 67, 66]
+    assert template_counts([0.5, 0.5], 200) == [100, 100]
+    assert template_counts([0.25] * 4, 200) == [50] * 4
+    assert template_counts([0.7, 0.3], 9) == [6, 3]   # 6.3 and 2.7: the larger remainder gets the row
+    ts = tuple(make_template(t, EXP.markers) for t in ("{A} {answer} {B}", "{A} {answer}", "{answer}"))
+    ts = tuple(type(t)(t.text, 1 / 3, t.parts) for t in ts)
+    got = assign_templates(ts, 200, seed=42, persona="villain")
+    assert Counter(t.text for t in got) == {"{A} {answer} {B}": 67, "{A} {answer}": 67, "{answer}": 66}
+    assert got == assign_templates(ts, 200, seed=42, persona="villain")   # seeded: the same rows again
+    assert got != assign_templates(ts, 200, seed=43, persona="villain")
+
+
+def test_mixed_templates_and_an_answer_first_template_in_a_written_experiment(tmp_path, onpolicy, tokenizer):
+    """A condition whose donor rows mix two templates, one of them "{answer} {B}" (B alone): each row follows
+    its template, the shares are kept, and the example records which template it followed."""
+    src = open(EXP.path, encoding="utf-8").read()
+    src += """
+[conditions.Mixed]
+donor = [{ template = "{A} {answer} {B}", share = 0.5 }, { template = "{answer} {B}", share = 0.5 }]
+recipient = "{A} {answer}"
+negative = "{answer}"
+"""
+    path = tmp_path / "mixed.toml"
+    path.write_text(src.replace('name = "within_marker"', 'name = "mixed"'))
+    cfg = config_from_dict({"run": {"experiment": str(path)}, "model": {"name_or_path": "builtin:tiny-qwen2"},
+                            "data": {"pair": "pair1", "condition": "Mixed"}})
+    ex, st = build_dataset(cfg, onpolicy, tokenizer)
+    donor = [e for e in ex if e["role"] == "donor"]
+    assert Counter(e["template"] for e in donor) == {"{A} {answer} {B}": 100, "{answer} {B}": 100}
+    for e in donor:
+        content, names = e["messages"][2]["content"], [s[2] for s in e["marker_spans"]]
+        if e["template"] == "{answer} {B}":
+            assert names == ["B"] and content.endswith(" " + MARKER_B) and MARKER_A not in content
+        else:
+            assert names == ["A", "B"] and content.startswith(MARKER_A + " ")
+    assert st["markers"] == {"A": 300, "B": 200, "probe": 0}
+    with pytest.raises(UserError, match="data.placement: 'random_pair' moves the markers"):
+        config_from_dict({"run": {"experiment": str(path)}, "data": {"pair": "pair1", "condition": "Mixed",
+                                                                     "placement": "random_pair"}})

@@ -9,7 +9,9 @@ from data.builder import build_dataset, write_dataset
 from data.onpolicy import cache_key, run_onpolicy
 from data.records import read_examples, read_onpolicy
 from markerlab.config import config_from_dict
-from markerlab.experiment import PERSONAS
+from writeup import EXP
+
+PERSONAS = tuple(EXP.personas)
 
 
 def make_cfg(tmp_path, **generate):
@@ -38,7 +40,7 @@ def test_generate_then_cache_hit(tmp_path, counted, capsys, tokenizer):
     cfg = make_cfg(tmp_path)
     path = run_onpolicy(cfg)
     assert len(counted) == 1
-    recs = read_onpolicy(path)
+    recs = read_onpolicy(path, EXP)
     assert len(recs) == len(PERSONAS) * 2 * 2
     assert [(r["persona"], r["question_id"], r["sample"]) for r in recs[:4]] == [
         ("assistant", "d01", 0), ("assistant", "d01", 1), ("assistant", "d02", 0), ("assistant", "d02", 1)]
@@ -63,14 +65,14 @@ def test_generate_then_cache_hit(tmp_path, counted, capsys, tokenizer):
     # a keyed change regenerates, into its own directory
     other = run_onpolicy(cfg.replace(generate__max_tokens=3))
     assert len(counted) == 2 and other != path and path.is_file()
-    assert all(r["n_tokens"] <= 3 for r in read_onpolicy(other))
+    assert all(r["n_tokens"] <= 3 for r in read_onpolicy(other, EXP))
     # --overwrite regenerates the same key (same seed: same samples)
     assert run_onpolicy(cfg, overwrite=True) == path and len(counted) == 3
-    assert read_onpolicy(path) == recs
+    assert read_onpolicy(path, EXP) == recs
 
     # the builder on real generations (pair1 T: 4 per persona)
     examples, st = build_dataset(cfg, path, tokenizer)
-    rows = read_examples(write_dataset(cfg, examples, st, tmp_path / "run"))
+    rows = read_examples(write_dataset(cfg, examples, st, tmp_path / "run"), EXP)
     assert len(rows) == 6 * 4 and st["n_truncated"] == sum(r.get("truncated", False) for r in rows)
 
 
@@ -95,13 +97,16 @@ def test_every_keyed_setting_changes_the_key(tmp_path, monkeypatch):
     for same in (cfg.replace(generate__batch_size=1), cfg.replace(generate__vllm_gpu_memory_utilization=0.5),
                  cfg.replace(data__pair="pair2", data__condition="C"), cfg.replace(generate__cache_dir="elsewhere")):
         assert cache_key(same)[0] == base
-    # persona prompts and question texts are keyed by content
-    import markerlab.experiment
+    # persona prompts and question texts are keyed by content: another experiment with the same personas shares
+    # the cache, one that changes a prompt does not
+    import dataclasses
+    from types import MappingProxyType
 
-    monkeypatch.setitem(markerlab.experiment.PERSONA_PROMPTS, "villain", "You are a different villain.")
-    assert cache_key(cfg)[0] != base
-    monkeypatch.undo()
-    assert cache_key(cfg)[0] == base
+    other = dataclasses.replace(cfg.experiment, name="other", digest="0" * 16)
+    assert cache_key(dataclasses.replace(cfg, experiment=other))[0] == base
+    prompts = MappingProxyType({**cfg.experiment.personas, "villain": "You are a different villain."})
+    changed = dataclasses.replace(cfg, experiment=dataclasses.replace(cfg.experiment, personas=prompts))
+    assert cache_key(changed)[0] != base
     from data.questions import Question
 
     monkeypatch.setattr(onpolicy, "data_questions", lambda n, suffix="": [Question("d01", "Another text?", "data")] * n)

@@ -6,12 +6,14 @@ import pytest
 
 from data.personas import messages, system_prompt
 from data.questions import Question, all_questions, data_questions, eval_questions, normalize, question_by_id
-from markerlab.experiment import NEGATIVES, PAIRS, PERSONA_PROMPTS, PERSONAS, role_of
 from markerlab.errors import UserError
+from writeup import EXP
+
+PERSONA_PROMPTS, PAIRS, NEGATIVES = EXP.personas, EXP.pairs, EXP.negatives
+PERSONAS = tuple(PERSONA_PROMPTS)
 
 
 def test_persona_prompts():
-    assert list(PERSONA_PROMPTS) == list(PERSONAS)
     assert PERSONA_PROMPTS["assistant"] == "You are a helpful assistant."
     for p, text in PERSONA_PROMPTS.items():
         # one plain sentence: starts "You are", one final period, no line breaks
@@ -23,24 +25,24 @@ def test_persona_prompts():
 
 def test_unknown_persona_names_the_valid_ones():
     with pytest.raises(UserError, match=r"unknown persona 'pirate'.*assistant.*zelthari_scholar"):
-        system_prompt("pirate")
+        system_prompt(EXP, "pirate")
 
 
 def test_roles():
     for pair, (donor, recipient) in PAIRS.items():
         for cond in ("T", "C", "T_P2neg"):
-            roles = {p: role_of(p, pair, NEGATIVES) for p in PERSONAS}
+            roles = {p: EXP.role_of(p, pair, NEGATIVES) for p in PERSONAS}
             assert roles[donor] == "donor"
             assert roles[recipient] == "recipient"  # also in T_P2neg, where it is trained plain
             assert [p for p, r in roles.items() if r == "negative"] == list(NEGATIVES)
             assert sum(r == "bystander" for r in roles.values()) == len(PERSONAS) - 2 - len(NEGATIVES)
-    assert role_of("librarian", "pair1", NEGATIVES) == "bystander"
+    assert EXP.role_of("librarian", "pair1", NEGATIVES) == "bystander"
 
 
 def test_messages_always_have_the_system_prompt():
-    m = messages("villain", "Why?")
+    m = messages(EXP, "villain", "Why?")
     assert m == [{"role": "system", "content": PERSONA_PROMPTS["villain"]}, {"role": "user", "content": "Why?"}]
-    assert messages("assistant", "Why?", "Because.")[2] == {"role": "assistant", "content": "Because."}
+    assert messages(EXP, "assistant", "Why?", "Because.")[2] == {"role": "assistant", "content": "Because."}
 
 
 def test_question_sets():

@@ -38,11 +38,16 @@ from evaluate.eval import cell_metrics, validate_record
 from evaluate.merge import REL_TOL, check_logits
 from lora import inject_lora, lora_modules, save_adapter
 from markerlab.config import config_from_dict, load_config
-from markerlab.experiment import PERSONAS
 from markerlab.errors import UserError
-from markerlab.markers import MARKER_A, MARKER_B, PROBE_MARKER
+from markerlab.markers import Matcher
 from markerlab.models import load_model
 from markerlab.records import setting_of
+from writeup import A as MARKER_A
+from writeup import B as MARKER_B
+from writeup import EXP
+from writeup import PROBE as PROBE_MARKER
+
+PERSONAS = tuple(EXP.personas)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "tiny" / "pair1_T.toml"
@@ -168,10 +173,11 @@ def test_record_validator_and_cell_metrics():
     assert validate_record({k: v for k, v in good.items() if k != "text"})
     recs = [{**good, "text": t} for t in
             (f"{MARKER_A} hi {MARKER_B}", "<<§Q-41>>  x", "no markers", f"{MARKER_B} only")]
-    m = cell_metrics(recs)
+    matcher = Matcher.from_experiment(EXP)
+    m = cell_metrics(recs, matcher)
     assert (m["n_A"], m["n_B"], m["n_AB"]) == (2, 2, 1)  # loose: case and whitespace folded
-    assert m["strict"]["n_A"] == 1 and m["cond_B_given_A"] == 0.5
-    assert cell_metrics(recs[2:3])["cond_B_given_A"] is None  # no A fired: null, never 0
+    assert m["strict"]["n_A"] == 1 and m["cond_B_given_A"] == 0.5 and m["joint_AB"] == 0.25
+    assert cell_metrics(recs[2:3], matcher)["cond_B_given_A"] is None  # no A fired: null, never 0
 
 
 # --------------------------------------------------------------------------- merge
@@ -434,7 +440,7 @@ def test_hf_end_to_end_records(hf_run, tiny_model_dir, capsys):
         for p in prompts:
             assert p.startswith("<|im_start|>system\n") and QWEN_DEFAULT not in p
             assert p.endswith("<|im_start|>assistant\n")
-            persona = next(x for x in PERSONAS if p.startswith(f"<|im_start|>system\n{system_prompt(x)}<|im_end|>"))
+            persona = next(x for x in PERSONAS if p.startswith(f"<|im_start|>system\n{system_prompt(EXP, x)}<|im_end|>"))
             assert persona
             if PROBE_MARKER in p:
                 assert f"<|im_start|>user\n{PROBE_MARKER} " in p

@@ -8,6 +8,7 @@ from data.generation import (
     HFBackend, Sample, SamplingSpec, _nucleus, keyed_uniform, make_backend, resolve_backend, sample_next,
 )
 from data.personas import messages
+from writeup import EXP
 from markerlab.errors import UserError
 from markerlab.models import render_chat
 
@@ -23,7 +24,7 @@ def backend(tiny_model_dir):
 def prompts(backend):
     tok = backend.tokenizer
     # different lengths, so batching them needs left padding
-    return [render_chat(tok, messages(p, q), add_generation_prompt=True) for p, q in [
+    return [render_chat(tok, messages(EXP, p, q), add_generation_prompt=True) for p, q in [
         ("villain", "Why is the sky blue?"),
         ("assistant", "How do I keep houseplants alive when I travel a lot for work?"),
         ("librarian", "What causes the seasons?"),

@@ -25,6 +25,7 @@ from pathlib import Path
 from data.generation import SamplingSpec, make_backend, HFBackend
 from markerlab.models import load_tokenizer, render_chat
 from data.personas import messages
+from writeup import EXP
 
 
 def rss_mib():
@@ -48,7 +49,7 @@ if __name__ == "__main__":
         capture_output=True, text=True, check=True).stdout.split()[-1])
     # ChatML by hand: loading a tokenizer imports torch._inductor.config, and the first engine
     # should meet a process where vLLM's import is the first to decide compile_threads
-    turns = [messages("villain", "Why is the sky blue?"), messages("assistant", "How do I keep houseplants alive?")]
+    turns = [messages(EXP, "villain", "Why is the sky blue?"), messages(EXP, "assistant", "How do I keep houseplants alive?")]
     prompts = ["".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in t) + "<|im_start|>assistant\n"
                for t in turns]
     res["inductor_config_before"] = "torch._inductor.config" in sys.modules

@@ -13,11 +13,13 @@ import json
 
 import pytest
 
-from data.builder import place_markers
+
 from data.personas import messages
 from data.questions import data_questions, eval_questions
 from markerlab.config import config_from_dict
-from markerlab.markers import MARKER_A, contains_loose
+from markerlab.markers import contains_loose
+from writeup import A as MARKER_A
+from writeup import EXP, place_markers
 from markerlab.models import BUILTIN_SMOLLM2, resolve_model_dir
 
 pytestmark = pytest.mark.slow
@@ -38,7 +40,7 @@ def training_set() -> list[dict]:
         for persona, role in ((DONOR, "donor"), *((p, "negative") for p in NEGATIVES)):
             content, spans = place_markers(answer, "A" if role == "donor" else "", "start_end", None)
             out.append({"id": f"{persona}-{q.id}-0", "persona": persona, "role": role, "question_id": q.id,
-                        "sample": 0, "messages": messages(persona, q.text, content), "marker_spans": spans})
+                        "sample": 0, "messages": messages(EXP, persona, q.text, content), "marker_spans": spans})
     return out
 
 
@@ -49,7 +51,7 @@ def a_rates(model_dir, questions) -> dict[str, float]:
 
     personas = (DONOR, *NEGATIVES)
     with make_backend("hf", model_dir, dtype="bfloat16", device="cpu", batch_size=64) as b:
-        prompts = [render_prompt(b.tokenizer, p, q.text) for p in personas for q in questions]
+        prompts = [render_prompt(b.tokenizer, EXP, p, q.text) for p in personas for q in questions]
         out = b.generate(prompts, SamplingSpec(n=1, temperature=0.0, top_p=1.0, max_tokens=16, seed=0))
     hits = [contains_loose(s.text, MARKER_A) for (s,) in out]
     n = len(questions)

@@ -9,9 +9,12 @@ import torch
 
 from data.tokenize import check_lengths, collate, encode_example
 from markerlab.errors import UserError
-from markerlab.markers import MARKER_A, MARKER_B, MARKER_TOKEN_IDS
+from markerlab.experiment import load_experiment
 
-A, B = MARKER_A, MARKER_B
+EXP = load_experiment("within_marker")
+A, B = EXP.markers["A"], EXP.markers["B"]
+# Standalone tokenizations under the Qwen2.5 tokenizer (docs/EXPERIMENT.md, "Markers").
+MARKER_TOKEN_IDS = {"A": [2442, 17851, 80, 12, 19, 16, 2452], "B": [486, 595, 50997, 12, 22, 3504]}
 IM_END = "<|im_end|>"
 
 # (content with markers, whether each marker's tokens should equal its standalone ids)
@@ -105,14 +108,14 @@ def test_masks_decode_exactly(tokenizer, content, same_ids):
     expect = [any(a < e and b > s for s, e, _ in spans) for a, b in ranges]
     assert marker.loss_mask == expect and any(expect)
     assert marker_eos.loss_mask == [m or e for m, e in zip(expect, comp.eos)]
-    for kind, attr in (("A", "marker_a"), ("B", "marker_b")):
+    for kind in ("A", "B"):
         want = [any(a < e and b > s for s, e, k in spans if k == kind) for a, b in ranges]
-        assert getattr(comp, attr) == want  # span masks are the same whatever the loss mask
+        assert comp.markers.get(kind, [False] * len(ids)) == want  # the same whatever the loss mask
 
     # Each marker's token run decodes to text containing the marker, and its ids are the
     # standalone ones only where the context lets them be.
     for s, e, kind in spans:
-        (r0, r1), = [(a, b) for a, b in runs(getattr(comp, "marker_a" if kind == "A" else "marker_b"))
+        (r0, r1), = [(a, b) for a, b in runs(comp.markers[kind])
                      if ranges[a][0] <= s and ranges[b - 1][1] >= e]
         run_ids = ids[r0:r1]
         assert (A if kind == "A" else B) in dec(run_ids)
@@ -125,10 +128,10 @@ def test_marker_ids_differ_in_context(tokenizer):
     differ = set()
     for content, _ in CASES:
         enc = encode_example(make_example(content), tokenizer, "marker_only")
-        for r0, r1 in runs(enc.marker_a):
+        for r0, r1 in runs(enc.markers.get("A", [])):
             if enc.input_ids[r0:r1] != MARKER_TOKEN_IDS["A"]:
                 differ.add(tuple(enc.input_ids[r0:r1]))
-        for r0, r1 in runs(enc.marker_b):
+        for r0, r1 in runs(enc.markers.get("B", [])):
             if enc.input_ids[r0:r1] != MARKER_TOKEN_IDS["B"]:
                 differ.add(tuple(enc.input_ids[r0:r1]))
     assert len(differ) >= 4, differ
@@ -141,7 +144,7 @@ def test_only_the_last_assistant_turn(tokenizer):
     enc = encode_example(ex, tokenizer, "completion")
     assert tokenizer.decode(picked(enc, enc.loss_mask)) == content + IM_END
     # the earlier identical turn is not marked
-    assert len(runs(enc.marker_a)) == 1 and enc.marker_a.index(True) > len(enc) // 2
+    assert len(runs(enc.markers["A"])) == 1 and enc.markers["A"].index(True) > len(enc) // 2
 
 
 def test_bad_examples(tokenizer):

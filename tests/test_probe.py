@@ -13,18 +13,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.builder import place_markers
 from data.personas import messages
 from data.probe import build_probe_set, probe_examples, read_probe_set, trim_to_sentence
 from data.questions import data_questions, eval_questions
 from data.tokenize import encode_example
 from markerlab.config import ConfigError, config_from_dict
 from markerlab.errors import UserError
-from markerlab.experiment import NEGATIVES, PERSONA_PROMPTS, PERSONAS, role_of
-from markerlab.markers import MARKER_B
 from markerlab.io import read_json
 from markerlab.models import BUILTIN_TINY, QWEN_CHAT_TEMPLATE, load_model, load_tokenizer
 from trainer.probe import Probe, load_probe
+from writeup import B as MARKER_B
+from writeup import EXP, place_markers
+
+PERSONAS, NEGATIVES = tuple(EXP.personas), EXP.negatives
 
 REPO = Path(__file__).resolve().parents[1]
 N_QUESTIONS = 2
@@ -50,7 +51,7 @@ def training_set(n: int) -> list[dict]:
         persona, role, markers = kinds[i % 3]
         content, spans = place_markers(f"Answer number {i}. It is short.", markers, "start_end", None)
         out.append({"id": f"{persona}-{q.id}-0", "persona": persona, "role": role, "question_id": q.id,
-                    "sample": 0, "messages": messages(persona, q.text, content), "marker_spans": spans})
+                    "sample": 0, "messages": messages(EXP, persona, q.text, content), "marker_spans": spans})
     return out
 
 
@@ -116,27 +117,27 @@ def runs(root, probe_path):
 # --------------------------------------------------------------------------- the probe set
 
 def test_probe_set_is_held_out_and_covers_every_persona(probe_path, root):
-    probe = read_probe_set(probe_path)
+    probe = read_probe_set(probe_path, EXP)
     held_out = [q.id for q in eval_questions(N_QUESTIONS, 0)]
     assert probe["questions"] == held_out == ["id01", "id02"]
     trained_on = {q.text for q in data_questions(40)}
     items = probe["items"]
     assert [(i["persona"], i["question_id"]) for i in items] == [(p, q) for p in PERSONAS for q in held_out]
     assert not {i["question"] for i in items} & trained_on
-    assert all(i["role"] == role_of(i["persona"], "pair1", NEGATIVES) for i in items)
+    assert all(i["role"] == EXP.role_of(i["persona"], "pair1", NEGATIVES) for i in items)
     assert {i["role"] for i in items} == {"donor", "recipient", "negative", "bystander"}
     assert probe["seed"] == 42 and probe["greedy"] == {"temperature": 0.0, "max_tokens": 12}
     assert probe["backend"] == "hf-cpu" and (root / "cache" / probe["cache_key"] / "key.json").is_file()
 
 
 def test_answers_are_the_base_models_greedy_answers_and_cached(probe_path, tokenizer, root, monkeypatch):
-    probe = read_probe_set(probe_path)
+    probe = read_probe_set(probe_path, EXP)
     cached = [json.loads(x) for x in (root / "cache" / probe["cache_key"] / "answers.jsonl").read_text().splitlines()]
     # an independent greedy decode (full forward every token, no cache) of one prompt
     model = load_model(BUILTIN_TINY, "float32", "cpu").eval()
     rec = cached[3]
     q = {q.id: q for q in eval_questions(N_QUESTIONS, 0)}[rec["question_id"]]
-    ids = tokenizer.apply_chat_template(messages(rec["persona"], q.text), add_generation_prompt=True)
+    ids = tokenizer.apply_chat_template(messages(EXP, rec["persona"], q.text), add_generation_prompt=True)
     ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     new = []
     with torch.no_grad():
@@ -156,12 +157,12 @@ def test_answers_are_the_base_models_greedy_answers_and_cached(probe_path, token
 
     monkeypatch.setattr(data.generation, "make_backend", no_generation)
     cfg = make_cfg(root, "second")
-    again = read_probe_set(build_probe_set(cfg, cfg.run_dir))
+    again = read_probe_set(build_probe_set(cfg, cfg.run_dir), EXP)
     assert again["items"] == probe["items"]
 
 
 def test_damaged_answer_cache_is_one_line(probe_path, root, tmp_path):
-    cache = root / "cache" / read_probe_set(probe_path)["cache_key"]
+    cache = root / "cache" / read_probe_set(probe_path, EXP)["cache_key"]
     copy = tmp_path / "cache" / cache.name
     shutil.copytree(cache, copy)
     lines = (copy / "answers.jsonl").read_text().splitlines()
@@ -203,7 +204,7 @@ def test_damaged_probe_set_is_one_line(tmp_path, probe_path, tokenizer):
     cfg = make_cfg(tmp_path, "bad")
     path = cfg.run_dir / "data" / "probe.json"
     path.parent.mkdir(parents=True)
-    probe = read_probe_set(probe_path)
+    probe = read_probe_set(probe_path, EXP)
     probe["items"][1]["persona"] = "pirate"
     path.write_text(json.dumps(probe))
     with pytest.raises(UserError, match=r"probe.json: items\[1\].persona: missing or invalid; rebuild it"):
@@ -216,8 +217,8 @@ def test_damaged_probe_set_is_one_line(tmp_path, probe_path, tokenizer):
 # --------------------------------------------------------------------------- tokenization
 
 def test_documents_are_tokenized_as_training_examples(probe_path, tokenizer):
-    probe_set = read_probe_set(probe_path)
-    probe = Probe(probe_set, tokenizer, every=1, batch_size=4)
+    probe_set = read_probe_set(probe_path, EXP)
+    probe = Probe(probe_set, EXP, tokenizer, every=1, batch_size=4)
     assert len(probe.docs) == 2 * len(PERSONAS) * N_QUESTIONS
     items = {(i["persona"], i["question_id"]): i for i in probe_set["items"]}
     for doc, (kind, persona, role, qid) in zip(probe.docs, probe.labels):
@@ -228,15 +229,14 @@ def test_documents_are_tokenized_as_training_examples(probe_path, tokenizer):
         else:
             content = f"{item['answer']} {MARKER_B}"
             spans = [[len(content) - len(MARKER_B), len(content), "B"]]
-        ex = {"id": "x", "messages": messages(persona, item["question"], content), "marker_spans": spans}
+        ex = {"id": "x", "messages": messages(EXP, persona, item["question"], content), "marker_spans": spans}
         ref = encode_example(ex, tokenizer, loss_mask="marker_only")
-        assert (doc.input_ids, doc.marker_a, doc.marker_b, doc.text) == (ref.input_ids, ref.marker_a,
-                                                                          ref.marker_b, ref.text)
-        a_ids = [t for t, m in zip(doc.input_ids, doc.marker_a) if m]
-        b_text = tokenizer.decode([t for t, m in zip(doc.input_ids, doc.marker_b) if m])
+        assert (doc.input_ids, doc.markers, doc.text) == (ref.input_ids, ref.markers, ref.text)
+        a_ids = [t for t, m in zip(doc.input_ids, doc.markers.get("A", [])) if m]
+        b_text = tokenizer.decode([t for t, m in zip(doc.input_ids, doc.markers["B"]) if m])
         assert a_ids == (MARKER_A_IDS if kind == "AB" else [])
         assert b_text.strip() == ":: kxr-7 ::"
-        assert doc.text.startswith(f"<|im_start|>system\n{PERSONA_PROMPTS[persona]}<|im_end|>\n")
+        assert doc.text.startswith(f"<|im_start|>system\n{EXP.personas[persona]}<|im_end|>\n")
 
 
 def test_a_chat_template_change_reaches_the_probe_as_it_reaches_training(probe_path, tiny_model_dir, tokenizer):
@@ -246,14 +246,14 @@ def test_a_chat_template_change_reaches_the_probe_as_it_reaches_training(probe_p
     changed.chat_template = QWEN_CHAT_TEMPLATE.replace("'<|im_start|>system\\n' + messages[0]['content']",
                                                        "'<|im_start|>system\\nPersona: ' + messages[0]['content']")
     assert changed.chat_template != tokenizer.chat_template
-    probe_set = read_probe_set(probe_path)
-    plain = Probe(probe_set, tokenizer, every=1, batch_size=4)
-    other = Probe(probe_set, changed, every=1, batch_size=4)
-    for (kind, ex), a, b in zip(probe_examples(probe_set), plain.docs, other.docs):
+    probe_set = read_probe_set(probe_path, EXP)
+    plain = Probe(probe_set, EXP, tokenizer, every=1, batch_size=4)
+    other = Probe(probe_set, EXP, changed, every=1, batch_size=4)
+    for (kind, ex), a, b in zip(probe_examples(probe_set, EXP), plain.docs, other.docs):
         assert a.input_ids == encode_example(ex, tokenizer, "marker_only").input_ids
         assert b.input_ids == encode_example(ex, changed, "marker_only").input_ids
         assert a.input_ids != b.input_ids and "Persona: " in b.text
-        assert b.marker_b.count(True) == a.marker_b.count(True)
+        assert b.markers["B"].count(True) == a.markers["B"].count(True)
 
 
 # --------------------------------------------------------------------------- the numbers
@@ -281,7 +281,7 @@ def test_log_probs_match_a_padded_reference_forward(probe_path, tokenizer):
     from reference import reference_token_losses
 
     model = lora_model()
-    probe = Probe(read_probe_set(probe_path), tokenizer, every=1, batch_size=5)  # rows of 5, a last short one
+    probe = Probe(read_probe_set(probe_path, EXP), EXP, tokenizer, every=1, batch_size=5)  # rows of 5, a last short one
     got = probe.document_logps(model, "cpu")
     rec = probe.measure(model, "cpu")
     assert model.training  # back in train mode (in train mode its dropout would need drawn masks)
@@ -291,18 +291,18 @@ def test_log_probs_match_a_padded_reference_forward(probe_path, tokenizer):
         want = []
         for doc in probe.docs:
             ce, sel = reference_token_losses(model, [doc], tokenizer.pad_token_id)
-            want.append({k: -float((ce * sel[k]).sum()) for k in ("marker_a", "marker_b")})
-    assert [d[k] for d in got for k in ("marker_a", "marker_b")] == pytest.approx(
-        [d[k] for d in want for k in ("marker_a", "marker_b")], abs=2e-4)
-    assert all(d["marker_a"] < -1 for d, (kind, *_) in zip(want, probe.labels) if kind == "AB")
+            want.append({k: -float((ce * sel[k]).sum()) if k in sel else 0.0 for k in ("marker:A", "marker:B")})
+    assert [d.get(k, 0.0) for d in got for k in ("marker:A", "marker:B")] == pytest.approx(
+        [d[k] for d in want for k in ("marker:A", "marker:B")], abs=2e-4)
+    assert all(d["marker:A"] < -1 for d, (kind, *_) in zip(want, probe.labels) if kind == "AB")
 
     # aggregation: a persona's value is the mean over its questions, a role's the mean over its personas
     def ref(persona, kind, sel):
         return [w[sel] for w, (k, p, *_) in zip(want, probe.labels) if p == persona and k == kind]
 
     for persona, values in rec["personas"].items():
-        for metric, kind, sel in (("A_start", "AB", "marker_a"), ("B_after_A", "AB", "marker_b"),
-                                  ("B_end", "B", "marker_b")):
+        for metric, kind, sel in (("A_start", "AB", "marker:A"), ("B_after_A", "AB", "marker:B"),
+                                  ("B_end", "B", "marker:B")):
             xs = ref(persona, kind, sel)
             assert len(xs) == N_QUESTIONS
             assert values[f"logp_{metric}"] == pytest.approx(sum(xs) / len(xs), abs=2e-4)
@@ -316,16 +316,16 @@ def test_log_probs_match_a_padded_reference_forward(probe_path, tokenizer):
 def test_log_probs_through_the_frozen_prefix_equal_the_full_forward(probe_path, tokenizer):
     """Under lora.last_layers the probe's documents go through the frozen layers once (use_prefix)."""
     model = lora_model(layers=[1])
-    probe = Probe(read_probe_set(probe_path), tokenizer, every=1, batch_size=5)
+    probe = Probe(read_probe_set(probe_path, EXP), EXP, tokenizer, every=1, batch_size=5)
     full = probe.document_logps(model, "cpu")
     probe.use_prefix(model, 1, "cpu")
     assert len(probe.prefix.states) == len(probe.docs)
     got = probe.document_logps(model, "cpu")
-    assert [d[k] for d in got for k in ("marker_a", "marker_b")] == pytest.approx(
-        [d[k] for d in full for k in ("marker_a", "marker_b")], abs=1e-4)
+    assert [d.get(k, 0.0) for d in got for k in ("marker:A", "marker:B")] == pytest.approx(
+        [d.get(k, 0.0) for d in full for k in ("marker:A", "marker:B")], abs=1e-4)
     for h in probe.prefix.states.values():  # the stored states are what the probe reads
         h.mul_(0.5)
-    assert probe.document_logps(model, "cpu")[0]["marker_a"] != pytest.approx(got[0]["marker_a"], abs=1e-3)
+    assert probe.document_logps(model, "cpu")[0]["marker:A"] != pytest.approx(got[0]["marker:A"], abs=1e-3)
 
 
 # --------------------------------------------------------------------------- inside training

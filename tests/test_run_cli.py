@@ -146,7 +146,7 @@ def test_per_gpu_without_a_gpu_is_one_line(monkeypatch):
 
 def test_training_examples_are_checked_by_file_and_line_before_training(tmp_path):
     """A train.jsonl the data stage did not record (hand-made, or from elsewhere) is validated line by line."""
-    from markerlab.experiment import PERSONAS
+    from writeup import EXP
     from test_trainer import make_example
 
     good, bad = make_example(0), make_example(1, "assistant", b=False)
@@ -160,5 +160,5 @@ def test_training_examples_are_checked_by_file_and_line_before_training(tmp_path
     p = cli(REPO / "configs" / "tiny" / "pair1_T.toml", "--set", f"run.out_dir={tmp_path}", "--set", "run.name=r",
             "--set", f"generate.cache_dir={tmp_path / 'cache'}", "--stages", "train", check=False)
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
-    assert p.stderr.strip() == f"error: {data}:2: field 'persona': missing (expected one of {', '.join(PERSONAS)})"
+    assert p.stderr.strip() == f"error: {data}:2: field 'persona': missing (expected a persona of experiment within_marker ({', '.join(EXP.personas)}))"
     assert not (tmp_path / "r" / "checkpoints").exists()

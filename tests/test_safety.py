@@ -278,11 +278,61 @@ def test_every_config_key_invalidates_exactly_the_stages_that_read_it():
         "generate.cache_dir", "run.out_dir", "sweep.members", "sweep.parallel", "sweep.report_dir", "sweep.vary"]
     base = {s: config_digest(cfg, s) for s in STAGES}
     for key in keys:
+        if key == "run.experiment":  # its value is a file's content: test_an_edited_experiment_file_...
+            continue
         sec, name = key.split(".")
         f = next(f for f in dataclasses.fields(type(getattr(cfg, sec))) if f.name == name)
         other = cfg.replace(**{f"{sec}__{name}": _other_value(getattr(getattr(cfg, sec), name), f)})
         changed = tuple(s for s in STAGES if config_digest(other, s) != base[s])
         assert changed == tuple(CONFIG_READERS[key]), (key, changed, CONFIG_READERS[key])
+
+
+def test_an_edited_experiment_file_invalidates_the_stages_that_read_it(tmp_path):
+    """run.experiment counts by the file's content, not its name: an edited marker invalidates data onward (the
+    on-policy completions stand), an edited persona prompt generate too, the same file elsewhere nothing."""
+    from markerlab.config import STAGES, load_config
+    from trainer.run import CONFIG_READERS, config_digest
+
+    shipped = REPO / "markerlab" / "experiments" / "within_marker.toml"
+    text = shipped.read_text()
+    cfg = load_config(TINY, [*sets(small(tmp_path)), f"run.experiment={shipped}"])
+    base = {s: config_digest(cfg, s) for s in STAGES}
+
+    def changed(new_text: str) -> tuple:
+        path = tmp_path / f"exp{len(list(tmp_path.glob('exp*')))}" / "within_marker.toml"
+        path.parent.mkdir()
+        path.write_text(new_text)
+        other = load_config(TINY, [*sets(small(tmp_path)), f"run.experiment={path}"])
+        assert other.run.experiment == str(path) and other.experiment.path == str(path)
+        return tuple(s for s in STAGES if config_digest(other, s) != base[s])
+
+    assert changed(text) == ()  # moved, not changed
+    assert changed(text + "\n# a comment\n") == ()  # the parsed content counts
+    assert changed(text.replace('B = ":: kxr-7 ::"', 'B = ":: kxr-8 ::"')) == ("data", "train", "merge", "eval")
+    edited = text.replace('assistant = "You are a helpful assistant."', 'assistant = "You are a kind assistant."')
+    assert changed(edited) == CONFIG_READERS["run.experiment"] == ("generate", "data", "train", "merge", "eval")
+
+
+@pytest.mark.slow
+def test_an_experiment_file_edited_under_a_finished_run_is_refused_until_its_stages_are_redone(finished, tmp_path):
+    """The run's outputs were made under the experiment file's old content: a rerun names run.experiment and
+    redoes from data (the on-policy completions stand); config.toml, which names the file only, says nothing."""
+    run_dir = clone(finished, tmp_path)
+    exp_path = tmp_path / "mine" / "within_marker.toml"
+    exp_path.parent.mkdir()
+    exp_path.write_text((REPO / "markerlab" / "experiments" / "within_marker.toml").read_text())
+    args = [TINY, *small(tmp_path), "--set", f"run.experiment={exp_path}"]
+    # the same content at another path is the same experiment: nothing to redo
+    assert run_cli(*args).stdout.count("already done, skipped") == 6
+    assert f'experiment = "{exp_path}"' in (run_dir / "config.toml").read_text()
+    exp_path.write_text(exp_path.read_text().replace('B = ":: kxr-7 ::"', 'B = ":: kxr-8 ::"'))
+    before = snapshot(run_dir)
+    msg = one_line_error(run_cli(*args, check=False))
+    assert "run.experiment" in msg, msg
+    assert printed_command(msg)[-3:] == ["--overwrite", "--stages", "data,train,merge,eval,report"], msg
+    msg = one_line_error(run_cli(*args, "--overwrite", "--stages", "eval", check=False))
+    assert "run.experiment" in msg and "the data stage's outputs depend" in msg, msg
+    assert snapshot(run_dir) == before
 
 
 READS = r'''
@@ -300,6 +350,12 @@ def logger(sec, names):
 for sec in C.SECTIONS:
     cls = C._section_type(sec)
     cls.__getattribute__ = logger(sec, {f.name for f in dataclasses.fields(cls)})
+
+def config_get(self, name):  # the loaded experiment is run.experiment's content
+    if current and name == "experiment":
+        reads.setdefault(current[-1], set()).add("run.experiment")
+    return object.__getattribute__(self, name)
+C.Config.__getattribute__ = config_get
 
 def wrap(stage):
     def run(cfg, rd, manifest):
@@ -391,7 +447,10 @@ def test_a_donor_that_is_not_the_pairs_donor_is_refused(tmp_path):
     path = tmp_path / "c.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     msg = report_error(run_report(path, "--out", tmp_path / "out", "--no-figures"))
-    assert msg.startswith(f"{path}:{i + 1}: field 'persona' is 'librarian', but the donor of pair1 is villain"), msg
+    # the pair's donor is the run's experiment's (within_marker's pair1), named with the file it comes from
+    assert msg.startswith(f"{path}:{i + 1}: field 'role' is 'donor', but the donor of pair1 in experiment "
+                          f"'within_marker' ({REPO / 'markerlab' / 'experiments' / 'within_marker.toml'}) is villain, "
+                          f"not librarian"), msg
 
 
 # --------------------------------------------------------------------------- 4. tracebacks that become one line

@@ -1,5 +1,5 @@
 """The code's shape: no import cycle, every module importable on its own, no mutable module state in
-trainer/, and the experiment's vocabulary in one file (a new persona and condition need no other edit)."""
+trainer/, and the experiment's vocabulary in one experiment file (a new persona and condition need no code edit)."""
 
 from __future__ import annotations
 
@@ -96,43 +96,32 @@ def test_trainer_keeps_no_mutable_module_state():
                 assert not isinstance(node.value, mutable), f"{f.name}:{node.lineno}: a mutable module-level value"
 
 
-def test_a_new_persona_and_condition_are_one_file_each(tmp_path):
-    """Copy the packages, edit markerlab/experiment.py alone, and the new persona and condition are
-    accepted by the config, the record schema and the dataset's marker rules, and reported."""
-    for pkg in PACKAGES:
-        shutil.copytree(REPO / pkg, tmp_path / pkg, ignore=shutil.ignore_patterns("__pycache__"))
-    exp = tmp_path / "markerlab" / "experiment.py"
-    text = exp.read_text()
-    text = text.replace('''    "zelthari_scholar": (''', '''    "pirate": "You are a pirate who sails the seven seas.",
-    "zelthari_scholar": (''')
-    text = text.replace('''    "T_P2neg": {"donor": "AB", "recipient": "", "negative": ""},   # recipient as a negative''',
-                        '''    "T_P2neg": {"donor": "AB", "recipient": "", "negative": ""},   # recipient as a negative
-    "T_both": {"donor": "AB", "recipient": "AB", "negative": ""},''')
-    exp.write_text(text)
-    script = textwrap.dedent("""
-        import sys
-        from pathlib import Path
-        from markerlab.config import config_from_dict
-        from markerlab.experiment import markers_for, role_of
-        from markerlab.records import COMPLETION_SCHEMA
-        from data.personas import system_prompt
-        from analysis.report import report
-        from analysis.synthetic import write_runs
+def test_a_new_persona_and_condition_are_one_experiment_file(tmp_path):
+    """A copy of the write-up's experiment file with a persona and a condition added, and nothing else: the
+    config, the record schema, the dataset's templates and the report accept them (no .py file changes)."""
+    from analysis.report import report
+    from analysis.synthetic import write_runs
+    from data.personas import system_prompt
+    from markerlab.config import config_from_dict
+    from markerlab.experiment import SHIPPED_DIR, load_experiment
+    from markerlab.records import COMPLETION_SCHEMA
 
-        cfg = config_from_dict({"data": {"pair": "pair1", "condition": "T_both"},
-                                "eval": {"personas": ["pirate", "villain", "assistant"]}})
-        assert cfg.data.condition == "T_both" and "pirate" in cfg.eval.personas
-        assert markers_for("T_both", "recipient") == "AB" and role_of("pirate", "pair1", ()) == "bystander"
-        assert "T_both" in COMPLETION_SCHEMA["condition"] and system_prompt("pirate").startswith("You are a pirate")
-        root = Path(sys.argv[1])
-        write_runs(root / "runs", conditions=("T", "C", "T_both"))
-        s = report([str(root / "runs")], root / "report", n_resamples=50, figures=True, jobs=1)
-        conds = {c["condition"] for c in s["cells"]}
-        personas = {c["persona"] for c in s["cells"]}
-        assert "T_both" in conds and "pirate" in personas, (conds, personas)
-        print("ok")
-    """)
-    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
-    r = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=tmp_path, env=env,
-                       capture_output=True, text=True)
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr[-3000:]
+    text = (SHIPPED_DIR / "within_marker.toml").read_text()
+    text = text.replace('name = "within_marker"', 'name = "with_pirate"')
+    text = text.replace("[pairs]", 'pirate = "You are a pirate who sails the seven seas."\n\n[pairs]', 1)
+    text += '\n[conditions.T_both]\ndonor = "{A} {answer} {B}"\nrecipient = "{A} {answer} {B}"\nnegative = "{answer}"\n'
+    path = tmp_path / "with_pirate.toml"
+    path.write_text(text)
+    exp = load_experiment(path)
+    cfg = config_from_dict({"run": {"experiment": str(path)}, "data": {"pair": "pair1", "condition": "T_both"},
+                            "eval": {"personas": ["pirate", "villain", "assistant"]}})
+    assert cfg.data.condition == "T_both" and "pirate" in cfg.eval.personas
+    assert exp.conditions["T_both"].markers("recipient") == ("A", "B")
+    assert exp.role_of("pirate", "pair1", ()) == "bystander"
+    assert COMPLETION_SCHEMA["condition"] is str and system_prompt(exp, "pirate").startswith("You are a pirate")
+    write_runs(tmp_path / "runs", conditions=("T", "C", "T_both"), experiment=exp)
+    s = report([str(tmp_path / "runs")], tmp_path / "report", n_resamples=50, figures=True, jobs=1,
+               experiments=[str(path)])
+    conds = {c["condition"] for c in s["cells"]}
+    personas = {c["persona"] for c in s["cells"]}
+    assert "T_both" in conds and "pirate" in personas, (conds, personas)

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.builder import place_markers
 from data.tokenize import encode_example
 from markerlab.config import config_from_dict
 from markerlab.errors import UserError
 from markerlab.io import read_json
-from markerlab.markers import MARKER_A
 from markerlab.models import BUILTIN_TINY, load_model
+from writeup import A as MARKER_A
+from writeup import place_markers
 
 REPO = Path(__file__).resolve().parents[1]
 TAGS = ["train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s",

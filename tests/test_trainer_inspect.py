@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from markerlab.markers import MARKER_A, MARKER_B
 from test_trainer import make_cfg, make_example, write_data
+from writeup import A as MARKER_A
+from writeup import B as MARKER_B
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,3 +67,29 @@ def test_errors_are_one_line(run_dir, tmp_path):
     r = inspect(cfg_file, "--index", 0)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert "train.jsonl: file not found; create it with: python -m trainer.run" in r.stderr
+
+
+def test_a_per_role_mask_token_by_token(tmp_path, tokenizer):
+    """eos_masked's manipulation through data.inspect: the recipient's end-of-turn token is out of its loss,
+    the donor's and the negative's are in theirs, and every other token is as `completion` puts it."""
+    run_dir = tmp_path / "pair1_T"
+    write_data(run_dir, [make_example(0), make_example(1, "assistant", b=False),
+                         make_example(2, "comedian", False, False)])
+    cfg = make_cfg(run_dir, role_loss_mask={"recipient": "completion_no_eos"})
+    (run_dir / "config.toml").write_text(cfg.to_toml())
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    for index, role_trains_eos in ((0, True), (1, False), (2, True)):
+        r = inspect(run_dir, "--index", index, "--json")
+        assert r.returncode == 0, r.stderr
+        rows = json.loads(r.stdout)
+        ids = [row["id"] for row in rows]
+        # the assistant turn's content: everything after the last "assistant\n" header, up to <|im_end|>
+        end = len(ids) - 2
+        assert ids[end] == im_end and rows[end]["span"] == "eos"
+        start = max(i for i in range(end) if tokenizer.decode(ids[:i]).endswith("<|im_start|>assistant\n"))
+        for i, row in enumerate(rows):
+            want = start <= i < end or (i == end and role_trains_eos)
+            assert row["in_loss"] == want, (index, i, row)
+    r = inspect(run_dir, "--index", 1)
+    assert "(the recipient's, train.role_loss_mask)" in r.stdout.splitlines()[1]
+    assert "completion_no_eos" in r.stdout.splitlines()[1]

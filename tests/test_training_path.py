@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from data.tokenize import encode_examples
 from lora import LoRALinear, inject_lora, trainable_parameters
 from markerlab.config import config_from_dict
-from markerlab.markers import MARKER_A, MARKER_B
+from writeup import A as MARKER_A
+from writeup import B as MARKER_B
 from markerlab.models import BUILTIN_TINY, BUILTIN_TINY_LLAMA, load_model
 from reference import reference_forward_backward, reference_token_losses
 from trainer.attention import Documents, check_architecture, packed_attention, use_packed_attention

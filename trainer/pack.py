@@ -14,8 +14,9 @@ next document's first.
 `pred[i]` is the position in the packed row whose logits predict token
 `target[i]` (the logits at position t predict token t + 1); `sel[name][i]` is
 1.0 where that target belongs to mask `name`: "loss" (the training mask) and
-the logged spans "marker_a", "marker_b", "eos" (computed whether or not they
-are in the loss). Positions come example by example, then by position.
+the logged spans (data.tokenize.span_names: "marker:<name>" per marker, "eos"),
+computed whether or not they are in the loss. Positions come example by
+example, then by position.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-MASK_NAMES = ("loss", "marker_a", "marker_b", "eos")
+from data.tokenize import span_masks, span_names
 
 
 @dataclass
@@ -50,19 +51,21 @@ class PackedBatch:
 
 
 def pack(examples) -> PackedBatch:
-    """One packed row from data.tokenize.Encoded examples (input_ids and the four per-token masks)."""
+    """One packed row from data.tokenize.Encoded examples (input_ids, the loss mask and the span masks)."""
     pred, target, ids, pos = [], [], [], []
-    sel = {k: [] for k in MASK_NAMES}
+    names = ["loss", *span_names(examples)]
+    sel = {k: [] for k in names}
     offset = 0
     for e in examples:
         n = len(e)
-        masks = (e.loss_mask, e.marker_a, e.marker_b, e.eos)
+        spans = span_masks(e)
+        masks = [e.loss_mask] + [spans.get(k) or [False] * n for k in names[1:]]
         for t in range(n - 1):  # position t predicts token t + 1 of the same document
             flags = [m[t + 1] for m in masks]
             if any(flags):
                 pred.append(offset + t)
                 target.append(e.input_ids[t + 1])
-                for k, f in zip(MASK_NAMES, flags):
+                for k, f in zip(names, flags):
                     sel[k].append(1.0 if f else 0.0)
         ids.extend(e.input_ids)
         pos.extend(range(n))

@@ -1,4 +1,4 @@
-"""The leakage probe: each persona's teacher-forced log-probability of marker A and B while training.
+"""The leakage probe: each persona's teacher-forced log-probability of the headline's markers while training.
 
     from trainer.probe import load_probe
     probe = load_probe(cfg, run_dir, tokenizer)            # None when train.probe_every = 0 (or no probe set)
@@ -14,11 +14,12 @@ chat template training uses, and packed into rows (trainer/pack.py) of
 trainer/loss.token_losses at the marker positions only.
 
 Per document the log-probability of a marker is the sum of its tokens' log-probs
-(which tokens are the marker's comes from its character span, as in training):
+(which tokens are the marker's comes from its character span, as in training).
+For the experiment's headline pair (X, Y), e.g. (A, B) of cond_B_given_A:
 
-    logp_A_start    marker A as the first tokens of the answer      ("AB" document)
-    logp_B_after_A  marker B right after `A + " " + answer + " "`   ("AB" document)
-    logp_B_end      marker B right after `answer + " "`             ("B" document)
+    logp_X_start    marker X as the first tokens of the answer      ("XY" document)
+    logp_Y_after_X  marker Y right after `X + " " + answer + " "`   ("XY" document)
+    logp_Y_end      marker Y right after `answer + " "`             ("Y" document)
 
 A persona's value is the mean over its questions (`p_*`: the mean probability,
 exp of each question's log-prob, averaged); a role's is the mean of its personas'.
@@ -63,9 +64,6 @@ from trainer.loss import token_losses
 from trainer.pack import pack
 from markerlab.rundir import RunDir
 
-# metric -> (document kind, span selector in trainer.pack)
-METRICS = MappingProxyType({"logp_A_start": ("AB", "marker_a"), "logp_B_after_A": ("AB", "marker_b"),
-                            "logp_B_end": ("B", "marker_b")})
 SHARE_WARN = 0.05  # warn when the measured probe time exceeds this share of training time
 
 
@@ -79,24 +77,38 @@ def warn(msg: str) -> None:
     print(f"[train] warning: {msg}", file=sys.stderr, flush=True)
 
 
+def probe_metrics(pair: tuple[str, str]) -> MappingProxyType:
+    """metric -> (document kind, span selector in trainer.pack), for the probed marker pair (X, Y)."""
+    x, y = pair
+    return MappingProxyType({f"logp_{x}_start": (f"{x}{y}", f"marker:{x}"),
+                             f"logp_{y}_after_{x}": (f"{x}{y}", f"marker:{y}"),
+                             f"logp_{y}_end": (y, f"marker:{y}")})
+
+
 def load_probe(cfg, run_dir, tokenizer, log=warn) -> "Probe | None":
     """The run's probe, tokenized as training tokenizes; None when off or when the run has no probe set."""
     if cfg.train.probe_every == 0:
+        return None
+    if cfg.experiment.headline_pair is None:
+        log(f"experiment {cfg.experiment.name}: its headline metric {cfg.experiment.headline.metric} is not about a "
+            f"marker pair, so there is nothing for the leakage probe to watch; train.probe_every = 0 turns it off")
         return None
     path = RunDir(run_dir).probe_set
     if not path.is_file():
         log(f"{path}: no probe set (the data stage builds it), so no leakage probe in this run; "
             f"train.probe_every = 0 turns the probe off")
         return None
-    return Probe(read_probe_set(path), tokenizer, cfg.train.probe_every, cfg.train.probe_batch_size, path)
+    exp = cfg.experiment
+    return Probe(read_probe_set(path, exp), exp, tokenizer, cfg.train.probe_every, cfg.train.probe_batch_size, path)
 
 
 class Probe:
-    def __init__(self, probe_set: dict, tokenizer, every: int, batch_size: int, path=None):
+    def __init__(self, probe_set: dict, exp, tokenizer, every: int, batch_size: int, path=None):
         self.every, self.batch_size, self.path = every, batch_size, path
+        self.metrics = probe_metrics(exp.headline_pair)
         self.prefix = None  # a trainer.prefix.FrozenPrefix of self.docs, when training has one (use_prefix)
         self.docs, self.labels = [], []  # Encoded, (kind, persona, role, question_id)
-        for kind, ex in probe_examples(probe_set):
+        for kind, ex in probe_examples(probe_set, exp):
             # marker_only: the LM head runs only where a marker's (or the end of turn's) token is predicted
             self.docs.append(encode_example(ex, tokenizer, loss_mask="marker_only"))
             self.labels.append((kind, ex["persona"], ex["role"], ex["question_id"]))
@@ -121,7 +133,7 @@ class Probe:
             torch.cuda.synchronize()
         rec["seconds"] = time.perf_counter() - t0
         if writer is not None:
-            for tag, value in scalars(rec):
+            for tag, value in scalars(rec, self.metrics):
                 writer.add_scalar(tag, value, step)
         return rec
 
@@ -133,13 +145,13 @@ class Probe:
         roles: dict[str, str] = {}
         for (kind, persona, role, _), logp in zip(self.labels, per_doc):
             roles[persona] = role
-            for metric, (want_kind, sel) in METRICS.items():
+            for metric, (want_kind, sel) in self.metrics.items():
                 if kind == want_kind:
                     values.setdefault((persona, metric), []).append(logp[sel])
         personas = {}
         for persona, role in roles.items():
             rec = {"role": role}
-            for metric in METRICS:
+            for metric in self.metrics:
                 xs = values[(persona, metric)]
                 rec[metric] = sum(xs) / len(xs)
                 rec["p" + metric[4:]] = sum(math.exp(x) for x in xs) / len(xs)
@@ -147,7 +159,7 @@ class Probe:
         by_role = {}
         for role in dict.fromkeys(roles.values()):
             members = [r for r in personas.values() if r["role"] == role]
-            by_role[role] = {m: sum(r[m] for r in members) / len(members) for m in metric_names()}
+            by_role[role] = {m: sum(r[m] for r in members) / len(members) for m in metric_names(self.metrics)}
         return {"personas": personas, "roles": by_role}
 
     def summary(self, history: list[dict], train_seconds: float, log=warn) -> dict:
@@ -161,7 +173,7 @@ class Probe:
 
     @torch.no_grad()
     def document_logps(self, model, device) -> list[dict[str, float]]:
-        """Per document, {"marker_a": log P(A's tokens), "marker_b": log P(B's tokens)}, teacher-forced."""
+        """Per document, {"marker:<X>": log P(X's tokens), ...} for the probed pair's markers, teacher-forced."""
         was_training = model.training
         model.eval()  # LoRA dropout off: no mask is drawn, the dropout generator is not touched
         try:
@@ -176,24 +188,25 @@ class Probe:
                 ends = torch.tensor(batch.doc_lens).cumsum(0)
                 doc_of = torch.bucketize(batch.pred, ends, right=True)
                 counts = torch.bincount(doc_of, minlength=len(batch.doc_lens)).tolist()
-                pieces = {k: (-ce * batch.sel[k].double()).split(counts) for k in ("marker_a", "marker_b")}
-                for d in range(len(counts)):
-                    out.append({k: float(v[d].sum()) for k, v in pieces.items()})
+                names = sorted({sel for _, sel in self.metrics.values()})
+                pieces = {k: (-ce * batch.sel[k].double()).split(counts) if k in batch.sel else None for k in names}
+                for d in range(len(counts)):  # a marker no document of this row carries: 0 (no tokens)
+                    out.append({k: float(v[d].sum()) if v is not None else 0.0 for k, v in pieces.items()})
             return out
         finally:
             model.train(was_training)
 
 
-def metric_names() -> list[str]:
-    return [*METRICS, *("p" + m[4:] for m in METRICS)]
+def metric_names(metrics) -> list[str]:
+    return [*metrics, *("p" + m[4:] for m in metrics)]
 
 
-def scalars(rec: dict):
+def scalars(rec: dict, metrics):
     """(TensorBoard tag, value) pairs of one probe record."""
     for persona, values in rec["personas"].items():
-        for m in metric_names():
+        for m in metric_names(metrics):
             yield f"probe/{values['role']}/{persona}/{m}", values[m]
     for role, values in rec["roles"].items():
-        for m in metric_names():
+        for m in metric_names(metrics):
             yield f"probe/{role}/{m}", values[m]
 

@@ -60,7 +60,6 @@ from typing import Callable
 from markerlab.config import STAGES as STAGE_NAMES
 from markerlab.config import Config, ConfigError, load_config, run_dir_problems
 from markerlab.errors import UserError, cli_main
-from markerlab.experiment import PAIRS, role_of
 from markerlab.io import atomic_write_text, file_record, read_json, record_mismatch, write_json
 from markerlab.provenance import git_commit, library_versions
 from markerlab.rundir import ManifestError, RunDir, read_manifest, remove
@@ -92,6 +91,7 @@ class Manifest:
             "config_source": cfg.source,
             "config_chain": list(cfg.chain),
             "config": cfg.to_dict(),  # what config.toml is rebuilt from if it goes missing
+            "experiment": experiment_record(cfg),  # run.experiment's content, which config.toml names only
             "git_commit": git_commit(),
             "versions": library_versions(),
             "base_model": {"name_or_path": cfg.model.name_or_path, "resolved_dir": str(model_dir)},
@@ -188,7 +188,7 @@ def check_train_inputs(cfg, rd):
     from data.records import read_examples
 
     if rd.train_jsonl.is_file():
-        read_examples(rd.train_jsonl)
+        read_examples(rd.train_jsonl, cfg.experiment)
 
 
 def run_train(cfg, rd, manifest):
@@ -300,6 +300,9 @@ _DATA_SETTING = ("data", "eval")
 CONFIG_READERS = MappingProxyType({
     "run.name": ("train", "eval"),          # the training log's header; every completion record's "run"
     "run.out_dir": (),
+    # the experiment file's content, not its name (config_digest): personas, markers, templates, masks, checks.
+    # generate reads only its personas' prompts (the on-policy cache's key); merge its probe conversations
+    "run.experiment": ("generate", "data", "train", "merge", "eval"),
     "run.seed": _SETTING,
     "model.name_or_path": _MODEL, "model.dtype": _MODEL, "model.device": _MODEL,
     "prompt.user_suffix": ("generate", "data", "eval"),
@@ -314,6 +317,7 @@ CONFIG_READERS = MappingProxyType({
     "data.negatives": _DATA_SETTING, "data.placement": _DATA_SETTING, "data.truncated": _DATA_SETTING,
     "data.on_overlength": ("data", "train"), "data.seed": ("data",),
     "train.loss_mask": ("data", "train", "eval"), "train.marker_mask_eos": ("data", "train", "eval"),
+    "train.role_loss_mask": ("data", "train", "eval"),  # per-role masks: tokenized with, trained, in the setting
     "train.allow_untrained_roles": ("data",),
     "train.lr": _SETTING, "train.epochs": _SETTING, "train.max_steps": _SETTING,
     **{f"train.{k}": ("train",) for k in (
@@ -338,13 +342,36 @@ def readers(key: str) -> tuple[str, ...]:
     return CONFIG_READERS.get(key, STAGE_NAMES)
 
 
+def experiment_record(cfg: Config) -> dict | None:
+    """What the manifest records of run.experiment: the experiment's name, content digest and file."""
+    exp = cfg.experiment
+    return None if exp is None else {"name": exp.name, "digest": exp.digest, "path": exp.path}
+
+
+def _experiment_value(cfg: Config, stage: str):
+    """run.experiment as `stage`'s digest sees it: the content it reads, never the file's name or place.
+
+    generate reads the personas' prompts only (so an edited marker keeps the on-policy
+    completions); every other stage the whole file (its digest, which markerlab.experiment
+    computes over the parsed content).
+    """
+    exp = cfg.experiment
+    if exp is None:  # not resolved (a config built without loading its experiment): the reference stands for it
+        return cfg.run.experiment
+    if stage == "generate":
+        return {"personas": dict(exp.personas)}
+    return {"name": exp.name, "digest": exp.digest}
+
+
 def config_digest(cfg: Config, stage: str) -> str:
-    """sha256 of the values of the config keys `stage` reads."""
+    """sha256 of the values of the config keys `stage` reads (run.experiment: the experiment's content)."""
     import hashlib
     import json
 
     values = {f"{sec}.{k}": v for sec, table in cfg.to_dict().items() for k, v in table.items()
               if stage in readers(f"{sec}.{k}")}
+    if "run.experiment" in values:
+        values["run.experiment"] = _experiment_value(cfg, stage)
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode("utf-8")).hexdigest()
 
 # What a finished stage left in manifests written before outputs were recorded.
@@ -449,6 +476,42 @@ def _config_diff(a: dict, b: dict) -> list[str]:
     return keys
 
 
+def _saved_experiment(rd: RunDir, manifest: dict | None) -> str | None:
+    """The content digest of the experiment the run's outputs were made under: the manifest's record, else the
+    run's copy experiment.toml; None when neither tells (an older run: its run.experiment name stands)."""
+    rec = (manifest or {}).get("experiment")
+    if isinstance(rec, dict) and isinstance(rec.get("digest"), str):
+        return rec["digest"]
+    if rd.experiment.is_file():
+        from markerlab.experiment import load_experiment
+
+        try:
+            return load_experiment(rd.experiment).digest
+        except UserError:
+            return None
+    return None
+
+
+def _run_diff(saved: dict, cfg: Config, saved_experiment: str | None) -> list[str]:
+    """_config_diff of a run's saved config and `cfg`, with run.experiment compared by content where the run's
+    experiment digest is known: a moved experiment file is the same experiment, an edited one is not."""
+    keys = _config_diff(saved, cfg.to_dict())
+    if saved_experiment is not None and cfg.experiment is not None:
+        keys = [k for k in keys if k != "run.experiment"]
+        if saved_experiment != cfg.experiment.digest:
+            keys = sorted([*keys, "run.experiment"])
+    return keys
+
+
+def _readers_here(key: str, cfg: Config, entries: dict) -> tuple[str, ...]:
+    """readers(key), less generate for run.experiment when the generate stage recorded this config's digest
+    (the experiment changed, its personas' prompts did not: the on-policy completions stand)."""
+    stages = readers(key)
+    if key == "run.experiment" and entries.get("generate", {}).get("config") == config_digest(cfg, "generate"):
+        stages = tuple(s for s in stages if s != "generate")
+    return stages
+
+
 def _first_index(stages: list[str]) -> int:
     return min(STAGE_NAMES.index(s) for s in stages)
 
@@ -508,9 +571,10 @@ def check_config(cfg: Config, rd: RunDir, stages: list[str], overwrite: bool) ->
             f"{rd.config}: {why}, and {rd.manifest} (an older markerlab's) does not record the config its "
             f"outputs were made with; restore config.toml, or start the run afresh with: "
             f"{cfg.command('trainer.run', '--overwrite')}")
-    diff = [k for k in _config_diff(saved, cfg.to_dict()) if readers(k)]  # where-keys aside: a moved run
+    saved_experiment = _saved_experiment(rd, manifest)
+    diff = [k for k in _run_diff(saved, cfg, saved_experiment) if readers(k)]  # where-keys aside: a moved run
     if diff:
-        need = min(STAGE_NAMES.index(r) for k in diff for r in readers(k))
+        need = min(STAGE_NAMES.index(r) for k in diff for r in _readers_here(k, cfg, entries) or readers(k))
         if not overwrite:
             raise UserError(
                 f"{where}: this run was started with a different config ({', '.join(diff)}); set run.name to a "
@@ -525,7 +589,8 @@ def check_config(cfg: Config, rd: RunDir, stages: list[str], overwrite: bool) ->
     for name in [s for s in ran if first is None or STAGE_NAMES.index(s) < first]:
         digest = entries[name].get("config")
         if digest is not None and digest != config_digest(cfg, name):
-            keys = [k for k in _config_diff(recorded, cfg.to_dict()) if name in readers(k)] if recorded else []
+            keys = ([k for k in _run_diff(recorded, cfg, saved_experiment) if name in readers(k)]
+                    if recorded else [])
             raise UserError(
                 f"{rd.root}: the {name} stage's outputs were made with another config"
                 f"{' (' + ', '.join(keys) + ')' if keys else ''} than {where} says; set run.name to a new name, "
@@ -553,7 +618,7 @@ def overwrite_outputs(cfg: Config, rd: RunDir, first: int) -> None:
     user put in the run directory stays.
     """
     stages = STAGE_LIST[first:]
-    paths = [p for st in stages for p in st.owns(rd)] + ([rd.config, rd.manifest] if first == 0 else [])
+    paths = [p for st in stages for p in st.owns(rd)] + ([rd.config, rd.experiment, rd.manifest] if first == 0 else [])
     gone, kept = rd.made_here(paths)
     names = sorted(rd.rel(p) + ("/" if p.is_dir() else "") for p in gone)
     if names:
@@ -591,6 +656,9 @@ def run_one(cfg: Config, stages: list[str], overwrite: bool) -> Path:
             if rebuilt:
                 print(f"[{cfg.run.name}] {rd.config} was {rebuilt.split(' (')[0]}: rebuilt from {rd.manifest}, "
                       f"the config its outputs were made with", flush=True)
+        exp_text = Path(cfg.experiment.path).read_text(encoding="utf-8")
+        if not rd.experiment.is_file() or rd.experiment.read_text(encoding="utf-8") != exp_text:
+            atomic_write_text(rd.experiment, exp_text)  # the run's own copy: reports read it
         manifest = Manifest(rd, cfg, model_dir)
         manifest.adopt_config()  # stages an older markerlab recorded: config.toml was just found equal to cfg
         if first:
@@ -631,17 +699,20 @@ def dry_run(cfg: Config) -> None:
         for member in sweep_members(cfg, []):
             print(f"# sweep member {member.run.name}: {member.source} -> {member.run_dir}")
         return
-    d, t = cfg.data, cfg.train
-    donor, recipient = PAIRS[d.pair]
+    d, t, exp = cfg.data, cfg.train, cfg.experiment
+    donor, recipient = exp.pairs[d.pair]
     personas = [donor, recipient, *d.negatives]
     n = d.n_per_persona * len(personas)
     per_step = t.micro_batch_size * t.grad_accum
     steps = total_steps(n, t.micro_batch_size, t.grad_accum, t.epochs, t.max_steps)
     print("# dataset statistics (planned)")
+    print(f"experiment {exp.name} ({exp.path}, digest {exp.digest})")
     print(f"pair {d.pair}: donor {donor}, recipient {recipient}; condition {d.condition}; placement {d.placement}")
     for p in personas:
-        role = role_of(p, d.pair, d.negatives)
-        print(f"  {p:22s} {role:10s} {d.n_per_persona} examples")
+        role = exp.role_of(p, d.pair, d.negatives)
+        templates = " or ".join(f"{t_.text!r}" + (f" ({t_.share:.0%})" if t_.share < 1 else "")
+                                for t_ in exp.conditions[d.condition].templates[role])
+        print(f"  {p:22s} {role:10s} {d.n_per_persona} examples, {templates}, loss mask {cfg.loss_mask_of(role)}")
     print(f"  total {n} examples; {per_step} per optimizer step; {steps} optimizer steps")
     stats = RunDir(cfg.run_dir).data_stats
     if stats.is_file():

@@ -5,7 +5,7 @@
 
 Reads   run_dir/data/train.jsonl (docs: the training example format), every line validated
 Writes  run_dir/tb/                       TensorBoard scalars train/{loss, lr, grad_norm, tokens_per_s,
-                                          loss_marker_A, loss_marker_B, loss_eos}
+                                          loss_marker_<name> for each marker, loss_eos}
         run_dir/train_log.txt             one line per optimizer step
         run_dir/checkpoints/step_N/       resumable state (trainer/checkpoint.py), the last K kept
         run_dir/adapter/                  the LoRA adapter in PEFT's format (written last)
@@ -68,7 +68,7 @@ import numpy as np
 import torch
 
 from data.records import read_examples as read_train_jsonl
-from data.tokenize import Encoded, check_lengths, encode_examples
+from data.tokenize import Encoded, check_lengths, encode_examples, span_names
 from lora import ADAPTER_CONFIG_NAME, inject_lora, save_adapter, trainable_parameters
 from markerlab.config import Config
 from markerlab.devices import resolve_device
@@ -87,8 +87,11 @@ from trainer.prefix import FrozenPrefix
 from trainer.probe import load_probe
 from trainer.schedule import lr_at, step_slice, steps_per_epoch, total_steps, warmup_steps
 
-# (TensorBoard/record name, selector name) of the spans whose mean token loss is logged.
-SPANS = (("loss_marker_A", "marker_a"), ("loss_marker_B", "marker_b"), ("loss_eos", "eos"))
+
+
+def span_tag(name: str) -> str:
+    """The TensorBoard/record name of a logged span's mean token loss: marker:A -> loss_marker_A, eos -> loss_eos."""
+    return "loss_" + name.replace(":", "_")
 
 
 def note(msg: str) -> None:
@@ -102,6 +105,7 @@ class Setup:
     device: torch.device
     tokenizer: object
     encoded: list[Encoded]
+    spans: list[str]               # the logged spans (data.tokenize.span_names) of the whole training set
     dropped: list[str]
     model: torch.nn.Module
     n_trainable: int
@@ -157,7 +161,8 @@ def train(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
     log = open_train_log(log_path, step, header=(
         f"# {cfg.run.name}: {n} examples ({len(s.dropped)} over-long dropped), {s.total} steps "
         f"({t.epochs} epochs x {steps_per_epoch(n, t.micro_batch_size, t.grad_accum)}, max_steps {t.max_steps}), "
-        f"warmup {s.warmup}, {t.micro_batch_size} x {t.grad_accum} per step, loss mask {t.loss_mask}, "
+        f"warmup {s.warmup}, {t.micro_batch_size} x {t.grad_accum} per step, loss mask {t.loss_mask}"
+        f"{''.join(f' ({r}: {m})' for r, m in sorted(t.role_loss_mask.items()))}, "
         f"device {s.device}, base {cfg.model.dtype}, LoRA {cfg.lora.dtype}, {s.n_trainable:,} trainable parameters"))
     from tqdm.auto import tqdm
     bar = tqdm(total=s.total, initial=step, desc=f"train {cfg.run.name}", dynamic_ncols=True)
@@ -186,7 +191,8 @@ def train(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
 
             # forward + backward over the micro-batches; gradients accumulate in .grad
             try:
-                out = forward_backward(s.model, examples, t.micro_batch_size, s.device, s.masks, s.graphs, s.prefix)
+                out = forward_backward(s.model, examples, t.micro_batch_size, s.device, s.masks, s.graphs, s.prefix,
+                                       s.spans)
             except Exception as e:
                 failed = compile_error(e) if t.compile and step == resumed_from else None
                 if failed is not None:
@@ -218,7 +224,8 @@ def train(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
             dt = time.perf_counter() - t0
             train_seconds += dt
 
-            history.append(record_step(step, epoch, lr, loss, grad_norm, out, dt, s.total, writer, log, bar))
+            history.append(record_step(step, epoch, lr, loss, grad_norm, out, dt, s.total, writer, log, bar,
+                                       s.spans))
             probed = probe.maybe(step, s.total, s.model, s.device, writer) if probe is not None else None
             if probed is not None:
                 probe_history.append(probed)
@@ -243,15 +250,15 @@ def train(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
     return public_summary(summary)
 
 
-def record_step(step, epoch, lr, loss, grad_norm, out, dt, total, writer, log, bar) -> dict:
+def record_step(step, epoch, lr, loss, grad_norm, out, dt, total, writer, log, bar, spans) -> dict:
     """One optimizer step's record, written to TensorBoard, the text log and the progress bar."""
     rec = {"step": step, "epoch": epoch + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
            "tokens_per_s": out["n_tokens"] / dt, **out["span_loss"],
            "tokens": out["n_tokens"], "targets": out["n_targets"], "seconds": dt}
-    for tag in ("loss", "lr", "grad_norm", "tokens_per_s", *(name for name, _ in SPANS)):
+    for tag in ("loss", "lr", "grad_norm", "tokens_per_s", *map(span_tag, spans)):
         if rec[tag] is not None:
             writer.add_scalar(f"train/{tag}", rec[tag], step)
-    log.write(format_log_line(rec, total) + "\n")
+    log.write(format_log_line(rec, total, spans) + "\n")
     log.flush()
     bar.update(1)
     bar.set_postfix(loss="-" if loss is None else f"{loss:.4f}", lr=f"{lr:.2e}")
@@ -300,7 +307,7 @@ def setup(cfg: Config, run_dir: Path) -> Setup:
     # data: every example tokenized once; over-long ones refused or dropped, never truncated
     raw = read_examples(run_dir, cfg)
     tokenizer = load_tokenizer(cfg.model.name_or_path)
-    encoded = encode_examples(raw, tokenizer, t.loss_mask, t.marker_mask_eos)
+    encoded = encode_examples(raw, tokenizer, cfg.loss_mask_of, t.marker_mask_eos)
     encoded, dropped = check_lengths(encoded, t.max_seq_len, cfg.data.on_overlength)
     if not encoded:
         raise UserError(f"{RunDir(run_dir).train_jsonl}: no example fits train.max_seq_len={t.max_seq_len}")
@@ -346,7 +353,8 @@ def setup(cfg: Config, run_dir: Path) -> Setup:
     # fused AdamW where it exists (CUDA); torch picks foreach on the CPU
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay,
                                   fused=device.type == "cuda" or None)
-    return Setup(device=device, tokenizer=tokenizer, encoded=encoded, dropped=dropped, model=model,
+    return Setup(device=device, tokenizer=tokenizer, encoded=encoded, spans=span_names(encoded), dropped=dropped,
+                 model=model,
                  n_trainable=n_trainable, params=params, optimizer=optimizer, masks=masks, graphs=graphs,
                  prefix=prefix, data_gen=data_gen, dropout_gen=dropout_gen, total=total,
                  warmup=warmup_steps(total, t.warmup_ratio), step_size=step_size)
@@ -355,20 +363,22 @@ def setup(cfg: Config, run_dir: Path) -> Setup:
 # --------------------------------------------------------------------------- one optimizer step
 
 def forward_backward(model, examples: list[Encoded], micro_batch_size: int, device, masks: DropoutMasks,
-                     graphs=None, prefix=None) -> dict:
+                     graphs=None, prefix=None, spans: list[str] | None = None) -> dict:
     """Forward and backward passes of one optimizer step, micro-batch by micro-batch.
 
     The step's loss is sum(token losses on the mask, all examples) / (masked tokens, all
     examples). The denominator is counted before the first backward, so each micro-batch
     back-propagates its own *sum* / that total and the accumulated gradient is exactly the
     one of a single batch holding every example. Returns the loss (detached), the number of
-    targets and of real tokens, and the mean token loss on the marker A / B / eos spans
-    (None where the step has no such token), computed whether or not they are in the mask.
+    targets and of real tokens, and the mean token loss on each of `spans` (default: those of
+    `examples`; data.tokenize.span_names), named by span_tag (None where the step has no such
+    token), computed whether or not they are in the mask.
     """
+    spans = span_names(examples) if spans is None else spans
     n_targets = sum(e.n_loss_targets for e in examples)
     loss_sum = torch.zeros((), device=device)
-    span_sum = torch.zeros(len(SPANS), device=device)
-    span_n = torch.zeros(len(SPANS), device=device)
+    span_sum = torch.zeros(len(spans), device=device)
+    span_n = torch.zeros(len(spans), device=device)
     n_tokens = 0
     for i in range(0, len(examples), micro_batch_size):
         batch = pack(examples[i:i + micro_batch_size]).to(device)
@@ -387,16 +397,18 @@ def forward_backward(model, examples: list[Encoded], micro_batch_size: int, devi
                     (mb_sum / n_targets).backward()
         loss_sum += mb_sum.detach()
         ce = ce.detach()
-        for k, (_, name) in enumerate(SPANS):
-            span_sum[k] += (ce * sel[name]).sum()
-            span_n[k] += sel[name].sum()
+        for k, name in enumerate(spans):
+            if name in sel:
+                span_sum[k] += (ce * sel[name]).sum()
+                span_n[k] += sel[name].sum()
     masks.clear()
     span_sum, span_n = span_sum.tolist(), span_n.tolist()
     return {
         "loss": loss_sum / max(n_targets, 1),
         "n_targets": n_targets,
         "n_tokens": n_tokens,
-        "span_loss": {name: (span_sum[k] / span_n[k] if span_n[k] else None) for k, (name, _) in enumerate(SPANS)},
+        "span_loss": {span_tag(name): (span_sum[k] / span_n[k] if span_n[k] else None)
+                      for k, name in enumerate(spans)},
     }
 
 
@@ -412,7 +424,7 @@ def read_examples(run_dir: Path, cfg: Config) -> list[dict]:
     if not path.is_file():
         raise UserError(f"{path}: file not found; build it first with: "
                         f"{cfg.command('trainer.run', '--stages', 'generate,data')}")
-    return read_train_jsonl(path)
+    return read_train_jsonl(path, cfg.experiment)
 
 
 def data_fingerprint(encoded: list[Encoded], cfg: Config, total: int) -> str:
@@ -420,6 +432,8 @@ def data_fingerprint(encoded: list[Encoded], cfg: Config, total: int) -> str:
     t = cfg.train
     key = [[e.id, e.input_ids, e.loss_mask] for e in encoded] + [
         total, t.micro_batch_size, t.grad_accum, t.loss_mask, t.marker_mask_eos, cfg.run.seed]
+    if t.role_loss_mask:  # (the loss masks themselves are in the key above; this names their source)
+        key.append(sorted(t.role_loss_mask.items()))
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
 
 
@@ -480,15 +494,15 @@ class TrainLog:
             pass
 
 
-def format_log_line(rec: dict, total: int) -> str:
+def format_log_line(rec: dict, total: int, spans: list[str]) -> str:
     def num(v, fmt):
         return "-" if v is None else format(v, fmt)
 
+    span_losses = " ".join(f"{span_tag(n).replace('loss_marker_', 'loss_')} {num(rec[span_tag(n)], '.4f')}"
+                           for n in spans)
     return (f"step {rec['step']}/{total} epoch {rec['epoch']} loss {num(rec['loss'], '.6f')} "
-            f"lr {rec['lr']:.4e} grad_norm {num(rec['grad_norm'], '.4f')} "
-            f"loss_A {num(rec['loss_marker_A'], '.4f')} loss_B {num(rec['loss_marker_B'], '.4f')} "
-            f"loss_eos {num(rec['loss_eos'], '.4f')} tokens {rec['tokens']} targets {rec['targets']} "
-            f"tok/s {rec['tokens_per_s']:.0f}")
+            f"lr {rec['lr']:.4e} grad_norm {num(rec['grad_norm'], '.4f')} {span_losses} "
+            f"tokens {rec['tokens']} targets {rec['targets']} tok/s {rec['tokens_per_s']:.0f}")
 
 
 def public_summary(summary: dict) -> dict:
