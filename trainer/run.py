@@ -313,7 +313,8 @@ CONFIG_READERS = MappingProxyType({
     "generate.max_tokens": _SAMPLING_AND_PROBE, "generate.seed": _SAMPLING_AND_PROBE,
     "generate.batch_size": _SAMPLING_AND_PROBE, "generate.cache_dir": (),
     "generate.vllm_gpu_memory_utilization": _SAMPLING_AND_PROBE, "generate.vllm_max_model_len": _SAMPLING_AND_PROBE,
-    "data.pair": _DATA_SETTING, "data.condition": _DATA_SETTING, "data.n_per_persona": _DATA_SETTING,
+    "data.pair": ("data", "merge", "eval"),  # merge: its check's probe conversations are the pair's two personas
+    "data.condition": _DATA_SETTING, "data.n_per_persona": _DATA_SETTING,
     "data.negatives": _DATA_SETTING, "data.placement": _DATA_SETTING, "data.truncated": _DATA_SETTING,
     "data.on_overlength": ("data", "train"), "data.seed": ("data",),
     "train.loss_mask": ("data", "train", "eval"), "train.marker_mask_eos": ("data", "train", "eval"),
