@@ -122,10 +122,11 @@ def test_overwrite_keeps_a_users_file_in_a_run_directory(tmp_path):
     (rd / "plots").mkdir()
     (rd / "plots" / "a.png").write_bytes(b"\x89PNG")
     p = run_cli(*args, "--overwrite")
-    assert "removing config.toml, data/, manifest.json" in p.stdout, p.stdout
+    assert "removing config.toml, data/, experiment.toml, manifest.json" in p.stdout, p.stdout
     assert "keeping my_notes.txt, plots/ (not markerlab's)" in p.stdout, p.stdout
     assert (rd / "my_notes.txt").read_text() == "do not delete\n" and (rd / "plots" / "a.png").is_file()
     assert (rd / "data" / "train.jsonl").is_file() and (rd / ".markerlab").is_file()
+    assert (rd / "experiment.toml").is_file()  # the run's copy of its experiment, written again
 
 
 @pytest.mark.slow
@@ -242,6 +243,11 @@ def test_the_probe_set_belongs_to_the_data_stage(finished, tmp_path):
     assert "train.probe_n_questions" in msg and "the data stage's outputs depend" in msg, msg
     assert printed_command(msg)[-3:] == ["--overwrite", "--stages", "data,train,merge,eval,report"]
     assert snapshot(run_dir) == before
+    # the data stage takes the key: redone, the probe set has the new size (and the stages after it wait)
+    p = run_cli(TINY, *small(tmp_path), "--set", "train.probe_n_questions=1", "--overwrite", "--stages", "data")
+    assert len(json.loads((run_dir / "data" / "probe.json").read_text())["questions"]) == 1, p.stdout
+    assert len(json.loads((finished / "data" / "probe.json").read_text())["questions"]) == 2
+    assert 'probe_n_questions = 1' in (run_dir / "config.toml").read_text()
 
 
 def _other_value(value, f: dataclasses.Field):
@@ -536,11 +542,13 @@ def test_a_full_disk_while_a_checkpoint_is_saved_is_one_line_naming_the_file(fin
 
 FULL_DISK_WRITES = r'''
 import json, resource, signal, sys
+from pathlib import Path
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # a write past the limit fails with EFBIG, as on a full disk
 import torch, torch.nn as nn
 from lora import inject_lora, save_adapter
 from markerlab.errors import UserError
 from markerlab.io import write_jsonl
+from trainer.train import open_train_log
 out = sys.argv[1]
 m = nn.Module()
 m.layers = nn.ModuleList([nn.Module()])
@@ -549,7 +557,8 @@ inject_lora(m, r=8, alpha=16, dropout=0.0, generator=torch.Generator().manual_se
 resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
 said = []
 for write in (lambda: save_adapter(m, f"{out}/adapter", "builtin:tiny-qwen2"),
-              lambda: write_jsonl(f"{out}/eval/completions.jsonl", [{"text": "x" * 100}] * 100)):
+              lambda: write_jsonl(f"{out}/eval/completions.jsonl", [{"text": "x" * 100}] * 100),
+              lambda: open_train_log(Path(out) / "train_log.txt", 0, header="# " + "x" * 8000)):
     try:
         write()
         said.append(None)
@@ -559,15 +568,18 @@ print(json.dumps(said))
 '''
 
 
-def test_a_full_disk_while_an_adapter_or_records_are_written_is_one_line_naming_the_file(tmp_path):
-    """The adapter (save_adapter) and every record file (write_jsonl) go through one atomic write that names the file."""
+def test_a_full_disk_while_an_adapter_records_or_the_log_are_written_is_one_line_naming_the_file(tmp_path):
+    """The adapter (save_adapter) and every record file (write_jsonl) go through one atomic write that names the
+    file; the training log names itself."""
     p = subprocess.run([sys.executable, "-c", FULL_DISK_WRITES, str(tmp_path)], cwd=REPO, capture_output=True,
                        text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     said = json.loads(p.stdout.strip().splitlines()[-1])
     assert said == [f"{tmp_path}/adapter/adapter_model.safetensors: cannot write (File too large)",
-                    f"{tmp_path}/eval/completions.jsonl: cannot write (File too large)"], said
-    assert not [q for q in tmp_path.rglob("*") if q.is_file()]  # no half-written file, no temporary left
+                    f"{tmp_path}/eval/completions.jsonl: cannot write (File too large)",
+                    f"{tmp_path}/train_log.txt: cannot write (File too large)"], said
+    # no half-written adapter or records, no temporary left (the log is appended to as training goes)
+    assert not [q for q in tmp_path.rglob("*") if q.is_file() and q.name != "train_log.txt"]
 
 
 # --------------------------------------------------------------------------- 5. advice that runs as printed
