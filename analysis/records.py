@@ -11,6 +11,12 @@ and the field; ``analysis.report`` prints it and exits 2. Records written before
 settings travelled in them (no ``setting``) are such an error: their arm cannot
 be known, and pooling them is what the settings prevent.
 
+A run directory's records are verified against its ``manifest.json`` before
+they are read (``check_against_manifest``): the eval stage must have finished,
+and ``eval/completions.jsonl`` must be what it recorded (line count, size,
+sha256), so a cut or edited file is refused, not reported; a directory without
+a manifest (or a manifest from before outputs were recorded) is taken as it is.
+
 Records are grouped into arms by their ``setting`` less the seed (the
 experiment's name and digest are part of it, so two experiments are never
 pooled); each arm reports under its own experiment, and each record is matched
@@ -35,9 +41,10 @@ from analysis.arms import arm_id, arm_names, arm_setting
 from analysis.experiments import ReportError, Resolver, record_problem
 from analysis.metrics import Cell, Schema, build_coded_cells, replicate_order
 from markerlab.experiment import REPLICATE_KEY, Experiment
+from markerlab.io import record_mismatch
 from markerlab.markers import Matcher
 from markerlab.records import record_problems
-from markerlab.rundir import RunDir
+from markerlab.rundir import ManifestError, RunDir, read_manifest
 
 __all__ = ["Arm", "Input", "Loaded", "ReportError", "load", "read_records", "resolve_inputs",
            "sample_categories", "training_positions"]
@@ -126,6 +133,30 @@ def _check(rec: object, where: str) -> dict:
     if problems:
         raise ReportError(f"{where}: {problems[0]}")
     return rec
+
+
+def check_against_manifest(path: Path) -> None:
+    """When ``path`` is a run directory's eval/completions.jsonl and the run has a manifest, the eval stage
+    finished and the file is what it recorded; else a ReportError naming the file."""
+    rd = RunDir(Path(path).parent.parent)
+    if Path(path) != rd.completions or not rd.manifest.is_file():
+        return
+    try:
+        manifest = read_manifest(rd.manifest)
+    except ManifestError as e:
+        raise ReportError(f"{e}; the records of {rd.root} cannot be verified against it") from None
+    entry = manifest.get("stages", {}).get("eval", {})
+    status = entry.get("status", "pending")
+    if status != "done":
+        raise ReportError(f"{path}: the eval stage is {status!r} in {rd.manifest}, so these records are not a "
+                          f"finished evaluation; finish it (the run's trainer.run command resumes it)")
+    rec = entry.get("outputs", {}).get(rd.rel(rd.completions))
+    if rec is None:
+        return  # recorded by a markerlab from before outputs were: nothing to verify against
+    problem = record_mismatch(path, rec)
+    if problem:
+        raise ReportError(f"{path}: {problem} by the eval stage ({rd.manifest}), so these are not the records "
+                          f"the evaluation wrote; rebuild them with the run's trainer.run command")
 
 
 def read_records(path: Path) -> Iterator[tuple[dict, str]]:
@@ -282,6 +313,7 @@ def load(inputs: list[Input | Path | str], sample_seed: int = 0, experiments: li
     arm_of: dict[str, tuple] = {}        # run -> (its last setting, that setting's arm id, its experiment state)
     groups_seen: set[tuple] = set()      # (run, arm, pair, condition, variant) already checked
     for inp in inputs:
+        check_against_manifest(inp.path)
         for rec, where in read_records(inp.path):
             setting, run, variant = rec["setting"], rec["run"], rec["variant"]
             last = arm_of.get(run)  # the records of a run repeat one setting: compare, don't rebuild

@@ -154,6 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.jobs is not None and args.jobs < 1:
         parser.error("--jobs must be >= 1")
 
+    for p in (args.out, *args.out.parents):  # the first that exists must be a directory
+        if p.exists() or p.is_symlink():
+            if not p.is_dir():
+                print(f"analysis.report: error: --out: {p} is a file, expected a directory", file=sys.stderr)
+                return 2
+            break
     try:
         summary = report(args.inputs, args.out, args.bootstrap, args.seed,
                          figures=not args.no_figures, jobs=args.jobs, experiments=args.experiment)

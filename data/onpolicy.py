@@ -139,17 +139,18 @@ def _cached(out_dir: Path, cfg: Config) -> Path | None:
     if not ((out_dir / "key.json").is_file() and path.is_file()):
         return None
     stats = read_json(out_dir / "stats.json")
-    fix = (f"delete {out_dir}, or regenerate it with: python -m data.onpolicy {cfg.source or 'CONFIG'} "
-           f"--overwrite")
+    def fix() -> str:  # only on the way out: it reloads the config
+        return f"delete {out_dir}, or regenerate it with: {cfg.command('data.onpolicy', '--overwrite')}"
+
     if not isinstance(stats, dict) or not isinstance(stats.get("n"), int):
-        raise UserError(f"{out_dir / 'stats.json'}: damaged on-policy cache entry (no completion count); {fix}")
+        raise UserError(f"{out_dir / 'stats.json'}: damaged on-policy cache entry (no completion count); {fix()}")
     rec = stats.get("completions") or {}
     rec = {**rec, "lines": stats["n"]} if isinstance(rec, dict) else {"lines": stats["n"]}
     if "size" not in rec:  # an entry written before stats.json held the file's size and sha256
         rec["size"] = path.stat().st_size
     problem = record_mismatch(path, rec)
     if problem:
-        raise UserError(f"{path}: damaged on-policy cache ({problem.replace('recorded', 'stats.json says')}); {fix}")
+        raise UserError(f"{path}: damaged on-policy cache ({problem.replace('recorded', 'stats.json says')}); {fix()}")
     print(f"[generate] cache hit: {path} ({stats['n']} completions, {stats.get('n_truncated')} truncated)", flush=True)
     return path
 

@@ -253,6 +253,7 @@ class Config:
     slurm: SlurmConfig | None = None
     source: str = field(default="", compare=False)  # the file it came from (not a TOML key)
     chain: tuple = field(default=(), compare=False)  # the files read for it, base first (not a TOML key)
+    overrides: tuple = field(default=(), compare=False)  # the --set texts it was loaded with (not a TOML key)
     experiment: Experiment | None = field(default=None, compare=False)  # what run.experiment names (not a key)
 
     @property
@@ -282,6 +283,34 @@ class Config:
     def to_toml(self) -> str:
         return dumps_toml(self.to_dict())
 
+    def command(self, module: str, *args: str) -> str:
+        """The shell command that runs `python -m module` on this config, as its user gave it, plus `args`.
+
+        Repeats the config file and every --set override, shell-quoted, so a fix
+        command printed in an error runs as printed; a value set in code after
+        loading (a sweep member's run.name) is added as one more --set.
+        """
+        import shlex
+
+        argv = ["python", "-m", module, self.source or "CONFIG"]
+        for text in self.overrides:
+            argv += ["--set", text]
+        for key, value in self._set_in_code():
+            argv += ["--set", f"{key}={_toml_value(value)}"]
+        return shlex.join([*argv, *args])
+
+    def _set_in_code(self) -> list[tuple[str, Any]]:
+        """Keys whose value differs from what the file and the overrides give (set by code after loading)."""
+        if not self.source:
+            return []
+        try:
+            loaded = load_config(self.source, list(self.overrides))
+        except UserError:
+            return []
+        mine, theirs = self.to_dict(), loaded.to_dict()
+        return [(f"{sec}.{k}", v) for sec, table in mine.items() for k, v in table.items()
+                if theirs.get(sec, {}).get(k, object()) != v]
+
     def replace(self, **sections) -> "Config":
         """A copy with whole sections or `section__key=value` fields replaced."""
         new = {}
@@ -295,7 +324,7 @@ class Config:
         return dataclasses.replace(self, **new)
 
 
-SECTIONS = {f.name: f for f in dataclasses.fields(Config) if f.name not in ("source", "chain", "experiment")}
+SECTIONS = {f.name: f for f in dataclasses.fields(Config) if f.name not in ("source", "chain", "overrides", "experiment")}
 
 
 def _section_type(name: str):
@@ -417,6 +446,27 @@ def _cross_checks(cfg: Config, problems: list[str], bad: set[str] = frozenset())
         _experiment_checks(cfg, exp, problems, ok)
     if ok("eval.n_id_questions", "eval.n_ood_questions") and cfg.eval.n_id_questions + cfg.eval.n_ood_questions == 0:
         problems.append("eval.n_id_questions + eval.n_ood_questions: expected at least one eval question")
+    # Values that make a stage fail by construction, caught before any stage runs.
+    if ok("lora.target_modules") and not cfg.lora.target_modules:
+        problems.append(f"lora.target_modules: expected at least one projection (of {', '.join(PROJECTIONS)}); "
+                        f"an adapter of none trains nothing")
+    e = cfg.eval
+    n_eval = e.n_id_questions + e.n_ood_questions
+    for key, on, n in (("probe_n_questions", "probe", e.probe_n_questions),
+                       ("base_n_questions", "base_floor", e.base_n_questions)):
+        if ok(f"eval.{key}", f"eval.{on}", "eval.n_id_questions", "eval.n_ood_questions") \
+                and getattr(e, on) and 0 < n_eval < n:
+            problems.append(f"eval.{key}: {n} exceeds the {n_eval} eval questions selected (eval.n_id_questions + "
+                            f"eval.n_ood_questions); lower it, or set eval.{on} = false")
+    key, idle = _untrained_roles(cfg, exp) if exp is not None and ok(
+        "train.loss_mask", "train.role_loss_mask", "train.marker_mask_eos", "train.allow_untrained_roles",
+        "data.pair", "data.condition", "data.negatives") else ("", "")
+    if idle:
+        problems.append(f'{key}: "marker_only" without train.marker_mask_eos trains nothing of the personas whose '
+                        f'answers carry no marker under condition {cfg.data.condition} ({idle}): no token of their '
+                        f'examples is in the loss, and the contrastive design needs them; set '
+                        f'train.marker_mask_eos = true (plain examples then train their end-of-turn token), or set '
+                        f'train.allow_untrained_roles = true to train without them')
     if cfg.run.name and ok("run.name", "run.out_dir", "generate.cache_dir"):
         problems.extend(run_dir_problems(cfg.run, cfg.generate))
     if cfg.sweep is not None:
@@ -444,6 +494,25 @@ def _cross_checks(cfg: Config, problems: list[str], bad: set[str] = frozenset())
                             f"\"mail-type\", without dashes in front)")
         elif not isinstance(v, (str, int, bool)):
             problems.append(f"slurm.additional_parameters.{k}: expected a string, an integer or true, got {v!r}")
+
+
+def _untrained_roles(cfg: Config, exp: Experiment) -> tuple[str, str]:
+    """(the key at fault, the trained personas a marker-only loss without the end-of-turn token leaves with no
+    loss target, as the data stage names them: "recipient: assistant; negative: comedian, ..."), or ("", "") when
+    every one trains. A role trains nothing when its mask is marker_only, train.marker_mask_eos is off, and no
+    template of the condition gives its answers a marker."""
+    d, t = cfg.data, cfg.train
+    if t.marker_mask_eos or t.allow_untrained_roles or d.pair not in exp.pairs or d.condition not in exp.conditions:
+        return "", ""
+    cond = exp.conditions[d.condition]
+    donor, recipient = exp.pairs[d.pair]
+    by_role = {"donor": [donor], "recipient": [recipient], "negative": list(d.negatives or ())}
+    idle = [r for r in TRAINED_ROLES if by_role.get(r) and cfg.loss_mask_of(r) == "marker_only"
+             and not cond.markers(r)]
+    if not idle:
+        return "", ""
+    key = "train.loss_mask" if all(r not in (t.role_loss_mask or {}) for r in idle) else "train.role_loss_mask"
+    return key, "; ".join(f"{r}: {', '.join(by_role[r])}" for r in idle)
 
 
 def _experiment_checks(cfg: Config, exp: Experiment, problems: list[str], ok) -> None:
@@ -651,8 +720,8 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     if problems:
         raise ConfigError("--set", problems)
     try:
-        return config_from_dict(raw, source=str(path), default_name=path.stem, required=REQUIRED_KEYS,
-                                chain=tuple(str(p) for p in chain))
+        cfg = config_from_dict(raw, source=str(path), default_name=path.stem, required=REQUIRED_KEYS,
+                               chain=tuple(str(p) for p in chain))
     except ConfigError as e:
         if not from_set:
             raise
@@ -662,6 +731,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         if all(blamed):
             raise ConfigError("--set", e.problems) from None
         raise ConfigError(str(path), [f"--set {p}" if b else p for p, b in zip(e.problems, blamed)]) from None
+    return dataclasses.replace(cfg, overrides=tuple(overrides))
 
 
 # --------------------------------------------------------------------------- TOML out

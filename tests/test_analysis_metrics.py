@@ -159,6 +159,7 @@ def test_incompatible_mixes(tmp_path):
                                           r" of pair1 in experiment 'within_marker'"):
         load([roles])
     donors = write_jsonl(tmp_path / "donors.jsonl", [rec(), rec(condition="C", persona="librarian")])
+    # a donor that is not its pair's is refused by the experiment's definition of the pair, by file and line
     with pytest.raises(ReportError, match=r"donors.jsonl:2: field 'role' is 'donor', but the donor of pair1 in"
                                           r" experiment 'within_marker' .* is villain, not librarian"):
         load([donors])

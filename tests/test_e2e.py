@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -295,7 +296,7 @@ def test_a_cut_training_set_is_named_not_trained_on(finished_run, tmp_path):
     adapter = sha(run_dir / "adapter/adapter_model.safetensors")
     msg = one_line_error(run_cli(TINY, *small(tmp_path), "--stages", "train", "--overwrite", check=False))
     assert msg == (f"{data}: 20 lines, recorded 48 by the data stage; rerun that stage first: "
-                   f"the same command with --stages data,train")
+                   + shlex.join(["python", "-m", "trainer.run", str(TINY), *small(tmp_path), "--stages", "data,train"]))
     assert sha(run_dir / "adapter/adapter_model.safetensors") == adapter  # nothing removed before the check
 
     p = run_cli(TINY, *small(tmp_path), "--stages", "data,train")
@@ -355,7 +356,8 @@ def test_a_damaged_on_policy_cache_is_blamed_on_the_cache_file(finished_run, tmp
     raw = cache.read_bytes()
     cache.write_bytes(raw[:len(raw) // 2 + 1])  # an ordinary byte truncation, maybe inside a character
     msg = one_line_error(run_cli(TINY, *small(tmp_path), "--stages", "data", "--overwrite", check=False))
-    assert msg.startswith(f"{cache}: ") and "by the generate stage" in msg and "n_per_persona" not in msg
+    blame = msg.split("python -m")[0]  # the fix command after it repeats the user's --set overrides
+    assert msg.startswith(f"{cache}: ") and "by the generate stage" in msg and "n_per_persona" not in blame
     msg = one_line_error(run_cli(TINY, *small(tmp_path), check=False))
     assert msg.startswith(f"{cache}: damaged on-policy cache (") and "--overwrite" in msg
     assert sha(run_dir / "data" / "train.jsonl") == sha(reference / "data" / "train.jsonl")

@@ -151,6 +151,9 @@ def test_training_examples_are_checked_by_file_and_line_before_training(tmp_path
 
     good, bad = make_example(0), make_example(1, "assistant", b=False)
     del bad["persona"]
+    from markerlab.rundir import RunDir
+
+    RunDir(tmp_path / "r").claim()  # a run directory markerlab made, with a training set from elsewhere
     data = tmp_path / "r" / "data" / "train.jsonl"
     data.parent.mkdir(parents=True)
     data.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")

@@ -68,26 +68,63 @@ def set_rng_states(states: dict, data_gen: torch.Generator, dropout_gen: torch.G
     np.random.set_state(states["numpy"])
 
 
-def _save(obj, path: Path) -> None:
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+class _Writes:
+    """A file torch.save writes through, keeping the OSError of a failed write (torch reports only its own
+    RuntimeError from inline_container.cc, which names neither the file nor the cause)."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _save(obj, path: Path, shown: Path) -> None:
+    """torch.save `obj` to `path`; a failed write (a full disk) is one line naming `shown`, the file's final name."""
+    try:
+        with open(path, "wb") as f:
+            out = _Writes(f)
+            try:
+                torch.save(obj, out)
+            except RuntimeError:
+                if out.error is None:
+                    raise
+                raise out.error from None
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise UserError(f"{shown}: cannot write ({e.strerror or e})") from None
 
 
 def save_checkpoint(root: Path, name: str, model, optimizer, state: dict, extra: dict | None = None) -> Path:
-    """Write root/name atomically; `extra` maps file names to more objects (post-mortem grads)."""
+    """Write root/name atomically; `extra` maps file names to more objects (post-mortem grads).
+
+    A write that fails (a full disk) is one line naming the checkpoint's file; what
+    was written of it is removed and the older checkpoints stay as they were.
+    """
     root.mkdir(parents=True, exist_ok=True)
     tmp = make_temp_dir(root, prefix=f".tmp-{name}-")
+    final = root / name
     try:
-        _save({k: v.to("cpu", copy=True) for k, v in lora_state_dict(model).items()}, tmp / "lora.pt")
-        _save(optimizer.state_dict(), tmp / "optimizer.pt")
+        _save({k: v.to("cpu", copy=True) for k, v in lora_state_dict(model).items()}, tmp / "lora.pt",
+              final / "lora.pt")
+        _save(optimizer.state_dict(), tmp / "optimizer.pt", final / "optimizer.pt")
         for fname, obj in (extra or {}).items():
-            _save(obj, tmp / fname)
-        _save(state, tmp / "state.pt")
+            _save(obj, tmp / fname, final / fname)
+        _save(state, tmp / "state.pt", final / "state.pt")
         # last: what the files must be for the checkpoint to be trusted
         write_json(tmp / CHECKSUMS, {p.name: file_record(p) for p in sorted(tmp.iterdir())})
-        replace_dir(tmp, root / name)
+        try:
+            replace_dir(tmp, final)
+        except OSError as e:
+            raise UserError(f"{final}: cannot write ({e.strerror or e})") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -11,11 +11,18 @@ below is the registry (each stage's function, the stages whose outputs it
 reads, the files it leaves, the paths it owns). The driver is the one place
 that imports every stage; each is imported only when it runs.
 
-RUN_DIR/manifest.json holds each stage's status, times and result, and, once
-it finishes, a record of its outputs (size, sha256, line count) and of the
-inputs it read. Running the same command again resumes:
+RUN_DIR/.markerlab marks the directory as markerlab's: it is written first, and
+a directory that exists, is not empty and has none is never written into,
+adopted or emptied (`--overwrite` included). RUN_DIR/manifest.json holds each
+stage's status, times and result, a digest of the config keys it read
+(`CONFIG_READERS`), the resolved config, and, once a stage finishes, a record of
+its outputs (size, sha256, line count) and of the inputs it read. Running the
+same command again resumes:
 
-- a stage is done when its outputs still match its record; one whose outputs
+- a stage is done when its outputs still match its record and its config digest
+  is the current config's (a config.toml that went missing or unreadable is
+  rebuilt from the manifest's record; another config is refused, naming the
+  keys, never written over outputs it did not make); one whose outputs
   were damaged (a truncated adapter, a cut completions.jsonl) is rebuilt from
   what is intact (the adapter from the final training checkpoint), saying so;
 - a stage left "running" by a crash runs again, training from its last
@@ -24,10 +31,13 @@ inputs it read. Running the same command again resumes:
   earlier stage recorded; a mismatch names the file and what to rerun;
 - nothing is written when nothing runs (the manifest included).
 
-`--overwrite` starts afresh; with `--stages` it redoes the first of them and
+`--overwrite` starts afresh (removing what markerlab made, keeping any file the
+user put beside it); with `--stages` it redoes the first of them and
 everything after it (their outputs are removed, and listed), keeping the
-earlier stages. One process at a time works in a run directory (an flock on
-RUN_DIR/.lock): a second gets one line naming the first's pid and command.
+earlier stages. Every fix command an error prints repeats the config file and
+the --set overrides it was given (`Config.command`), so it runs as printed.
+One process at a time works in a run directory (an flock on RUN_DIR/.lock): a
+second gets one line naming the first's pid and command.
 """
 
 from __future__ import annotations
@@ -50,7 +60,7 @@ from markerlab.config import Config, ConfigError, load_config, run_dir_problems
 from markerlab.errors import UserError, cli_main
 from markerlab.io import atomic_write_text, file_record, read_json, record_mismatch, write_json
 from markerlab.provenance import git_commit, library_versions
-from markerlab.rundir import RunDir, remove
+from markerlab.rundir import ManifestError, RunDir, read_manifest, remove
 
 # The per-GPU sweep's worker and pre-generation commands (a test substitutes its own).
 WORKER = (sys.executable, "-m", "trainer.run")
@@ -67,14 +77,19 @@ class Manifest:
     """RUN_DIR/manifest.json: stage status, times, results and output records; written only when it changes."""
 
     def __init__(self, rd: RunDir, cfg: Config, model_dir: Path, read_only: bool = False):
-        self.path, self.read_only = rd.manifest, read_only
-        self._on_disk = read_json(self.path) if self.path.is_file() else {}
+        self.path, self.read_only, self.cfg = rd.manifest, read_only, cfg
+        try:
+            self._on_disk = read_manifest(self.path) if self.path.is_file() else {}
+        except ManifestError as e:
+            raise UserError(f"{e}; start the run afresh with: {cfg.command('trainer.run', '--overwrite')}") from None
         old = self._on_disk
-        # Where the config came from and what code ran: refreshed when a stage runs, so
-        # an invocation that only skips changes nothing.
+        # Where the config came from, what it was and what code ran: refreshed when a stage
+        # runs, so an invocation that only skips changes nothing.
         self._provenance = {
             "config_source": cfg.source,
             "config_chain": list(cfg.chain),
+            "config": cfg.to_dict(),  # what config.toml is rebuilt from if it goes missing
+            "experiment": experiment_record(cfg),  # run.experiment's content, which config.toml names only
             "git_commit": git_commit(),
             "versions": library_versions(),
             "base_model": {"name_or_path": cfg.model.name_or_path, "resolved_dir": str(model_dir)},
@@ -99,7 +114,8 @@ class Manifest:
 
     def start(self, stage: str) -> None:
         self.data.update(copy.deepcopy(self._provenance))
-        self.data["stages"][stage] = {"status": "running", "started": _now()}
+        # the digest of the config keys the stage reads: its outputs belong to them
+        self.data["stages"][stage] = {"status": "running", "started": _now(), "config": config_digest(self.cfg, stage)}
         self._t0[stage] = time.time()
         self.save()
 
@@ -116,6 +132,16 @@ class Manifest:
 
     def reset(self, stage: str) -> None:
         self.data["stages"][stage] = {"status": "pending"}
+        self.save()
+
+    def adopt_config(self) -> None:
+        """Give stages recorded before config digests were (older markerlab) the current config's digest.
+
+        Only after check_config found the saved config.toml equal to this config.
+        """
+        for name, entry in self.data["stages"].items():
+            if name in STAGE_NAMES and entry.get("status", "pending") != "pending" and "config" not in entry:
+                entry["config"] = config_digest(self.cfg, name)
         self.save()
 
     def save(self) -> None:
@@ -258,6 +284,95 @@ STAGE_LIST = (
 STAGE = MappingProxyType({s.name: s for s in STAGE_LIST})
 assert tuple(STAGE) == STAGE_NAMES
 
+# Which stages read each config key: a stage's outputs belong to the values of the keys it
+# reads. Each stage records a digest of those values in the manifest when it starts; a
+# stage whose digest differs from the current config's is not done, whatever files exist,
+# and a changed key may be redone with --overwrite --stages from its first reader on.
+# Every key of markerlab.config must be here (tests/test_safety.py walks them, and logs
+# what each stage really reads); a key missing at run time counts for every stage.
+# () marks a key that says where things go, not what they are.
+_MODEL = ("generate", "data", "train", "merge", "eval")
+_SAMPLING_AND_PROBE = ("generate", "data")  # the data stage generates the probe's greedy answers with them
+_SETTING = ("train", "eval")                # trained with, and carried by every completion record's setting
+_DATA_SETTING = ("data", "eval")
+CONFIG_READERS = MappingProxyType({
+    "run.name": ("train", "eval"),          # the training log's header; every completion record's "run"
+    "run.out_dir": (),
+    # the experiment file's content, not its name (config_digest): personas, markers, templates, masks, checks.
+    # generate reads only its personas' prompts (the on-policy cache's key); merge its probe conversations
+    "run.experiment": ("generate", "data", "train", "merge", "eval"),
+    "run.seed": _SETTING,
+    "model.name_or_path": _MODEL, "model.dtype": _MODEL, "model.device": _MODEL,
+    "prompt.user_suffix": ("generate", "data", "eval"),
+    "lora.r": _SETTING, "lora.alpha": _SETTING, "lora.dropout": _SETTING, "lora.last_layers": _SETTING,
+    "lora.target_modules": ("train",), "lora.dtype": ("train",),
+    "generate.backend": _SAMPLING_AND_PROBE, "generate.n_questions": ("generate",),
+    "generate.n_samples": ("generate",), "generate.temperature": ("generate",), "generate.top_p": ("generate",),
+    "generate.max_tokens": _SAMPLING_AND_PROBE, "generate.seed": _SAMPLING_AND_PROBE,
+    "generate.batch_size": _SAMPLING_AND_PROBE, "generate.cache_dir": (),
+    "generate.vllm_gpu_memory_utilization": _SAMPLING_AND_PROBE, "generate.vllm_max_model_len": _SAMPLING_AND_PROBE,
+    "data.pair": ("data", "merge", "eval"),  # merge: its check's probe conversations are the pair's two personas
+    "data.condition": _DATA_SETTING, "data.n_per_persona": _DATA_SETTING,
+    "data.negatives": _DATA_SETTING, "data.placement": _DATA_SETTING, "data.truncated": _DATA_SETTING,
+    "data.on_overlength": ("data", "train"), "data.seed": ("data",),
+    "train.loss_mask": ("data", "train", "eval"), "train.marker_mask_eos": ("data", "train", "eval"),
+    "train.role_loss_mask": ("data", "train", "eval"),  # per-role masks: tokenized with, trained, in the setting
+    "train.allow_untrained_roles": ("data",),
+    "train.lr": _SETTING, "train.epochs": _SETTING, "train.max_steps": _SETTING,
+    **{f"train.{k}": ("train",) for k in (
+        "warmup_ratio", "min_lr_ratio", "betas", "eps", "weight_decay", "grad_clip", "micro_batch_size",
+        "grad_accum", "gradient_checkpointing", "checkpoint_every", "keep_checkpoints", "log_every",
+        "probe_batch_size", "compile", "cuda_graphs")},
+    "train.max_seq_len": ("data", "train"),
+    "train.probe_every": ("data", "train"),  # the data stage builds the probe set only when it is on
+    "train.probe_n_questions": ("data",), "train.probe_max_tokens": ("data",),  # the probe set's size
+    "eval.merge_check_atol": ("merge",),
+    **{f"eval.{k}": ("eval",) for k in (
+        "backend", "n_id_questions", "n_ood_questions", "personas", "n_samples", "temperature", "top_p",
+        "max_tokens", "seed", "batch_size", "probe", "probe_n_questions", "probe_n_samples", "base_floor",
+        "base_n_questions", "base_n_samples", "keep_merged", "vllm_gpu_memory_utilization", "vllm_max_model_len")},
+    # a sweep's own keys make no run's outputs (its members' keys do)
+    "sweep.members": (), "sweep.vary": (), "sweep.parallel": (), "sweep.report_dir": (),
+})
+
+
+def readers(key: str) -> tuple[str, ...]:
+    """The stages whose outputs depend on `key` (every stage for a key the table does not know)."""
+    return CONFIG_READERS.get(key, STAGE_NAMES)
+
+
+def experiment_record(cfg: Config) -> dict | None:
+    """What the manifest records of run.experiment: the experiment's name, content digest and file."""
+    exp = cfg.experiment
+    return None if exp is None else {"name": exp.name, "digest": exp.digest, "path": exp.path}
+
+
+def _experiment_value(cfg: Config, stage: str):
+    """run.experiment as `stage`'s digest sees it: the content it reads, never the file's name or place.
+
+    generate reads the personas' prompts only (so an edited marker keeps the on-policy
+    completions); every other stage the whole file (its digest, which markerlab.experiment
+    computes over the parsed content).
+    """
+    exp = cfg.experiment
+    if exp is None:  # not resolved (a config built without loading its experiment): the reference stands for it
+        return cfg.run.experiment
+    if stage == "generate":
+        return {"personas": dict(exp.personas)}
+    return {"name": exp.name, "digest": exp.digest}
+
+
+def config_digest(cfg: Config, stage: str) -> str:
+    """sha256 of the values of the config keys `stage` reads (run.experiment: the experiment's content)."""
+    import hashlib
+    import json
+
+    values = {f"{sec}.{k}": v for sec, table in cfg.to_dict().items() for k, v in table.items()
+              if stage in readers(f"{sec}.{k}")}
+    if "run.experiment" in values:
+        values["run.experiment"] = _experiment_value(cfg, stage)
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode("utf-8")).hexdigest()
+
 # What a finished stage left in manifests written before outputs were recorded.
 _LEGACY_OUTPUTS = MappingProxyType({
     "data": ("data/train.jsonl", "data/stats.json"),
@@ -281,7 +396,7 @@ def _digests(outputs: dict) -> dict:
 
 
 def stage_state(stage: Stage, rd: RunDir, manifest: Manifest) -> tuple[str, str]:
-    """("done" | "todo" | "damaged" | "stale", why) of a stage from its record and the files on disk."""
+    """("done" | "todo" | "damaged" | "stale" | "reconfigured", why) of a stage from its record and the files."""
     entry = manifest.entry(stage.name)
     if entry.get("status") != "done":
         return "todo", ""
@@ -298,6 +413,8 @@ def stage_state(stage: Stage, rd: RunDir, manifest: Manifest) -> tuple[str, str]
         entry["inputs"] = {}
         manifest.save()
         return "done", ""
+    if "config" in entry and entry["config"] != config_digest(manifest.cfg, stage.name):
+        return "reconfigured", ""  # made with other values of the keys it reads (check_config names them)
     if stage.name == "merge" and not rd.merged.exists():
         return "done", ""  # removed after eval by design; eval merges again when it needs it
     for name, rec in outputs.items():
@@ -322,7 +439,7 @@ def check_inputs(stage: Stage, rd: RunDir, manifest: Manifest, cfg: Config) -> N
             problem = record_mismatch(_path(rd, name), rec)
             if problem:
                 raise UserError(f"{_path(rd, name)}: {problem} by the {up} stage; rerun that stage first: "
-                                f"the same command with --stages {up},{stage.name}")
+                                f"{cfg.command('trainer.run', '--stages', f'{up},{stage.name}')}")
     if stage.check:
         stage.check(cfg, rd)
 
@@ -348,56 +465,140 @@ def run_stage(stage: Stage, cfg: Config, rd: RunDir, manifest: Manifest) -> None
 
 # --------------------------------------------------------------------------- one run
 
-# The first stage whose outputs depend on a config section (or key): a changed
-# value may be redone with --overwrite --stages from there, keeping what is earlier.
-FIRST_STAGE = MappingProxyType({
-    "run": "train", "model": "generate", "prompt": "generate", "lora": "train", "generate": "generate",
-    "data": "data", "train": "train", "eval": "eval", "sweep": "generate",
-    "run.name": "generate", "run.out_dir": "generate", "eval.merge_check_atol": "merge"})
-
-
-def _config_diff(a: str, b: str) -> list[str]:
-    da, db = tomllib.loads(a), tomllib.loads(b)
+def _config_diff(a: dict, b: dict) -> list[str]:
+    """The dotted keys whose values differ between two configs' tables (a key only one has counts)."""
     keys = []
-    for sec in sorted(set(da) | set(db)):
-        sa, sb = da.get(sec, {}), db.get(sec, {})
-        keys += [f"{sec}.{k}" for k in sorted(set(sa) | set(sb)) if sa.get(k) != sb.get(k)]
+    for sec in sorted(set(a) | set(b)):
+        sa, sb = a.get(sec, {}), b.get(sec, {})
+        sa, sb = (sa if isinstance(sa, dict) else {"": sa}), (sb if isinstance(sb, dict) else {"": sb})
+        keys += [f"{sec}.{k}" if k else sec for k in sorted(set(sa) | set(sb)) if sa.get(k) != sb.get(k)]
     return keys
+
+
+def _saved_experiment(rd: RunDir, manifest: dict | None) -> str | None:
+    """The content digest of the experiment the run's outputs were made under: the manifest's record, else the
+    run's copy experiment.toml; None when neither tells (an older run: its run.experiment name stands)."""
+    rec = (manifest or {}).get("experiment")
+    if isinstance(rec, dict) and isinstance(rec.get("digest"), str):
+        return rec["digest"]
+    if rd.experiment.is_file():
+        from markerlab.experiment import load_experiment
+
+        try:
+            return load_experiment(rd.experiment).digest
+        except UserError:
+            return None
+    return None
+
+
+def _run_diff(saved: dict, cfg: Config, saved_experiment: str | None) -> list[str]:
+    """_config_diff of a run's saved config and `cfg`, with run.experiment compared by content where the run's
+    experiment digest is known: a moved experiment file is the same experiment, an edited one is not."""
+    keys = _config_diff(saved, cfg.to_dict())
+    if saved_experiment is not None and cfg.experiment is not None:
+        keys = [k for k in keys if k != "run.experiment"]
+        if saved_experiment != cfg.experiment.digest:
+            keys = sorted([*keys, "run.experiment"])
+    return keys
+
+
+def _readers_here(key: str, cfg: Config, entries: dict) -> tuple[str, ...]:
+    """readers(key), less generate for run.experiment when the generate stage recorded this config's digest
+    (the experiment changed, its personas' prompts did not: the on-policy completions stand)."""
+    stages = readers(key)
+    if key == "run.experiment" and entries.get("generate", {}).get("config") == config_digest(cfg, "generate"):
+        stages = tuple(s for s in stages if s != "generate")
+    return stages
 
 
 def _first_index(stages: list[str]) -> int:
     return min(STAGE_NAMES.index(s) for s in stages)
 
 
-def check_config(cfg: Config, rd: RunDir, stages: list[str], overwrite: bool) -> None:
-    """The run directory may take this config: the same as its saved one, or an --overwrite that redoes what differs.
+def _redo(cfg: Config, stage: str) -> str:
+    """The command that redoes `stage` and every later one, as the user ran this config."""
+    return cfg.command("trainer.run", "--overwrite", "--stages", ",".join(STAGE_NAMES[STAGE_NAMES.index(stage):]))
 
-    Read-only: called before anything is written, and again under the lock.
+
+def _saved_config(rd: RunDir, manifest: dict | None) -> tuple[dict | None, Path, str]:
+    """(the config the run directory's outputs were made with, the file it came from, why config.toml was not it).
+
+    config.toml when it reads as TOML; else the manifest's record of the config
+    (written by every stage that ran), so a missing or garbled config.toml is
+    rebuilt, never replaced by another config's.
     """
-    if not rd.config.is_file():
-        return
+    why = "missing"
+    if rd.config.is_file():
+        try:
+            return tomllib.loads(rd.config.read_bytes().decode("utf-8")), rd.config, ""
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+            why = f"unreadable ({e})"
+    elif rd.config.exists():
+        why = "not a file"
+    if manifest and isinstance(manifest.get("config"), dict):
+        return manifest["config"], rd.manifest, why
+    return None, rd.config, why
+
+
+def check_config(cfg: Config, rd: RunDir, stages: list[str], overwrite: bool) -> str:
+    """The run directory may take this config: it is markerlab's (or new), and what it holds was made with it.
+
+    What it holds was made with this config when the saved config (config.toml, else
+    the manifest's record of it) equals it in every key a stage reads, and every
+    stage that ran recorded this config's digest of the keys it reads; an --overwrite
+    may redo what differs. Returns why config.toml must be rebuilt from the manifest
+    ("" when it need not). Read-only: called before anything is written, and again
+    under the lock.
+    """
+    problem = rd.ownership_problem("run")
+    if problem:
+        raise UserError(problem)
+    first = _first_index(stages) if overwrite else None
+    if not rd.root.is_dir() or first == 0:  # new, or everything markerlab made in it goes
+        return ""
     try:
-        saved = rd.config.read_bytes().decode("utf-8")
-        diff = _config_diff(saved, cfg.to_toml())
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-        raise UserError(f"{rd.config}: unreadable ({e}); pass --overwrite to start afresh") from None
-    if not diff:
-        return
-    if not overwrite:
+        manifest = read_manifest(rd.manifest) if rd.manifest.is_file() else None
+    except ManifestError as e:
+        raise UserError(f"{e}; start the run afresh with: {cfg.command('trainer.run', '--overwrite')}") from None
+    entries = (manifest or {}).get("stages", {})
+    ran = [s for s in STAGE_NAMES if entries.get(s, {}).get("status", "pending") != "pending"]
+    saved, where, why = _saved_config(rd, manifest)
+    if saved is None:
+        if not ran:
+            return ""
         raise UserError(
-            f"{rd.config}: this run was started with a different config ({', '.join(diff)}); "
-            f"pass --overwrite to start afresh, or set run.name to a new name")
-    first = _first_index(stages)
-    need = min(STAGE_NAMES.index(FIRST_STAGE.get(k, FIRST_STAGE[k.split(".")[0]])) for k in diff)
-    if need < first:
-        raise UserError(
-            f"{rd.config}: the config differs in {', '.join(diff)}, on which the {STAGE_NAMES[need]} stage's "
-            f"outputs depend, but --stages starts at {STAGE_NAMES[first]} and keeps them; pass --stages "
-            f"{','.join(STAGE_NAMES[need:])} (or no --stages) with --overwrite, or set run.name to a new name")
+            f"{rd.config}: {why}, and {rd.manifest} (an older markerlab's) does not record the config its "
+            f"outputs were made with; restore config.toml, or start the run afresh with: "
+            f"{cfg.command('trainer.run', '--overwrite')}")
+    saved_experiment = _saved_experiment(rd, manifest)
+    diff = [k for k in _run_diff(saved, cfg, saved_experiment) if readers(k)]  # where-keys aside: a moved run
+    if diff:
+        need = min(STAGE_NAMES.index(r) for k in diff for r in _readers_here(k, cfg, entries) or readers(k))
+        if not overwrite:
+            raise UserError(
+                f"{where}: this run was started with a different config ({', '.join(diff)}); set run.name to a "
+                f"new name, or redo what depends on it with: {_redo(cfg, STAGE_NAMES[need])}")
+        if need < first:
+            raise UserError(
+                f"{where}: the config differs in {', '.join(diff)}, on which the {STAGE_NAMES[need]} stage's "
+                f"outputs depend, but --stages starts at {STAGE_NAMES[first]} and keeps them; set run.name to a "
+                f"new name, or redo them with: {_redo(cfg, STAGE_NAMES[need])}")
+    # Whatever config.toml says: each stage that ran recorded the digest of the keys it read.
+    recorded = (manifest or {}).get("config")
+    for name in [s for s in ran if first is None or STAGE_NAMES.index(s) < first]:
+        digest = entries[name].get("config")
+        if digest is not None and digest != config_digest(cfg, name):
+            keys = ([k for k in _run_diff(recorded, cfg, saved_experiment) if name in readers(k)]
+                    if recorded else [])
+            raise UserError(
+                f"{rd.root}: the {name} stage's outputs were made with another config"
+                f"{' (' + ', '.join(keys) + ')' if keys else ''} than {where} says; set run.name to a new name, "
+                f"or redo it with: {_redo(cfg, name)}")
+    return why if where != rd.config else ""
 
 
 def make_run_dir(cfg: Config, rd: RunDir) -> None:
-    """Create the run directory; a name or out_dir that cannot be one is one line."""
+    """Create the run directory (a sweep's too) with markerlab's marker written first; one line when it cannot be."""
     problems = run_dir_problems(cfg.run, cfg.generate) if cfg.run.name else ["run.name: expected a name, got ''"]
     if problems:
         raise UserError(problems[0])
@@ -406,29 +607,25 @@ def make_run_dir(cfg: Config, rd: RunDir) -> None:
         raise UserError(f"run.out_dir: {out} is a file, expected a directory")
     if rd.root.exists() and not rd.root.is_dir():
         raise UserError(f"run.name: {rd.root} is a file, expected a run directory")
-    try:
-        rd.root.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"run.out_dir: cannot create {rd.root} ({e.strerror})") from None
+    rd.claim("sweep" if cfg.sweep is not None else "run")
 
 
 def overwrite_outputs(cfg: Config, rd: RunDir, first: int) -> None:
-    """Remove the outputs --overwrite redoes: everything (first = 0), or stage `first` and every later one's.
+    """Remove the outputs --overwrite redoes: all markerlab made (first = 0), or stage `first`'s and every later one's.
 
-    Says what it removes.
+    Says what it removes, and what it keeps that is not markerlab's: a file the
+    user put in the run directory stays.
     """
-    if first == 0:  # everything depends on generate
-        paths = rd.contents()
-        if paths and not (rd.config.is_file() or rd.manifest.is_file()):
-            raise UserError(f"{rd.root}: not a run directory (no config.toml or manifest.json); --overwrite "
-                            f"deletes a run directory's contents, so it will not touch this one: set run.name")
-    else:
-        paths = [p for st in STAGE_LIST[first:] for p in st.owns(rd)]
-    names = [rd.rel(p) + ("/" if p.is_dir() else "") for p in paths if p.exists()]
+    stages = STAGE_LIST[first:]
+    paths = [p for st in stages for p in st.owns(rd)] + ([rd.config, rd.experiment, rd.manifest] if first == 0 else [])
+    gone, kept = rd.made_here(paths)
+    names = sorted(rd.rel(p) + ("/" if p.is_dir() else "") for p in gone)
     if names:
         what = "everything" if first == 0 else f"stage {STAGE_NAMES[first]} and after"
-        print(f"[{cfg.run.name}] --overwrite ({what}): removing {', '.join(names)} in {rd.root}", flush=True)
-    remove(paths)
+        keeping = (f"; keeping {', '.join(rd.rel(p) + ('/' if p.is_dir() else '') for p in kept)} (not markerlab's)"
+                   if kept and first == 0 else "")
+        print(f"[{cfg.run.name}] --overwrite ({what}): removing {', '.join(names)} in {rd.root}{keeping}", flush=True)
+    remove(gone)
 
 
 def run_one(cfg: Config, stages: list[str], overwrite: bool) -> Path:
@@ -449,7 +646,7 @@ def run_one(cfg: Config, stages: list[str], overwrite: bool) -> Path:
     check_config(cfg, rd, stages, overwrite)  # before anything is written
     make_run_dir(cfg, rd)
     with rd.locked():
-        check_config(cfg, rd, stages, overwrite)  # again, now that no other process can change it
+        rebuilt = check_config(cfg, rd, stages, overwrite)  # again, now that no other process can change it
         first = None
         if overwrite:
             first = _first_index(stages)
@@ -459,10 +656,14 @@ def run_one(cfg: Config, stages: list[str], overwrite: bool) -> Path:
         text = cfg.to_toml()
         if not rd.config.is_file() or rd.config.read_bytes() != text.encode("utf-8"):
             atomic_write_text(rd.config, text)
+            if rebuilt:
+                print(f"[{cfg.run.name}] {rd.config} was {rebuilt.split(' (')[0]}: rebuilt from {rd.manifest}, "
+                      f"the config its outputs were made with", flush=True)
         exp_text = Path(cfg.experiment.path).read_text(encoding="utf-8")
         if not rd.experiment.is_file() or rd.experiment.read_text(encoding="utf-8") != exp_text:
             atomic_write_text(rd.experiment, exp_text)  # the run's own copy: reports read it
         manifest = Manifest(rd, cfg, model_dir)
+        manifest.adopt_config()  # stages an older markerlab recorded: config.toml was just found equal to cfg
         if first:
             for s in STAGE_NAMES[first:]:
                 manifest.reset(s)
@@ -474,10 +675,12 @@ def run_one(cfg: Config, stages: list[str], overwrite: bool) -> Path:
             if state == "done":
                 print(f"[{cfg.run.name}] stage {stage.name}: already done, skipped", flush=True)
                 continue
+            if state == "reconfigured":  # check_config refuses this first; a safety net
+                raise UserError(f"{rd.root}: the {stage.name} stage's outputs were made with another config; "
+                                f"redo it with: {_redo(cfg, stage.name)}")
             if state == "stale":
-                redo = ",".join(STAGE_NAMES[STAGE_NAMES.index(stage.name):])
                 raise UserError(f"{rd.root}: stage {stage.name} ran on outputs of the {why} stage that have changed "
-                                f"since; pass --overwrite --stages {redo} to redo it on them")
+                                f"since; redo it on them with: {_redo(cfg, stage.name)}")
             if state == "damaged":
                 print(f"[{cfg.run.name}] stage {stage.name}: {why}; rebuilding it", flush=True)
                 remove((stage.rebuild or stage.owns)(rd))

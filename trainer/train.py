@@ -152,8 +152,8 @@ def train(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
     if last is not None:
         state = load_checkpoint(last, s.model, s.optimizer, s.device)
         if state["fingerprint"] != fingerprint:
-            raise UserError(f"{last}: this checkpoint was made from other data or batch settings; "
-                            f"pass --overwrite to start afresh")
+            raise UserError(f"{last}: this checkpoint was made from other data or batch settings; train afresh "
+                            f"with: {cfg.command('trainer.run', '--overwrite', '--stages', 'train,merge,eval,report')}")
         set_rng_states(state["rng"], s.data_gen, s.dropout_gen)
         step, perm, history, train_seconds = state["step"], state["perm"], state["history"], state["train_seconds"]
         probe_history = state.get("probe", [])
@@ -432,7 +432,7 @@ def read_examples(run_dir: Path, cfg: Config) -> list[dict]:
     path = RunDir(run_dir).train_jsonl
     if not path.is_file():
         raise UserError(f"{path}: file not found; build it first with: "
-                        f"python -m trainer.run {cfg.source or 'CONFIG'} --stages generate,data")
+                        f"{cfg.command('trainer.run', '--stages', 'generate,data')}")
     return read_train_jsonl(path, cfg.experiment)
 
 
@@ -465,10 +465,42 @@ def open_train_log(path: Path, step: int, header: str):
     else:
         kept.append(header)
     path.parent.mkdir(parents=True, exist_ok=True)
-    f = open(path, "w", encoding="utf-8")
-    f.write("\n".join(kept) + "\n")
-    f.flush()
-    return f
+    log = TrainLog(path)
+    log.write("\n".join(kept) + "\n")
+    log.flush()
+    return log
+
+
+class TrainLog:
+    """RUN_DIR/train_log.txt, open for writing; a write that fails (a full disk) is one line naming it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.f = open(path, "w", encoding="utf-8")
+        except OSError as e:
+            raise self._error(e) from None
+
+    def _error(self, e: OSError) -> UserError:
+        return UserError(f"{self.path}: cannot write ({e.strerror or e})")
+
+    def write(self, text: str) -> None:
+        try:
+            self.f.write(text)
+        except OSError as e:
+            raise self._error(e) from None
+
+    def flush(self) -> None:
+        try:
+            self.f.flush()
+        except OSError as e:
+            raise self._error(e) from None
+
+    def close(self) -> None:
+        try:
+            self.f.close()
+        except OSError:  # what could not be written was reported by the write that failed
+            pass
 
 
 def format_log_line(rec: dict, total: int, spans: list[str]) -> str:
