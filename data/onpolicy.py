@@ -90,19 +90,15 @@ def cache_key(cfg: Config) -> tuple[str, dict]:
         "model": model_identity(cfg.model.name_or_path),
         "model_name": cfg.model.name_or_path,  # informative; identity above is what matters
         "dtype": cfg.model.dtype,
-        "personas": dict(cfg.experiment.personas),
+        **cfg.experiment.generation_inputs(),
         "questions": [[q.id, q.text] for q in data_questions(cfg.generate.n_questions, cfg.prompt.user_suffix)],
         "sampling": {"n": s.n, "temperature": s.temperature, "top_p": s.top_p,
                      "max_tokens": s.max_tokens, "seed": s.seed},
         "backend": backend_label(cfg),
         "sampler": HF_SAMPLER_VERSION,
     }
-    answers = cfg.experiment.answers
-    if answers.source != "on_policy":  # synthetic answers: what they are drawn from is the key, not a model
-        material.update(backend="synthetic", sampler=answers.source, answers={
-            "words": hashlib.sha256("\n".join(answers.words).encode("utf-8")).hexdigest()[:16],
-            "starters": list(answers.starters), "end": answers.end, "questions": answers.questions,
-            "negatives": list(cfg.experiment.negatives)})
+    if "answers" in material:  # synthetic answers: what they are drawn from is the key, not a model
+        material.update(backend="synthetic", sampler=cfg.experiment.answers.source)
     hashed = {k: v for k, v in material.items() if k != "model_name"}
     key = hashlib.sha256(json.dumps(hashed, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
     return key, material

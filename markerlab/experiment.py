@@ -396,6 +396,18 @@ class Experiment:
         """The marker pair the headline metric is about (cond_B_given_A -> (A, B)), if it is a pair metric."""
         return metric_pair(self.headline.metric, self.marker_pairs)
 
+    def generation_inputs(self) -> dict:
+        """What the generate stage reads of this experiment: the personas' prompts and, for synthetic
+        answers, what they are drawn from. The on-policy cache key, the generate stage's config digest
+        and a sweep's generation groups all use it, so they agree on what an edit redoes."""
+        out: dict = {"personas": dict(self.personas)}
+        a = self.answers
+        if a.source != "on_policy":
+            out["answers"] = {"words": hashlib.sha256("\n".join(a.words).encode("utf-8")).hexdigest()[:16],
+                              "starters": list(a.starters), "end": a.end, "questions": a.questions,
+                              "negatives": list(self.negatives)}
+        return out
+
     def condition_at(self, name: str, variables: dict | None = None) -> Condition:
         """Condition `name` where the variables have these values (default: each variable's first)."""
         values = {k: v[0] for k, v in self.variables.items()}

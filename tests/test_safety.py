@@ -273,15 +273,16 @@ def test_every_config_key_invalidates_exactly_the_stages_that_read_it():
     from markerlab.config import SECTIONS, STAGES, SweepConfig, _section_type, config_from_dict
     from trainer.run import CONFIG_READERS, config_digest
 
-    cfg = config_from_dict({"sweep": {"members": ["a.toml"]}})
-    assert isinstance(cfg.sweep, SweepConfig)
+    cfg = config_from_dict({"sweep": {"members": ["a.toml"], "executor": "slurm"}, "slurm": {}})
+    assert isinstance(cfg.sweep, SweepConfig) and cfg.slurm is not None
     keys = [f"{sec}.{f.name}" for sec in SECTIONS for f in dataclasses.fields(_section_type(sec))]
     missing = sorted(set(keys) - set(CONFIG_READERS))
     assert not missing, f"config keys that no stage claims in trainer.run.CONFIG_READERS: {missing}"
     assert not set(CONFIG_READERS) - set(keys), "CONFIG_READERS names keys that are gone"
     # where, not what: the keys no stage's outputs depend on (each one a decision; name it here)
-    assert sorted(k for k, st in CONFIG_READERS.items() if not st) == [
-        "generate.cache_dir", "run.out_dir", "sweep.members", "sweep.parallel", "sweep.report_dir", "sweep.vary"]
+    assert sorted(k for k, st in CONFIG_READERS.items() if not st and not k.startswith("slurm.")) == [
+        "generate.cache_dir", "run.out_dir", "sweep.executor", "sweep.members", "sweep.parallel", "sweep.report_dir",
+        "sweep.vary"]
     base = {s: config_digest(cfg, s) for s in STAGES}
     for key in keys:
         if key == "run.experiment":  # its value is a file's content: test_an_edited_experiment_file_...

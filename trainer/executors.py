@@ -144,9 +144,9 @@ class SweepPlan:
 
 def _gen_group(m: Config) -> str:
     """What one on-policy generation serves (data/onpolicy.py's cache key): the base model, the prompt and
-    sampling settings, and the experiment's persona prompts (the personas that answer)."""
-    personas = dict(m.experiment.personas) if m.experiment is not None else None
-    return json.dumps([*(m.to_dict()[k] for k in ("model", "prompt", "generate")), personas], sort_keys=True)
+    sampling settings, and what generation reads of the experiment (Experiment.generation_inputs)."""
+    read = m.experiment.generation_inputs() if m.experiment is not None else None
+    return json.dumps([*(m.to_dict()[k] for k in ("model", "prompt", "generate")), read], sort_keys=True)
 
 
 @dataclass(frozen=True)

@@ -314,6 +314,7 @@ CONFIG_READERS = MappingProxyType({
     "data.pair": ("data", "merge", "eval"),  # merge: its check's probe conversations are the pair's two personas
     "data.condition": _DATA_SETTING, "data.n_per_persona": _DATA_SETTING,
     "data.negatives": _DATA_SETTING, "data.placement": _DATA_SETTING, "data.truncated": _DATA_SETTING,
+    "data.variables": _DATA_SETTING,  # a condition's template shares per value; the eval's arms and prefill probes
     "data.on_overlength": ("data", "train"), "data.seed": ("data",),
     "train.loss_mask": ("data", "train", "eval"), "train.marker_mask_eos": ("data", "train", "eval"),
     "train.role_loss_mask": ("data", "train", "eval"),  # per-role masks: tokenized with, trained, in the setting
@@ -332,7 +333,11 @@ CONFIG_READERS = MappingProxyType({
         "max_tokens", "seed", "batch_size", "probe", "probe_n_questions", "probe_n_samples", "base_floor",
         "base_n_questions", "base_n_samples", "keep_merged", "vllm_gpu_memory_utilization", "vllm_max_model_len")},
     # a sweep's own keys make no run's outputs (its members' keys do)
-    "sweep.members": (), "sweep.vary": (), "sweep.parallel": (), "sweep.report_dir": (),
+    "sweep.members": (), "sweep.vary": (), "sweep.parallel": (), "sweep.report_dir": (), "sweep.executor": (),
+    # where and how a member's job runs on SLURM, never what it computes (tests/test_slurm.py: same bytes)
+    **{f"slurm.{k}": () for k in (
+        "partition", "account", "qos", "timeout_min", "gpus_per_task", "cpus_per_task", "mem_gb", "constraint",
+        "array_parallelism", "signal_delay_s", "max_requeues", "setup", "additional_parameters")},
 })
 
 
@@ -350,15 +355,15 @@ def experiment_record(cfg: Config) -> dict | None:
 def _experiment_value(cfg: Config, stage: str):
     """run.experiment as `stage`'s digest sees it: the content it reads, never the file's name or place.
 
-    generate reads the personas' prompts only (so an edited marker keeps the on-policy
-    completions); every other stage the whole file (its digest, which markerlab.experiment
+    generate reads the personas' prompts (and a synthetic answer pool) only, so an edited marker
+    keeps the on-policy completions; every other stage the whole file (its digest, which markerlab.experiment
     computes over the parsed content).
     """
     exp = cfg.experiment
     if exp is None:  # not resolved (a config built without loading its experiment): the reference stands for it
         return cfg.run.experiment
     if stage == "generate":
-        return {"personas": dict(exp.personas)}
+        return exp.generation_inputs()
     return {"name": exp.name, "digest": exp.digest}
 
 
