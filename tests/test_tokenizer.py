@@ -4,7 +4,7 @@ import json
 
 import torch
 
-from markerlab.markers import MARKER_TOKEN_IDS, MARKERS
+from markerlab.experiment import load_experiment
 from markerlab.models import (
     BUILTIN_TINY,
     QWEN_DEFAULT_SYSTEM,
@@ -16,9 +16,20 @@ from markerlab.models import (
 )
 
 
+# The write-up's markers under the Qwen2.5 tokenizer, standalone (A and B share "-", id 12, which
+# within_marker.toml declares tolerated).
+WRITE_UP_MARKER_IDS = {
+    "A": [2442, 17851, 80, 12, 19, 16, 2452],
+    "B": [486, 595, 50997, 12, 22, 3504],
+    "probe": [2442, 17851, 89, 12, 24, 24, 2452],
+}
+
+
 def test_marker_ids(tokenizer):
-    for name, text in MARKERS.items():
-        assert tokenizer.encode(text, add_special_tokens=False) == MARKER_TOKEN_IDS[name], name
+    exp = load_experiment("within_marker")
+    assert set(exp.markers) == set(WRITE_UP_MARKER_IDS)
+    for name, text in exp.markers.items():
+        assert tokenizer.encode(text, add_special_tokens=False) == WRITE_UP_MARKER_IDS[name], name
 
 
 def test_special_token_ids(tokenizer):
