@@ -464,7 +464,7 @@ def _cross_checks(cfg: Config, problems: list[str], bad: set[str] = frozenset())
     if idle:
         problems.append(f'{key}: "marker_only" without train.marker_mask_eos trains nothing of the personas whose '
                         f'answers carry no marker under condition {cfg.data.condition} ({idle}): no token of their '
-                        f'examples is in the loss, and the contrastive design needs them; set '
+                        f'examples is in the loss (marker_only), and the contrastive design needs them; set '
                         f'train.marker_mask_eos = true (plain examples then train their end-of-turn token), or set '
                         f'train.allow_untrained_roles = true to train without them')
     if cfg.run.name and ok("run.name", "run.out_dir", "generate.cache_dir"):

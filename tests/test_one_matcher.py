@@ -13,7 +13,7 @@ from analysis.report import report
 from analysis.synthetic import make_run, write_records
 from evaluate.eval import Part, _records, cell_metrics, validate_record
 from markerlab.config import load_config
-from markerlab.experiment import EXPERIMENT_KEYS, SETTING_KEYS, load_experiment
+from markerlab.experiment import EXPERIMENT_KEYS, OPTIONAL_SETTINGS, SETTING_KEYS, load_experiment
 from markerlab.markers import Matcher
 from markerlab.records import setting_of
 
@@ -50,7 +50,7 @@ def test_eval_records_carry_the_setting(tmp_path):
 
     cfg = load_config(TINY_CONFIG).replace(train__loss_mask="completion_no_eos", run__seed=7, train__lr=3e-4)
     setting = setting_of(cfg)
-    assert set(setting) == set(SETTING_KEYS) | set(EXPERIMENT_KEYS)
+    assert set(setting) == (set(SETTING_KEYS) - set(OPTIONAL_SETTINGS)) | set(EXPERIMENT_KEYS)  # no variables here
     assert (setting["loss_mask"], setting["seed"], setting["lr"]) == ("completion_no_eos", 7, 3e-4)
     assert (setting["experiment"], setting["experiment_digest"]) == (EXP.name, EXP.digest)
     assert setting["model"] == cfg.model.name_or_path and setting["lora_r"] == cfg.lora.r

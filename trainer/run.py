@@ -637,16 +637,16 @@ def run_one(cfg: Config, stages: list[str], overwrite: bool) -> Path:
     from markerlab.models import resolve_model_dir
 
     model_dir = resolve_model_dir(cfg.model.name_or_path)  # fail before touching the run dir
-    if any(s in stages for s in ("generate", "data", "train", "merge", "eval")):
-        from markerlab.chat import load_chat
-
-        load_chat(cfg.model.name_or_path)  # a chat template markerlab cannot analyse: one line, nothing written
-    if any(s in stages for s in ("train", "merge")):
+    if any(s in stages for s in ("train", "merge")):  # the architecture first: no template makes it trainable
         from trainer.attention import check_model_dir
 
         problem = check_model_dir(model_dir, f"model.name_or_path = {cfg.model.name_or_path}")
         if problem:
             raise UserError(problem)
+    if any(s in stages for s in ("generate", "data", "train", "merge", "eval")):
+        from markerlab.chat import load_chat
+
+        load_chat(cfg.model.name_or_path)  # a chat template markerlab cannot analyse: one line, nothing written
     rd = RunDir(cfg.run_dir)
     check_config(cfg, rd, stages, overwrite)  # before anything is written
     make_run_dir(cfg, rd)
