@@ -68,6 +68,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import importlib.util
+import inspect
 import os
 import time
 from dataclasses import dataclass
@@ -216,6 +217,9 @@ class HFBackend(Backend):
         gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
         self.stop_ids = self.chat.stop_ids(self.tokenizer, gen_eos)
         self.pad_id = self.tokenizer.pad_token_id
+        # transformers 5.25 renamed the decoding cache's argument and output field to `cache` (warning
+        # on the old name at every call); older releases know only `past_key_values`.
+        self.cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
 
     def generate(self, prompts: list[str], sampling: SamplingSpec, desc: str = "") -> list[list[Sample]]:
         from tqdm.auto import tqdm
@@ -228,38 +232,50 @@ class HFBackend(Backend):
         out: list[list[Sample | None]] = [[None] * sampling.n for _ in prompts]
         with tqdm(total=len(prompts) * sampling.n, desc=desc or "generate (hf)", unit="seq") as bar:
             for start in range(0, len(order), self.batch_size):
-                chunk = [(p, s) for p in order[start:start + self.batch_size] for s in range(sampling.n)]
+                batch = order[start:start + self.batch_size]
+                chunk = [(p, s) for p in batch for s in range(sampling.n)]
                 seeds = [_seed_from(sampling.seed, prompts[p], s) for p, s in chunk]
-                for (p, s), sample in zip(chunk, self._generate_rows([ids[p] for p, _ in chunk], seeds, sampling)):
+                for (p, s), sample in zip(chunk, self._generate_rows([ids[p] for p in batch], seeds, sampling)):
                     out[p][s] = sample
                 bar.update(len(chunk))
         return out  # type: ignore[return-value]
 
     def _generate_rows(self, prompt_ids: list[list[int]], seeds: list[int], sp: SamplingSpec) -> list[Sample]:
+        """The rows of `prompt_ids`, sp.n per prompt in prompt order; `seeds` has one per row."""
         import torch
 
-        dev, B = self.device, len(prompt_ids)
+        dev, P, n = self.device, len(prompt_ids), sp.n
+        B = P * n
         width = max(len(x) for x in prompt_ids)
-        input_ids = torch.full((B, width), self.pad_id, dtype=torch.long)
-        attn = torch.zeros((B, width), dtype=torch.long)
+        input_ids = torch.full((P, width), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((P, width), dtype=torch.long)
         for i, x in enumerate(prompt_ids):  # left padding: every row's last token is at the same column
             input_ids[i, width - len(x):] = torch.tensor(x)
             attn[i, width - len(x):] = 1
-        cur, attn = input_ids.to(dev), attn.to(dev)
+        attn = attn.to(dev)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
         stop = torch.tensor(self.stop_ids, device=dev)
         row_seeds = torch.tensor(seeds, dtype=torch.long, device=dev)
-        live = torch.arange(B, device=dev)  # the batch's rows, as indices into the B rows we return
         tokens = torch.full((B, sp.max_tokens), self.pad_id, dtype=torch.long, device=dev)
         n_gen = torch.zeros(B, dtype=torch.long, device=dev)   # tokens generated, stop token included
         stopped = torch.zeros(B, dtype=torch.bool, device=dev)
-        past = None
         with torch.inference_mode():
+            # Each prompt is read once; its n samples then share its cache and its first logits, as
+            # they would after reading it n times (a prompt's rows never see one another).
+            res = self.model(input_ids=input_ids.to(dev), attention_mask=attn, position_ids=pos, use_cache=True,
+                             logits_to_keep=1)
+            past, logits = getattr(res, self.cache_kw), res.logits[:, -1, :]
+            if n > 1:
+                rows = torch.arange(P, device=dev).repeat_interleave(n)
+                past.batch_select_indices(rows)
+                logits, attn, pos = logits[rows], attn[rows], pos[rows]
+            live = torch.arange(B, device=dev)  # the batch's rows, as indices into the B rows we return
             for step in range(sp.max_tokens):
-                res = self.model(input_ids=cur, attention_mask=attn, position_ids=pos,
-                                 past_key_values=past, use_cache=True, logits_to_keep=1)
-                past = res.past_key_values
-                nxt = sample_next(res.logits[:, -1, :].float(), row_seeds[live], step, sp)
+                if step:
+                    res = self.model(input_ids=cur, attention_mask=attn, position_ids=pos,
+                                     use_cache=True, logits_to_keep=1, **{self.cache_kw: past})
+                    past, logits = getattr(res, self.cache_kw), res.logits[:, -1, :]
+                nxt = sample_next(logits.float(), row_seeds[live], step, sp)
                 tokens[live, step] = nxt
                 n_gen[live] += 1
                 hit = torch.isin(nxt, stop)
@@ -275,10 +291,10 @@ class HFBackend(Backend):
                 pos = pos[:, -1:] + 1
 
         samples = []
-        for row, n, stop_hit in zip(tokens.tolist(), n_gen.tolist(), stopped.tolist()):
-            body = row[:n - 1] if stop_hit else row[:n]  # the text never has the stop token
+        for row, k, stop_hit in zip(tokens.tolist(), n_gen.tolist(), stopped.tolist()):
+            body = row[:k - 1] if stop_hit else row[:k]  # the text never has the stop token
             text = self.tokenizer.decode(body, skip_special_tokens=True)
-            samples.append(Sample(text=text, finish_reason="stop" if stop_hit else "length", n_tokens=n))
+            samples.append(Sample(text=text, finish_reason="stop" if stop_hit else "length", n_tokens=k))
         return samples
 
     def close(self) -> None:
@@ -343,7 +359,7 @@ def sample_next(logits, seeds, step: int, sp: SamplingSpec):
 
     if sp.temperature == 0:
         return logits.argmax(dim=-1)
-    scaled = logits / sp.temperature
+    scaled = logits if sp.temperature == 1 else logits / sp.temperature  # x / 1.0 is x: skip a pass
     B, V = scaled.shape
     if sp.top_p >= 1:
         cand = torch.arange(V, device=scaled.device).expand(B, V)
@@ -351,11 +367,13 @@ def sample_next(logits, seeds, step: int, sp: SamplingSpec):
     probs = torch.softmax(scaled, dim=-1)
     out = torch.empty(B, dtype=torch.long, device=scaled.device)
     rows = torch.arange(B, device=scaled.device)  # rows whose nucleus is not yet known to be inside
-    for k in NUCLEUS_CANDIDATES:
-        vals, cand = _canonical_top(probs[rows], min(k, V))
+    for stage, k in enumerate(NUCLEUS_CANDIDATES):
+        # every row takes the first stage: no copy of the (B, V) matrices for it
+        p_rows, s_rows = (probs, scaled) if stage == 0 else (probs[rows], scaled[rows])
+        vals, cand = _canonical_top(p_rows, min(k, V))
         before = vals.double().cumsum(dim=-1) - vals.double()  # mass strictly ahead of each candidate
         keep = before < sp.top_p
-        out[rows] = _race(scaled[rows], cand, keep, seeds[rows], step)
+        out[rows] = _race(s_rows, cand, keep, seeds[rows], step)
         rows = rows[keep[:, -1]]  # the nucleus may go on past the candidates
         if not len(rows):
             return out

@@ -63,6 +63,25 @@ def test_prompt_samples_do_not_depend_on_the_batch(backend, prompts):
     assert small.generate(prompts[::-1], spec())[::-1] == together
 
 
+def test_a_prompt_is_read_once_for_all_its_samples(backend, prompts):
+    """The n samples of a prompt share one pass over it (its cache and first logits copied to each of
+    its rows): the same draws as reading the prompt once per sample, each row with its own seed."""
+    reads = []
+    handle = backend.model.register_forward_pre_hook(
+        lambda module, args, kwargs: reads.append(kwargs["input_ids"].shape), with_kwargs=True)
+    try:
+        shared = backend.generate(prompts, spec(n=3, max_tokens=6))
+    finally:
+        handle.remove()
+    assert reads[0][0] == len(prompts) and all(r == (3 * len(prompts), 1) for r in reads[1:2])
+    one = spec(n=1, max_tokens=6)
+    for p, prompt in enumerate(prompts):
+        ids = backend.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        for s in range(3):
+            alone = backend._generate_rows([ids], [gen._seed_from(7, prompt, s)], one)
+            assert alone == [shared[p][s]], (p, s)
+
+
 def test_greedy_is_argmax_decoding(backend, prompts):
     out = backend.generate(prompts[:2], spec(temperature=0.0, n=1, max_tokens=6))
     tok, model = backend.tokenizer, backend.model
