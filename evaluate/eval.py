@@ -546,6 +546,9 @@ def evaluate(cfg, run_dir, overwrite: bool = False) -> dict:
         # resumes, less vLLM's engine start (engine_load_seconds).
         "wall_seconds": round(time.time() - t_start, 3),
         "generation_seconds": round(gen_s, 3),
+        # the adapter's parts and the base floor's (0 where it came from the sweep's cache)
+        "generation_seconds_by_model": {k: round(sum(m["seconds"] for m, p in zip(metas, parts) if p.model == k), 3)
+                                        for k in ("merged", "base")},
         "engine_load_seconds": round(sum(m.get("engine_load_seconds", 0.0) for m in metas), 3),
         "generated_tokens": gen_tokens,
         "tokens_per_s": round(gen_tokens / gen_s, 2) if gen_s > 0 else None,

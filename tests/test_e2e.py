@@ -171,6 +171,23 @@ def test_second_run_skips_everything_and_writes_nothing(finished_run):
     assert snapshot(run_dir) == before
 
 
+def test_where_the_time_went(finished_run):
+    """The lines a sweep prints after its stage times: the train and eval stages taken apart, from the
+    summaries the stages wrote."""
+    from trainer.run import time_spent
+
+    run_dir, _ = finished_run
+    t = json.loads((run_dir / "train_summary.json").read_text())
+    e = json.loads((run_dir / "eval" / "run_result.json").read_text())
+    train, evl = time_spent([run_dir]).splitlines()
+    assert train.startswith(f"train: optimizer steps {t['wall_time_s']:.0f} s (")
+    assert f"leakage probe {t.get('probe_seconds') or 0:.0f} s" in train
+    by = e["generation_seconds_by_model"]
+    assert evl.startswith(f"eval: sampling the adapters {by['merged']:.0f} s, the base floor {by['base']:.0f} s "
+                          f"({e['n_records']:,} completions")
+    assert time_spent([run_dir.parent / "no-such-run"]) == ""
+
+
 def test_bad_invocations_write_nothing_into_a_finished_run(finished_run):
     """Nothing here may write, and none may delete: `run.name=.` with --overwrite once emptied out_dir."""
     run_dir, _ = finished_run

@@ -462,6 +462,8 @@ def test_hf_end_to_end_records(hf_run, tiny_model_dir, capsys):
     assert rr["sampling"]["max_tokens"] == 8 and rr["model"]["name_or_path"] == "builtin:tiny-qwen2"
     assert rr["versions"]["torch"] and rr["versions"]["transformers"]
     assert rr["generated_tokens"] == sum(r["n_tokens"] for r in recs) and rr["tokens_per_s"] > 0
+    by = rr["generation_seconds_by_model"]  # the adapter's sampling and the base floor's, apart
+    assert by["merged"] > 0 and by["base"] > 0 and abs(by["merged"] + by["base"] - rr["generation_seconds"]) < 0.01
     assert rr["merge_check"]["passed"] and rr["merge_check"]["reused"]  # files unchanged since merge
     # Clean-up: parts assembled then deleted; merged/ deleted (keep_merged = false).
     assert not (eval_dir / "parts").exists() and not (cfg.run_dir / "merged").exists()

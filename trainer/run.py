@@ -234,6 +234,45 @@ def stage_times(run_dirs: list[Path]) -> str:
     return f"stage times over {len(run_dirs)} runs: " + ", ".join(parts) + f" (sum {sum(total.values()):.0f} s)"
 
 
+def time_spent(run_dirs: list[Path]) -> str:
+    """Where the train and eval stages' time went, summed over the runs (from their summaries): the
+    optimizer steps, the leakage probe and the rest (model load, frozen prefix, checkpoints, adapter);
+    sampling the adapter, sampling the base floor (once a sweep: cached) and the rest (model loads, the
+    merge check, records). Empty when no run has either summary."""
+    from markerlab.io import read_json
+
+    tr = {"steps": 0.0, "probe": 0.0, "stage": 0.0, "tokens": 0.0}
+    ev = {"merged": 0.0, "base": 0.0, "wall": 0.0, "completions": 0, "tokens": 0}
+    for d in run_dirs:
+        rd = RunDir(d)
+        if rd.train_summary.is_file():
+            t = read_json(rd.train_summary)
+            tr["steps"] += t.get("wall_time_s") or 0.0
+            tr["probe"] += t.get("probe_seconds") or 0.0
+            tr["stage"] += t.get("this_call_wall_s") or 0.0
+            tr["tokens"] += (t.get("tokens_per_s") or 0.0) * (t.get("wall_time_s") or 0.0)
+        if rd.run_result.is_file():
+            e = read_json(rd.run_result)
+            # a run_result.json from before the split counts all its sampling as the adapter's
+            by = e.get("generation_seconds_by_model") or {"merged": e.get("generation_seconds") or 0.0}
+            ev["merged"] += by.get("merged", 0.0)
+            ev["base"] += by.get("base", 0.0)
+            ev["wall"] += e.get("wall_seconds") or 0.0
+            ev["completions"] += e.get("n_records") or 0
+            ev["tokens"] += e.get("generated_tokens") or 0
+    lines = []
+    if tr["stage"]:
+        lines.append(f"train: optimizer steps {tr['steps']:.0f} s ({tr['tokens'] / max(tr['steps'], 1e-9):,.0f} "
+                     f"tokens/s), leakage probe {tr['probe']:.0f} s, the rest {max(tr['stage'] - tr['steps'] - tr['probe'], 0):.0f} s "
+                     f"(model load, frozen prefix, checkpoints, adapter)")
+    if ev["wall"]:
+        gen = ev["merged"] + ev["base"]
+        lines.append(f"eval: sampling the adapters {ev['merged']:.0f} s, the base floor {ev['base']:.0f} s "
+                     f"({ev['completions']:,} completions, {ev['tokens'] / max(gen, 1e-9):,.0f} tokens/s), the rest "
+                     f"{max(ev['wall'] - gen, 0):.0f} s (model loads, merge check, records)")
+    return "\n".join(lines)
+
+
 @dataclass(frozen=True)
 class Stage:
     """One stage of the pipeline.
@@ -817,6 +856,9 @@ def run_sweep(cfg: Config, overrides: list[str], stages: list[str], overwrite: b
     if not result.detached and "report" in stages:
         run_dirs = [m.run_dir for m in plan.members]
         print(f"sweep finished in {time.time() - t0:.0f} s; {stage_times(run_dirs)}")
+        spent = time_spent(run_dirs)
+        if spent:
+            print(spent)
         print(f"runs: {Path(cfg.run.out_dir)}/ ({len(run_dirs)}); TensorBoard: tensorboard --logdir {cfg.run.out_dir}")
     if result.missing:
         raise UserError(f"sweep {cfg.run.name}: {len(result.missing)} of {len(plan.members)} members did not "
