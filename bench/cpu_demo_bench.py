@@ -2,6 +2,7 @@
 
     python bench/cpu_demo_bench.py gen   [--code DIR] [--model DIR]      # 88 prompts x 2 samples, <= 64 tokens
     python bench/cpu_demo_bench.py gen --temperature 1.0                 # the eval's temperature
+    python bench/cpu_demo_bench.py gen --temperature 1.0 --questions 10 --samples 4   # the demo eval's shape
     python bench/cpu_demo_bench.py train [--code DIR] --data TRAIN_JSONL # 24 optimizer steps of 4 x 2
     python bench/cpu_demo_bench.py train --data TRAIN_JSONL --last-layers 10   # the demo's LoRA placement
     python bench/cpu_demo_bench.py train --data TRAIN_JSONL --last-layers 10 --no-frozen-prefix
@@ -36,6 +37,8 @@ def main() -> int:
     ap.add_argument("--data", type=Path, help="train: a train.jsonl (e.g. from the demo's data stage)")
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--temperature", type=float, default=0.7, help="gen: 0.7 as on-policy, 1.0 as the eval")
+    ap.add_argument("--questions", type=int, default=8, help="gen: questions a persona (11 personas)")
+    ap.add_argument("--samples", type=int, default=2, help="gen: samples a prompt")
     ap.add_argument("--last-layers", type=int, default=0, help="train: lora.last_layers (0: every layer)")
     ap.add_argument("--no-frozen-prefix", action="store_true",
                     help="train: run the frozen layers at every step, as before trainer/prefix.py")
@@ -60,7 +63,8 @@ def main() -> int:
 
         personas = ("assistant", "villain", "librarian", "software_engineer", "police_officer", "data_scientist",
                     "comedian", "kindergarten_teacher", "french_person", "medical_doctor", "zelthari_scholar")
-        backend = make_backend("hf", str(model_dir), dtype="bfloat16", device="cpu", batch_size=88)
+        backend = make_backend("hf", str(model_dir), dtype="bfloat16", device="cpu",
+                               batch_size=max(88, 11 * args.questions))  # one batch, as the demo's eval
         try:  # experiments as files (the persona prompts come from within_marker), or the code before them
             from markerlab.experiment import load_experiment
 
@@ -70,12 +74,13 @@ def main() -> int:
             msgs = messages
         prompts = [backend.tokenizer.apply_chat_template(msgs(p, q.text + SUFFIX), tokenize=False,
                                                          add_generation_prompt=True)
-                   for p in personas for q in data_questions(8)]
+                   for p in personas for q in data_questions(args.questions)]
         t0 = time.perf_counter()
-        res = backend.generate(prompts, SamplingSpec(n=2, temperature=args.temperature, top_p=0.95, max_tokens=64, seed=42))
+        res = backend.generate(prompts, SamplingSpec(n=args.samples, temperature=args.temperature, top_p=0.95,
+                                                     max_tokens=64, seed=42))
         dt = time.perf_counter() - t0
         toks = sum(s.n_tokens for r in res for s in r)
-        out.update(temperature=args.temperature, seconds=round(dt, 1), completions=len(prompts) * 2, generated_tokens=toks,
+        out.update(temperature=args.temperature, seconds=round(dt, 1), completions=len(prompts) * args.samples, generated_tokens=toks,
                    tokens_per_s=round(toks / dt, 1), stopped=sum(s.finish_reason == "stop" for r in res for s in r))
     else:
         from markerlab.config import TrainConfig, config_from_dict
