@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from chat_templates import FAMILIES, family_model_dir
+from test_e2e import WHOLE_VOCABULARY
 from markerlab.models import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,7 +44,7 @@ def small(tmp: Path, model_dir: Path) -> list[str]:
         "eval.n_id_questions=2", "eval.n_ood_questions=1", "eval.n_samples=2", "eval.max_tokens=16",
         "eval.temperature=0.7",
         "eval.probe_n_questions=1", "eval.probe_n_samples=1", "eval.base_n_questions=1",
-        "eval.base_n_samples=1", "eval.backend=hf", "generate.backend=hf",
+        "eval.base_n_samples=1", "eval.backend=hf", "generate.backend=hf", *WHOLE_VOCABULARY,
     ]
     return [x for s in sets for x in ("--set", s)]
 

@@ -31,6 +31,12 @@ TINY = REPO / "configs" / "tiny" / "pair1_T.toml"
 pytestmark = pytest.mark.slow
 
 
+# A random model's nucleus is nearly its whole 152k-token vocabulary, so top-p sampling sorted every row's
+# vocabulary at every step: half of a tiny pipeline's time. These tests are about files, stages and resumes,
+# not sampling (tests/test_generation_hf.py tests the nucleus), so they sample from the whole vocabulary.
+WHOLE_VOCABULARY = ("generate.top_p=1.0", "eval.top_p=1.0")
+
+
 def small(tmp: Path, name: str = "e2e") -> list[str]:
     """Overrides that shrink the tiny config to seconds per stage."""
     sets = [
@@ -39,7 +45,7 @@ def small(tmp: Path, name: str = "e2e") -> list[str]:
         "data.n_per_persona=8", "train.epochs=2", "train.checkpoint_every=2",
         "eval.n_id_questions=2", "eval.n_ood_questions=1", "eval.n_samples=2", "eval.max_tokens=8",
         "eval.probe_n_questions=1", "eval.probe_n_samples=2", "eval.base_n_questions=1",
-        "eval.base_n_samples=1", "eval.backend=hf",
+        "eval.base_n_samples=1", "eval.backend=hf", *WHOLE_VOCABULARY,
     ]
     return [x for s in sets for x in ("--set", s)]
 

@@ -27,6 +27,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from test_e2e import WHOLE_VOCABULARY
+
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -41,7 +43,7 @@ SHRINK = ["generate.n_questions=2", "generate.n_samples=2", "generate.max_tokens
           "train.probe_every=0", "eval.n_id_questions=1", "eval.n_ood_questions=1", "eval.n_samples=2",
           "eval.max_tokens=4", 'eval.personas=["villain", "assistant", "librarian", "software_engineer", "comedian"]',
           "eval.probe_n_questions=1", "eval.probe_n_samples=1", "eval.base_n_questions=1", "eval.base_n_samples=1",
-          "eval.backend=hf"]
+          "eval.backend=hf", *WHOLE_VOCABULARY]
 TIMEOUT = 1200
 
 
