@@ -3,6 +3,8 @@
     python bench/cpu_demo_bench.py gen   [--code DIR] [--model DIR]      # 88 prompts x 2 samples, <= 64 tokens
     python bench/cpu_demo_bench.py gen --temperature 1.0                 # the eval's temperature
     python bench/cpu_demo_bench.py gen --temperature 1.0 --questions 10 --samples 4   # the demo eval's shape
+    python bench/cpu_demo_bench.py gen --temperature 1.0 --questions 10 --samples 4 --split  # + where it went
+    python bench/cpu_demo_bench.py matmul                                # bf16 linear GFLOP/s at the decoder's shapes
     python bench/cpu_demo_bench.py train [--code DIR] --data TRAIN_JSONL # 24 optimizer steps of 4 x 2
     python bench/cpu_demo_bench.py train --data TRAIN_JSONL --last-layers 10   # the demo's LoRA placement
     python bench/cpu_demo_bench.py train --data TRAIN_JSONL --last-layers 10 --no-frozen-prefix
@@ -31,7 +33,7 @@ SUFFIX = " Answer in one or two sentences."
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=("gen", "train"))
+    ap.add_argument("what", choices=("gen", "train", "matmul"))
     ap.add_argument("--code", type=Path, default=Path(__file__).resolve().parents[1])
     ap.add_argument("--model", type=Path, default=None, help="a SmolLM2 HF directory")
     ap.add_argument("--data", type=Path, help="train: a train.jsonl (e.g. from the demo's data stage)")
@@ -39,6 +41,8 @@ def main() -> int:
     ap.add_argument("--temperature", type=float, default=0.7, help="gen: 0.7 as on-policy, 1.0 as the eval")
     ap.add_argument("--questions", type=int, default=8, help="gen: questions a persona (11 personas)")
     ap.add_argument("--samples", type=int, default=2, help="gen: samples a prompt")
+    ap.add_argument("--split", action="store_true",
+                    help="gen: time the prompts' pass, the decode steps and the sampler apart (wrappers; this checkout)")
     ap.add_argument("--last-layers", type=int, default=0, help="train: lora.last_layers (0: every layer)")
     ap.add_argument("--no-frozen-prefix", action="store_true",
                     help="train: run the frozen layers at every step, as before trainer/prefix.py")
@@ -56,6 +60,22 @@ def main() -> int:
     import torch
 
     out = {"what": args.what, "code": str(args.code), "torch_threads": torch.get_num_threads()}
+    if args.what == "matmul":
+        gflops = {}
+        for name, (m, k, n) in {"16x576x1536": (16, 576, 1536), "64x576x1536": (64, 576, 1536),
+                                "256x576x1536": (256, 576, 1536), "1024x576x1536": (1024, 576, 1536),
+                                "256x576x49152 (head)": (256, 576, 49152)}.items():
+            x, w = torch.randn(m, k, dtype=torch.bfloat16), torch.randn(n, k, dtype=torch.bfloat16)
+            for _ in range(3):
+                torch.nn.functional.linear(x, w)
+            reps = 20
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                torch.nn.functional.linear(x, w)
+            gflops[name] = round(2 * m * k * n * reps / (time.perf_counter() - t0) / 1e9)
+        out["bf16_linear_gflops"] = gflops
+        print(json.dumps(out))
+        return 0
     if args.what == "gen":
         from data.generation import SamplingSpec, make_backend
         from data.personas import messages
@@ -75,10 +95,33 @@ def main() -> int:
         prompts = [backend.tokenizer.apply_chat_template(msgs(p, q.text + SUFFIX), tokenize=False,
                                                          add_generation_prompt=True)
                    for p in personas for q in data_questions(args.questions)]
+        split = {"prompt_pass_s": 0.0, "decode_s": 0.0, "decode_steps": 0, "sampler_s": 0.0}
+        if args.split:
+            import data.generation as generation
+
+            forward, sample_next = backend.model.forward, generation.sample_next
+
+            def timed_forward(*a, **kw):
+                t = time.perf_counter()
+                r = forward(*a, **kw)
+                first = kw["input_ids"].shape[1] > 1
+                split["prompt_pass_s" if first else "decode_s"] += time.perf_counter() - t
+                split["decode_steps"] += 0 if first else 1
+                return r
+
+            def timed_sample(*a, **kw):
+                t = time.perf_counter()
+                r = sample_next(*a, **kw)
+                split["sampler_s"] += time.perf_counter() - t
+                return r
+
+            backend.model.forward, generation.sample_next = timed_forward, timed_sample
         t0 = time.perf_counter()
         res = backend.generate(prompts, SamplingSpec(n=args.samples, temperature=args.temperature, top_p=0.95,
                                                      max_tokens=64, seed=42))
         dt = time.perf_counter() - t0
+        if args.split:
+            out.update({k: round(v, 1) for k, v in split.items()})
         toks = sum(s.n_tokens for r in res for s in r)
         out.update(temperature=args.temperature, seconds=round(dt, 1), completions=len(prompts) * args.samples, generated_tokens=toks,
                    tokens_per_s=round(toks / dt, 1), stopped=sum(s.finish_reason == "stop" for r in res for s in r))
